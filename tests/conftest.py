@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests run on CPU in a few minutes; they never download anything."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_coco_src() -> Path:
+    """The read-only tiny COCO folder (16 real train2017 images)."""
+    if not (TINY_COCO / "annotations.json").is_file():
+        raise FileNotFoundError(
+            f"tiny COCO data not found at {TINY_COCO}; the tests expect ../shared/data/tiny_coco "
+            "beside the repository"
+        )
+    return TINY_COCO
+
+
+@pytest.fixture
+def tiny_coco(tmp_path: Path, tiny_coco_src: Path) -> Path:
+    """A writable copy of tiny COCO: `<tmp>/tiny_coco/{annotations.json,images/}`."""
+    dst = tmp_path / "tiny_coco"
+    shutil.copytree(tiny_coco_src, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    dst.chmod(0o755)
+    return dst
