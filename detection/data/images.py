@@ -1,0 +1,110 @@
+"""Image file loading: any common JPEG/PNG flavour to a ``uint8 [H, W, 3]`` RGB array.
+
+Decisions (the same as detectron2's ``read_image(format="RGB")`` and torchvision's
+``read_image(mode=RGB)`` where they apply, so results can be compared line by line):
+
+* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so the array is the image as a
+  viewer shows it. COCO's ``height``/``width`` refer to that orientation.
+* Alpha is **dropped**, not composited: an RGBA / LA / palette-with-transparency image keeps the
+  colour values stored under its transparent pixels (detectron2 and torchvision do the same).
+* Grayscale (``L``, ``1``) is replicated to three channels; palette (``P``) images are expanded
+  through their palette; CMYK (including Adobe-inverted CMYK JPEGs, which Pillow decodes) is
+  converted with Pillow's naive CMYK->RGB formula (ICC profiles are ignored).
+* 16-bit images (Pillow modes ``I;16*`` and ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits
+  by ``round(v / 257)`` (65535 -> 255), not clipped. 16-bit RGB(A) PNGs are reduced to 8 bits by
+  Pillow itself when opened. Float images (mode ``F``) are clipped to ``[0, 255]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageLoadError", "load_image"]
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class ImageLoadError(ValueError):
+    """An image file is missing, unreadable, corrupt or of an unsupported kind.
+
+    Attributes:
+        path: The file that could not be loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"cannot load image {self.path!r}: {reason}. Check that the file exists, is a complete "
+            "JPEG/PNG (re-download or re-encode it), or remove it from the annotation file."
+        )
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Converts a loaded PIL image of any supported mode to ``uint8 [H, W, 3]`` RGB."""
+    mode = im.mode
+    if mode == "RGB":
+        arr = np.asarray(im)
+    elif mode in _16BIT_MODES:
+        raw = np.asarray(im).astype(np.float64)
+        gray = np.clip(np.rint(raw / 257.0), 0, 255).astype(np.uint8)
+        arr = np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "F":
+        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        arr = np.repeat(gray[..., None], 3, axis=2)
+    elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info):
+        # Through RGBA so that Pillow does not warn about palette transparency; alpha is dropped.
+        arr = np.asarray(im.convert("RGBA"))[..., :3]
+    else:  # L, 1, P, CMYK, YCbCr, ...
+        arr = np.asarray(im.convert("RGB"))
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"unexpected array {arr.dtype} {arr.shape} after converting mode {mode!r}")
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C", copy=True)
+    return arr
+
+
+def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True) -> np.ndarray:
+    """Loads an image file as RGB.
+
+    Args:
+        path: A JPEG or PNG file (any format Pillow reads works).
+        apply_exif: Rotate/flip the pixels according to the EXIF orientation tag (default, as
+            detectron2 does). A corrupt EXIF block is reported (warning) and ignored.
+
+    Returns:
+        ``uint8`` array ``[H, W, 3]``, RGB channel order, C-contiguous and writable. ``H, W`` are those of the
+        EXIF-oriented image.
+
+    Raises:
+        ImageLoadError: The file is missing, truncated, corrupt, not an image, or of a pixel mode
+            that cannot be converted to RGB. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if apply_exif:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        transposed = ImageOps.exif_transpose(im)
+                    if transposed is not None:
+                        im = transposed
+                except Exception as e:  # corrupt EXIF must not make a valid image unusable
+                    logger.warning("ignoring unreadable EXIF orientation of %s: %s", path, e)
+            return _to_rgb_array(im)
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
