@@ -1,0 +1,818 @@
+"""Experiment configs: YAML files parsed into typed dataclasses.
+
+A config file is a YAML mapping with the sections of :class:`Config` (``model``, ``data``,
+``solver``, ``train``). It may start from one other file with ``_base_: other.yaml`` (a path
+relative to the file): mappings are merged recursively, any other value replaces the base's.
+Only one level of inheritance is allowed, so the value that wins is always visible in at most two
+files (the deep chains of mmdetection configs are the counter-example). Command-line overrides
+``key.sub=value`` are applied last; each value is parsed with ``yaml.safe_load``, so
+``train.amp=bf16``, ``solver.steps=[100,200]`` and ``model.weights=null`` all work.
+
+Every key and value is checked against the dataclass schema: an unknown key or a value of the wrong
+type raises an error that names the full dotted key, the value given and its type, the type
+expected, where it was set, and close matches for typos.
+
+Example::
+
+    cfg = load_config("configs/coco/faster_rcnn_R_50_FPN_1x.yaml", ["solver.max_iter=1000"])
+    cfg.solver.lr          # 0.02
+    dump_config(cfg, "output/run/config.yaml")   # load_config reads it back to an equal object
+
+To add a field, add it to the dataclass with a default and a one-line docstring after it; the
+loader, the type checks and :func:`dump_config` pick it up with no other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "ROIConfig",
+    "RPNConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+]
+
+BASE_KEY = "_base_"
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, key: str, value: Any, requirement: str) -> None:
+    """Raises a ValueError naming the dotted key when a value is out of its allowed range."""
+    if not cond:
+        raise ValueError(f"config key '{key}' = {value!r} is invalid: {requirement}")
+
+
+@dataclass
+class RPNConfig:
+    """Region proposal network (Faster R-CNN paper values, detectron2's FPN defaults)."""
+
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
+    """Anchor sizes in pixels, one tuple per feature level (one level for C4)."""
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Anchor aspect ratios (height / width), shared by every level."""
+    pre_nms_topk_train: int = 2000
+    """Proposals kept per level (per image) before NMS during training."""
+    pre_nms_topk_test: int = 1000
+    """Proposals kept per level (per image) before NMS at test time."""
+    post_nms_topk_train: int = 2000
+    """Proposals kept per image after NMS during training."""
+    post_nms_topk_test: int = 1000
+    """Proposals kept per image after NMS at test time."""
+    nms_thresh: float = 0.7
+    """IoU threshold of the proposal NMS."""
+    batch_size_per_image: int = 256
+    """Anchors sampled per image for the RPN losses."""
+    positive_fraction: float = 0.5
+    """Largest fraction of positive anchors in that sample."""
+    fg_iou: float = 0.7
+    """Anchors with IoU >= this with a ground-truth box are positives."""
+    bg_iou: float = 0.3
+    """Anchors with IoU < this with every ground-truth box are negatives."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.anchor_sizes) > 0 and all(len(s) > 0 for s in self.anchor_sizes),
+               "model.rpn.anchor_sizes", self.anchor_sizes, "give at least one size per level")
+        _check(all(s > 0 for level in self.anchor_sizes for s in level), "model.rpn.anchor_sizes",
+               self.anchor_sizes, "sizes must be > 0")
+        _check(len(self.aspect_ratios) > 0 and all(r > 0 for r in self.aspect_ratios),
+               "model.rpn.aspect_ratios", self.aspect_ratios, "give at least one ratio, each > 0")
+        _check(0.0 < self.positive_fraction <= 1.0, "model.rpn.positive_fraction",
+               self.positive_fraction, "must be in (0, 1]")
+        _check(0.0 <= self.bg_iou <= self.fg_iou <= 1.0, "model.rpn.bg_iou/fg_iou",
+               (self.bg_iou, self.fg_iou), "need 0 <= bg_iou <= fg_iou <= 1")
+
+
+@dataclass
+class ROIConfig:
+    """Box head on RoI features (Fast R-CNN sampling, detectron2's FPN defaults)."""
+
+    batch_size_per_image: int = 512
+    """RoIs sampled per image for the box head losses."""
+    positive_fraction: float = 0.25
+    """Largest fraction of foreground RoIs in that sample."""
+    fg_iou: float = 0.5
+    """RoIs with IoU >= this with a ground-truth box are foreground."""
+    bg_iou: float = 0.5
+    """RoIs with IoU < this with every ground-truth box are background."""
+    box_head: Literal["2fc", "4conv1fc"] = "2fc"
+    """Box head layout: two fully connected layers, or four convs then one fc."""
+    fc_dim: int = 1024
+    """Width of the fully connected layers of the box head."""
+    conv_dim: int = 256
+    """Channels of the convolutions of the "4conv1fc" box head."""
+    pooler_resolution: int = 7
+    """Output size (pixels per side) of RoIAlign for the box head."""
+    score_thresh: float = 0.05
+    """Detections with a lower score are dropped at test time."""
+    nms_thresh: float = 0.5
+    """IoU threshold of the per-class NMS at test time."""
+    detections_per_img: int = 100
+    """Detections kept per image at test time (COCO evaluates 100)."""
+    bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    """Weights (wx, wy, ww, wh) of the box regression coding."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.positive_fraction <= 1.0, "model.roi.positive_fraction",
+               self.positive_fraction, "must be in (0, 1]")
+        _check(0.0 <= self.bg_iou <= self.fg_iou <= 1.0, "model.roi.bg_iou/fg_iou",
+               (self.bg_iou, self.fg_iou), "need 0 <= bg_iou <= fg_iou <= 1")
+        _check(len(self.bbox_reg_weights) == 4, "model.roi.bbox_reg_weights", self.bbox_reg_weights,
+               "give four weights (wx, wy, ww, wh)")
+        _check(self.pooler_resolution > 0, "model.roi.pooler_resolution", self.pooler_resolution,
+               "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The detector: task, backbone, neck, heads and input sizes."""
+
+    # What is built.
+    task: Literal["detection", "instance", "semantic", "panoptic_fpn"] = "detection"
+    """Boxes (Faster R-CNN), boxes + masks (Mask R-CNN), semantic FPN, or both heads (panoptic FPN)."""
+    arch: Literal["fpn", "c4"] = "fpn"
+    """Feature pyramid on res2..res5, or the paper's C4 design (RoI head on res5)."""
+
+    # Backbone.
+    backbone: str = "resnet50"
+    """Backbone name in the backbone registry (resnet18/34/50/101/152, vgg16, ...)."""
+    backbone_weights: str | None = None
+    """None (random init), "imagenet" (from the local torchvision/timm cache), or a file path."""
+    norm: str = "FrozenBN"
+    """Normalisation of the backbone: FrozenBN, BN, SyncBN, GN."""
+    freeze_at: int = 2
+    """Freeze the stem (1) and stages up to res<freeze_at> (2 = stem + res2); 0 trains all."""
+    fpn_channels: int = 256
+    """Channels of the FPN outputs."""
+
+    # Heads and weights.
+    num_classes: int | None = None
+    """Foreground classes; None takes the number from the dataset."""
+    weights: str | None = None
+    """Full detector weights (.safetensors/.pth) to start from, e.g. a COCO-trained model."""
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    """Region proposal network."""
+    roi: ROIConfig = field(default_factory=ROIConfig)
+    """Box head on RoI features."""
+    mask_head_convs: int = 4
+    """Convolutions of the mask head (instance / panoptic_fpn tasks)."""
+    semantic_loss_weight: float = 0.5
+    """Weight of the semantic segmentation loss (panoptic_fpn task)."""
+    semantic_ignore_index: int = 255
+    """Label ignored by the semantic segmentation loss."""
+
+    # Input sizes.
+    min_size: tuple[int, ...] = (800,)
+    """Shorter side during training, drawn from these values per image (multi-scale if several)."""
+    max_size: int = 1333
+    """Longest side cap during training."""
+    test_min_size: int = 800
+    """Shorter side at test time."""
+    test_max_size: int = 1333
+    """Longest side cap at test time."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.freeze_at <= 5, "model.freeze_at", self.freeze_at, "must be in 0..5")
+        _check(self.fpn_channels > 0, "model.fpn_channels", self.fpn_channels, "must be > 0")
+        _check(self.num_classes is None or self.num_classes > 0, "model.num_classes",
+               self.num_classes, "must be > 0, or null to take it from the dataset")
+        _check(len(self.min_size) > 0 and all(s > 0 for s in self.min_size), "model.min_size",
+               self.min_size, "give at least one size, each > 0, e.g. [800]")
+        _check(self.max_size > 0 and self.test_min_size > 0 and self.test_max_size > 0,
+               "model.max_size/test_min_size/test_max_size",
+               (self.max_size, self.test_min_size, self.test_max_size), "must be > 0")
+        _check(self.mask_head_convs >= 0, "model.mask_head_convs", self.mask_head_convs, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Datasets, augmentation and loading."""
+
+    root: str | None = None
+    """COCO-format dataset folder; None uses the built-in synthetic shapes dataset."""
+    train_images: str = "train2017"
+    """Training images folder, relative to root."""
+    train_annotations: str = "annotations/instances_train2017.json"
+    """Training annotations (COCO JSON), relative to root."""
+    val_images: str = "val2017"
+    """Validation images folder, relative to root."""
+    val_annotations: str = "annotations/instances_val2017.json"
+    """Validation annotations (COCO JSON), relative to root."""
+    keep_empty_train: bool = False
+    """Keep training images without annotations (as negatives) instead of dropping them."""
+    num_workers: int = 4
+    """Data loader worker processes per training process."""
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip during training."""
+    lsj: bool = False
+    """Large-scale jitter (random resize 0.1-2.0 and crop) instead of the min/max size resize."""
+    photometric: bool = False
+    """Random brightness / contrast / saturation / hue changes during training."""
+    aspect_grouping: bool = True
+    """Batch images of the same orientation together (less padding)."""
+    shapes_num_train: int = 1000
+    """Synthetic shapes: number of training images."""
+    shapes_num_val: int = 200
+    """Synthetic shapes: number of validation images."""
+    shapes_image_size: int = 256
+    """Synthetic shapes: image side in pixels."""
+    shapes_seed: int = 0
+    """Synthetic shapes: generator seed (same seed, same dataset)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(0.0 <= self.hflip_prob <= 1.0, "data.hflip_prob", self.hflip_prob, "must be in [0, 1]")
+        _check(self.shapes_num_train > 0 and self.shapes_num_val > 0, "data.shapes_num_train/val",
+               (self.shapes_num_train, self.shapes_num_val), "must be > 0")
+        _check(self.shapes_image_size >= 32, "data.shapes_image_size", self.shapes_image_size,
+               "must be >= 32")
+
+
+@dataclass
+class SolverConfig:
+    """Optimizer and learning-rate schedule (detectron2's 1x schedule at batch 16)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD with momentum, or AdamW."""
+    lr: float = 0.02
+    """Base learning rate (for ims_per_batch, or for reference_batch_size if that is set)."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    adamw_betas: tuple[float, ...] = (0.9, 0.999)
+    """AdamW betas (ignored by SGD)."""
+    weight_decay: float = 1e-4
+    """Weight decay of the weights."""
+    weight_decay_norm: float = 0.0
+    """Weight decay of normalisation layers' scales and shifts (usually 0)."""
+    weight_decay_bias: float | None = None
+    """Weight decay of biases outside norm layers; None means the same as weight_decay."""
+    ims_per_batch: int = 16
+    """Images per iteration over all processes (the global batch)."""
+    reference_batch_size: int | None = None
+    """If set, lr is for this batch and is scaled linearly by ims_per_batch / reference_batch_size."""
+    max_iter: int = 90000
+    """Training iterations."""
+    scheduler: Literal["multistep", "cosine"] = "multistep"
+    """Step decay at `steps`, or cosine decay to 0 at max_iter."""
+    steps: tuple[int, ...] = (60000, 80000)
+    """Iterations at which the multistep schedule multiplies the lr by gamma."""
+    gamma: float = 0.1
+    """Factor of each multistep decay."""
+    warmup_iters: int = 1000
+    """Iterations of linear warmup."""
+    warmup_factor: float = 0.001
+    """lr multiplier at iteration 0, rising linearly to 1 at warmup_iters."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm to this value; None disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "solver.lr", self.lr, "must be > 0")
+        _check(self.momentum >= 0, "solver.momentum", self.momentum, "must be >= 0")
+        _check(len(self.adamw_betas) == 2 and all(0 <= b < 1 for b in self.adamw_betas),
+               "solver.adamw_betas", self.adamw_betas, "give two values in [0, 1)")
+        _check(self.weight_decay >= 0 and self.weight_decay_norm >= 0, "solver.weight_decay(_norm)",
+               (self.weight_decay, self.weight_decay_norm), "must be >= 0")
+        _check(self.weight_decay_bias is None or self.weight_decay_bias >= 0, "solver.weight_decay_bias",
+               self.weight_decay_bias, "must be >= 0 or null")
+        _check(self.ims_per_batch > 0, "solver.ims_per_batch", self.ims_per_batch, "must be > 0")
+        _check(self.reference_batch_size is None or self.reference_batch_size > 0,
+               "solver.reference_batch_size", self.reference_batch_size, "must be > 0 or null")
+        _check(self.max_iter > 0, "solver.max_iter", self.max_iter, "must be > 0")
+        _check(all(s > 0 for s in self.steps), "solver.steps", self.steps, "steps must be > 0")
+        _check(list(self.steps) == sorted(set(self.steps)), "solver.steps", self.steps,
+               "steps must be strictly increasing, e.g. [60000, 80000]")
+        _check(self.gamma > 0, "solver.gamma", self.gamma, "must be > 0")
+        _check(self.warmup_iters >= 0, "solver.warmup_iters", self.warmup_iters, "must be >= 0")
+        _check(0.0 < self.warmup_factor <= 1.0, "solver.warmup_factor", self.warmup_factor,
+               "must be in (0, 1]")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "solver.clip_grad_norm",
+               self.clip_grad_norm, "must be > 0, or null to disable clipping")
+
+    @property
+    def scaled_lr(self) -> float:
+        """The learning rate after linear scaling by ims_per_batch / reference_batch_size."""
+        if self.reference_batch_size is None:
+            return self.lr
+        return self.lr * self.ims_per_batch / self.reference_batch_size
+
+
+@dataclass
+class TrainConfig:
+    """Run settings: output, device, precision, checkpoints, evaluation and logging."""
+
+    output_dir: str = "output/run"
+    """Folder for checkpoints, config.yaml, metrics.jsonl, log.txt and curves.png."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda", or "cuda:N"."""
+    amp: Literal["bf16", "fp16", "off"] = "off"
+    """Mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, or fp32."""
+    channels_last: bool = False
+    """Keep convolution weights and activations in channels_last (NHWC) memory format."""
+    compile: bool = False
+    """Compile the model (backbone + FPN) with torch.compile."""
+    checkpoint_period: int = 5000
+    """Save a checkpoint every this many iterations (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Periodic checkpoints kept on disk (older ones are deleted; the final one is always kept)."""
+    eval_period: int = 0
+    """Evaluate every this many iterations; 0 = only at the end."""
+    log_period: int = 20
+    """Log averaged losses, lr and speed every this many iterations."""
+    seed: int = 42
+    """Random seed (each process adds its rank)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events (needs the tensorboard extra)."""
+    max_time_minutes: float | None = None
+    """Stop cleanly (checkpoint, evaluate) once training has run this long; None = no limit."""
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_period > 0, "train.checkpoint_period", self.checkpoint_period, "must be > 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.eval_period >= 0, "train.eval_period", self.eval_period, "must be >= 0 (0 = at the end)")
+        _check(self.log_period > 0, "train.log_period", self.log_period, "must be > 0")
+        _check(self.max_time_minutes is None or self.max_time_minutes > 0, "train.max_time_minutes",
+               self.max_time_minutes, "must be > 0, or null for no limit")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "train.device",
+               self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The detector."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and loading."""
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run settings."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Type checking and conversion
+# --------------------------------------------------------------------------------------------------
+
+_UNION_TYPES: tuple[Any, ...] = (Union, types.UnionType)
+# YAML 1.1 (PyYAML) reads "1e-4" as a string: it wants a dot in the mantissa. Float fields accept
+# such strings so that `weight_decay: 1e-4` means what everyone expects.
+_FLOAT_STRING = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _UnknownKey(ValueError):
+    """Internal: a key that the schema does not have (carries the dotted key for context)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not match a type (turned into a TypeError with context)."""
+
+    def __init__(self, key: str, value: Any, expected: str, hint: str = "") -> None:
+        super().__init__(key)
+        self.key = key
+        self.value = value
+        self.expected = expected
+        self.hint = hint
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a type annotation, e.g. 'tuple[int, ...]' or 'str | None'."""
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is not None and args:
+        parts = ["..." if a is Ellipsis else _type_name(a) for a in args]
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(parts)}]"
+    return str(tp)
+
+
+def _value_desc(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} (type {type(value).__name__})"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (the module uses `from __future__ import annotations`)."""
+    module = sys.modules.get(cls.__module__)
+    hints = typing.get_type_hints(cls, globalns=vars(module) if module else None)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, sections included."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, dotted + "."))
+    return keys
+
+
+def _unknown_key_message(key: str, name: str, cls: type, root: type, section: str) -> str:
+    """Error text for an unknown key, with close matches in its section and elsewhere."""
+    fields = list(_field_types(cls))
+    prefix = key[: -len(name)]
+    close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+    if not close:
+        # difflib misses short names with a suffix (`lr_rate` for `lr`): try prefixes too.
+        close = [f for f in fields if len(f) >= 2 and (name.startswith(f) or f.startswith(name))]
+    suggestions = [prefix + m for m in close]
+    # A right name in the wrong section (`train.lr` for `solver.lr`) is a common slip too.
+    for other in _all_keys(root):
+        if other.rsplit(".", 1)[-1] == name and other != key and other not in suggestions:
+            suggestions.append(other)
+    msg = f"unknown config key '{key}'"
+    if suggestions:
+        msg += "; did you mean " + " or ".join(f"'{s}'" for s in suggestions[:4]) + "?"
+    where = f"section '{section}'" if section else "the top level"
+    msg += f" Valid keys in {where}: {', '.join(fields)}."
+    return msg
+
+
+def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
+    """Checks `value` against the annotation `tp` and returns it in canonical form.
+
+    Sequences become tuples or lists as annotated, ints become floats for float fields, and
+    mappings become dataclasses. Raises _Mismatch (a wrong type) or ValueError (an unknown key).
+    """
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise _Mismatch(key, value, f"a mapping of {tp.__name__} fields")
+        return _build_dataclass(tp, value, key, root)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, root)
+            except _Mismatch:
+                continue
+        raise _Mismatch(key, value, _type_name(tp))
+    if origin is Literal:
+        # `True == 1`, so compare types too: a bool must not pass for a Literal[1].
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return allowed
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [a for a in args if isinstance(a, str)], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else ""
+        raise _Mismatch(key, value, _type_name(tp), hint)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            example = "[800]" if origin is tuple else "[...]"
+            raise _Mismatch(key, value, _type_name(tp), f"write a list, e.g. {example}")
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{key}[{i}]", root) for i, v in enumerate(value)]
+        else:
+            if len(value) != len(args):
+                raise _Mismatch(key, value, _type_name(tp), f"give exactly {len(args)} values")
+            items = [_convert(v, a, f"{key}[{i}]", root) for i, (v, a) in enumerate(zip(value, args))]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch(key, value, _type_name(tp))
+        key_tp, val_tp = args if args else (Any, Any)
+        return {
+            _convert(k, key_tp, f"{key}.<key>", root): _convert(v, val_tp, f"{key}.{k}", root)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        hint = "write true or false" if value in (0, 1, "yes", "no", "True", "False") else ""
+        raise _Mismatch(key, value, "bool", hint)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        hint = ""
+        if isinstance(value, float) and value.is_integer():
+            hint = f"write {int(value)} without the decimal point"
+        raise _Mismatch(key, value, "int", hint)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_STRING.fullmatch(value.strip()):
+            return float(value)
+        raise _Mismatch(key, value, "float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch(key, value, "str", f"quote it to make it a string: '{value}'")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch(key, value, _type_name(tp))
+    raise TypeError(f"config schema: unsupported annotation {tp!r} for key '{key}'")
+
+
+def _build_dataclass(cls: type[T], values: Mapping[str, Any], prefix: str, root: type) -> T:
+    types_ = _field_types(cls)
+    dotted_prefix = f"{prefix}." if prefix else ""
+    for name in values:
+        if not isinstance(name, str):
+            raise TypeError(f"config key {name!r} under '{prefix or '<top level>'}' must be a string")
+        if name not in types_:
+            dotted = dotted_prefix + name
+            raise _UnknownKey(dotted, _unknown_key_message(dotted, name, cls, root, prefix))
+    kwargs = {name: _convert(v, types_[name], dotted_prefix + name, root) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _mismatch_error(err: _Mismatch, origins: Mapping[str, str] | None = None) -> TypeError:
+    msg = f"config key '{err.key}' got {_value_desc(err.value)}, expected {err.expected}"
+    source = _origin_of(err.key, origins) if origins else None
+    if source:
+        msg += f" (set {source})"
+    if err.hint:
+        msg += f"; {err.hint}"
+    return TypeError(msg)
+
+
+def config_from_dict(data: Mapping[str, Any], *, schema: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Builds a typed config from plain (YAML-like) data, checking every key and type.
+
+    Args:
+        data: Nested mappings of plain values; missing keys take the schema's defaults.
+        schema: The dataclass to build (``Config`` unless a tool has its own).
+
+    Returns:
+        An instance of ``schema``.
+
+    Raises:
+        ValueError: An unknown key (the message names the dotted key and close matches), or a
+            value out of its allowed range.
+        TypeError: A value of the wrong type (the message names the key, the value, its type and
+            the type expected).
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a config must be a mapping of sections, got {_value_desc(data)}")
+    try:
+        return _build_dataclass(schema, data, "", schema)
+    except _Mismatch as err:
+        raise _mismatch_error(err) from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Converts a config dataclass to plain nested dicts/lists (tuples become lists), e.g. for YAML."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"config_to_dict expects a config dataclass instance, got {type(cfg).__name__}")
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, inheritance and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError(f"config file {path} must contain a mapping of sections, got {_value_desc(data)}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _record_origins(data: Mapping[str, Any], source: str, origins: dict[str, str], prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        origins[dotted] = source
+        if isinstance(value, Mapping):
+            _record_origins(value, source, origins, dotted + ".")
+
+
+def _origin_of(key: str, origins: Mapping[str, str]) -> str | None:
+    # "a.b[2]" and "a.b" both come from wherever "a.b" (or its closest set parent) was set.
+    key = key.split("[", 1)[0]
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """Parses command-line overrides ``key.sub=value`` into (key path, value) pairs.
+
+    The value is parsed with ``yaml.safe_load``: ``8`` is an int, ``0.01`` a float, ``[1,2]`` a
+    list, ``null`` is None, ``bf16`` a string. An empty value (``key=``) is None.
+
+    Raises:
+        ValueError: An override without ``=``, with an empty key part, or an unparsable value.
+    """
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    parsed = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(
+                f"config override {item!r} must look like key.sub=value, e.g. solver.lr=0.01"
+            )
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ValueError(f"config override {item!r} has an empty key part; write e.g. solver.lr=0.01")
+        if parts[0] == BASE_KEY:
+            raise ValueError(f"config override {item!r}: '{BASE_KEY}' can only be set in a config file")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config override {item!r}: the value is not valid YAML ({err})") from None
+        parsed.append(([p.strip() for p in parts], value))
+    return parsed
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any, raw: str) -> dict[str, Any]:
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    # Walk the path first so that overriding inside a non-mapping value is reported clearly.
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, Mapping):
+            dotted = ".".join(parts[: i + 1])
+            raise TypeError(f"config override {raw!r}: '{dotted}' is {_value_desc(node)}, not a section")
+        if node is None:
+            break
+    return _merge(data, nested)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    schema: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Loads a YAML config, its optional ``_base_``, and command-line overrides, into ``schema``.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.sub=value`` strings applied after the files, in order.
+        schema: The dataclass to build.
+
+    Returns:
+        The typed config.
+
+    Raises:
+        FileNotFoundError: The file or its base does not exist.
+        ValueError: A base that has a base itself (both files are named), an unknown key, a bad
+            override, or a value out of range.
+        TypeError: A value of the wrong type.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    origins: dict[str, str] = {}
+    base_ref = data.pop(BASE_KEY, None)
+    if base_ref is not None:
+        if not isinstance(base_ref, str):
+            raise TypeError(f"'{BASE_KEY}' in {path} must be one file name, got {_value_desc(base_ref)}")
+        base_path = (path.parent / base_ref).resolve()
+        if not base_path.is_file():
+            raise FileNotFoundError(
+                f"config {path}: its {BASE_KEY} file {base_ref!r} was not found at {base_path}"
+            )
+        base = _read_yaml(base_path)
+        if BASE_KEY in base:
+            raise ValueError(
+                f"config {path} inherits from {base_path}, which itself has '{BASE_KEY}: "
+                f"{base[BASE_KEY]}'; only one level of {BASE_KEY} is allowed. Copy the values you need "
+                f"into {base_path.name} or into {path.name}."
+            )
+        _record_origins(base, f"in {base_path}", origins)
+        _record_origins(data, f"in {path}", origins)
+        data = _merge(base, data)
+    else:
+        _record_origins(data, f"in {path}", origins)
+    for (parts, value), raw in zip(parse_overrides(overrides), overrides):
+        data = _apply_override(data, parts, value, raw)
+        _record_origins({".".join(parts): value}, f"by override {raw!r}", origins)
+    try:
+        return _build_dataclass(schema, data, "", schema)
+    except _Mismatch as err:
+        raise _mismatch_error(err, origins) from None
+    except _UnknownKey as err:
+        source = _origin_of(err.key, origins)
+        raise ValueError(f"{err} (set {source})" if source else str(err)) from None
+    except ValueError as err:
+        raise ValueError(f"{err} (while loading {path})") from None
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, sequences inline (`steps: [60000, 80000]`), for readable resolved configs."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_ConfigDumper.add_representer(list, _represent_list)
+
+
+def dump_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    """Writes the resolved config as YAML that :func:`load_config` reads back to an equal object.
+
+    The file is written to a temporary file first and then renamed, so a reader never sees half a
+    config.
+
+    Args:
+        cfg: A config dataclass instance.
+        path: Output file; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# Resolved config: every value in force for this run.\n" + yaml.dump(
+        config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
