@@ -1,0 +1,161 @@
+"""Building blocks shared by every backbone: norms, a convolution that carries its norm, BN folding."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+NormSpec = str | Callable[[int], nn.Module] | None
+
+NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "none")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, no parameters).
+
+    The state dict has the same keys as `nn.BatchNorm2d` (a `num_batches_tracked` entry in a loaded
+    state dict is accepted and dropped), so ImageNet checkpoints load directly. Under autocast the
+    scale and shift are computed in fp32 and applied in the input's dtype.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """Per-channel `(scale, shift)` in fp32 such that `y = x * scale + shift`."""
+        scale = self.weight.float() * torch.rsqrt(self.running_var.float() + self.eps)
+        shift = self.bias.float() - self.running_mean.float() * scale
+        return scale, shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.scale_and_shift()
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Return `module` with every `BatchNorm2d`/`SyncBatchNorm` inside replaced by a frozen copy."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = cls(module.num_features, module.eps)
+            if module.affine:
+                frozen.weight.copy_(module.weight.detach())
+                frozen.bias.copy_(module.bias.detach())
+            if module.track_running_stats and module.running_mean is not None:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+            return frozen
+        for name, child in module.named_children():
+            new = cls.convert(child)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+
+def _group_count(channels: int, groups: int = 32) -> int:
+    # GroupNorm needs channels % groups == 0; narrow test models (width 8) use fewer groups.
+    return math.gcd(groups, channels)
+
+
+def get_norm(norm: NormSpec, channels: int) -> nn.Module:
+    """Build a 2-D normalisation layer.
+
+    Args:
+        norm: "BN", "SyncBN", "FrozenBN", "GN" (32 groups, fewer when `channels` is not a multiple of
+            32), "none"/None (identity), or a callable `channels -> nn.Module`.
+        channels: number of channels to normalise.
+    """
+    if callable(norm) and not isinstance(norm, str):
+        return norm(channels)
+    if norm is None or norm == "none" or norm == "":
+        return nn.Identity()
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if norm == "GN":
+        return nn.GroupNorm(_group_count(channels), channels)
+    raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS} or a callable channels -> nn.Module")
+
+
+def check_norm(norm: NormSpec) -> None:
+    """Raise `ValueError` early (at construction) for an unknown norm name."""
+    if isinstance(norm, str) and norm not in NORMS and norm != "":
+        raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS} or a callable channels -> nn.Module")
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that carries its normalisation and activation.
+
+    Keeping the norm inside the convolution module (state-dict key `<conv>.norm.*`) makes folding a
+    frozen BN into the convolution a local rewrite, and keeps the keys stable across norm choices.
+    """
+
+    def __init__(self, *args, norm: nn.Module | None = None, activation: nn.Module | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.activation = activation if activation is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.activation(self.norm(x))
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold every `FrozenBatchNorm2d` that follows a `Conv2d` of ours into that convolution (in place).
+
+    After folding, the convolution has a bias and its norm is an identity: one kernel instead of two at
+    inference, same outputs up to float rounding. Pre-activation (v2) blocks, whose norm comes before
+    the convolution, are left as they are.
+
+    Returns:
+        The number of norms folded.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d):
+            scale, shift = m.norm.scale_and_shift()
+            w = m.weight.float() * scale.view(-1, 1, 1, 1)
+            b = shift if m.bias is None else m.bias.float() * scale + shift
+            m.weight.copy_(w.to(m.weight.dtype))
+            if m.bias is None:
+                m.bias = nn.Parameter(b.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+            else:
+                m.bias.copy_(b.to(m.bias.dtype))
+            m.norm = nn.Identity()
+            count += 1
+    return count
+
+
+def c2_msra_fill(module: nn.Module) -> None:
+    """He (MSRA) init for convolutions, as in the ResNet paper."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.SyncBatchNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)

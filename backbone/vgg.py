@@ -1,0 +1,119 @@
+"""VGG-16 (Simonyan & Zisserman 2014) as a detection backbone, with and without BN.
+
+Outputs are named after the last convolution of each block: `conv1` (conv1_2, stride 1) .. `conv5`
+(conv5_3, stride 16: the map the paper's VGG-16 Faster R-CNN pools its RoIs from), and `pool5`
+(stride 32). The default `("conv3", "conv4", "conv5", "pool5")` gives strides 4, 8, 16, 32, the same
+pyramid an FPN takes from a ResNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .base import Backbone
+from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, check_norm, get_norm
+from .shape_spec import ShapeSpec
+
+# Convolutions per block and their width: configuration "D" of the VGG paper.
+VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+VGG_OUTPUTS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+
+
+class VGG(Backbone):
+    """VGG-16 trunk with multi-stage outputs.
+
+    Args:
+        out_features: subset of ("conv1", .., "conv5", "pool5"); default ("conv3", "conv4", "conv5",
+            "pool5"). Layers after the last one requested are not built.
+        norm: "none" for the original VGG-16, "BN" (VGG-16-BN), "FrozenBN", "GN", "SyncBN", or a callable.
+        freeze_at: 0 = nothing frozen, k = blocks 1..k frozen (the paper's Faster R-CNN fine-tunes
+            from conv3_1 up, i.e. `freeze_at=2`).
+        width: channels of the first block (64 in the paper; smaller for cheap tests).
+    """
+
+    def __init__(self, *, out_features: Sequence[str] | None = None, norm: NormSpec = "none", freeze_at: int = 0,
+                 width: int = 64, in_channels: int = 3, blocks: Sequence[tuple[int, int]] = VGG16_BLOCKS) -> None:
+        super().__init__()
+        check_norm(norm)
+        self.norm_name = norm
+        self._out_features = self._select_out_features(out_features, VGG_OUTPUTS, ("conv3", "conv4", "conv5", "pool5"))
+        last = VGG_OUTPUTS.index(self._out_features[-1])
+        scale = width / 64
+        shapes: dict[str, ShapeSpec] = {}
+        in_ch, stride = in_channels, 1
+        self.block_names: list[str] = []
+        for b, (n_convs, ch) in enumerate(blocks[: min(last + 1, 5)], start=1):
+            ch = max(1, round(ch * scale))
+            layers = []
+            if b > 1:
+                # The pooling that precedes block b belongs to it, so "conv<b>" is the block's output.
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                stride *= 2
+            for i in range(1, n_convs + 1):
+                layers.append(Conv2d(in_ch, ch, 3, padding=1, bias=True, norm=get_norm(norm, ch),
+                                     activation=nn.ReLU()))
+                in_ch = ch
+            block = nn.Sequential(*layers)
+            self.add_module(f"block{b}", block)
+            self.block_names.append(f"block{b}")
+            shapes[f"conv{b}"] = ShapeSpec(ch, stride)
+        if last == 5:
+            self.pool5 = nn.MaxPool2d(kernel_size=2, stride=2)
+            shapes["pool5"] = ShapeSpec(in_ch, stride * 2)
+        self._out_feature_shapes = shapes
+        self.out_channels_last = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze blocks 1..freeze_at (no gradients; BN becomes frozen BN)."""
+        n = len(self.block_names)
+        if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) or not 0 <= freeze_at <= n:
+            raise ValueError(f"freeze_at={freeze_at!r} is out of range for this VGG: use 0..{n} (k freezes blocks 1..k)")
+        for name in self.block_names[:freeze_at]:
+            module = getattr(self, name)
+            for p in module.parameters():
+                p.requires_grad_(False)
+            setattr(self, name, FrozenBatchNorm2d.convert(module))
+        self.freeze_at = freeze_at
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Args: x: `(N, 3, H, W)`. Returns: the selected maps (`conv<k>` after the block's last ReLU)."""
+        if x.dim() != 4:
+            raise ValueError(f"VGG expects a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        outputs: dict[str, Tensor] = {}
+        for i, name in enumerate(self.block_names, start=1):
+            x = getattr(self, name)(x)
+            if f"conv{i}" in self._out_features:
+                outputs[f"conv{i}"] = x
+        if "pool5" in self._out_features:
+            outputs["pool5"] = self.pool5(x)
+        return outputs
+
+
+class VGGFCHead(nn.Module):
+    """fc6 and fc7 of VGG-16 (4096 each, ReLU and dropout): the classifier trunk, and the per-RoI box
+    head of the paper's VGG-16 Faster R-CNN (on 7x7 RoI-pooled conv5_3 features).
+
+    Input: `(N, C, 7, 7)` (flattened inside). Output: `(N, hidden)`.
+    """
+
+    def __init__(self, in_channels: int = 512, resolution: int = 7, hidden: int = 4096, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels * resolution * resolution, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.out_channels = hidden
+        for fc in (self.fc6, self.fc7):
+            nn.init.normal_(fc.weight, 0, 0.01)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        x = self.dropout(nn.functional.relu(self.fc6(x)))
+        return self.dropout(nn.functional.relu(self.fc7(x)))
