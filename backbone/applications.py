@@ -54,7 +54,8 @@ def normalize_input_shape(input_shape: Sequence[int | None] | None, *, include_t
                          "or (3, H, W) channels-first")
     for v in input_shape:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ValueError(f"input_shape={tuple(input_shape)!r} must hold positive integers (or None for a free side)")
+            raise ValueError(f"input_shape={tuple(input_shape)!r} must hold positive integers "
+                             "(or None for a free side)")
     if input_shape[-1] == 3:
         shape = (3, input_shape[0], input_shape[1])
     elif input_shape[0] == 3:
@@ -212,7 +213,8 @@ resnet101v2 = _make_resnet(101, True)
 resnet152v2 = _make_resnet(152, True)
 
 
-def _vgg_app(arch: str, norm: NormSpec, include_top, weights, input_shape, pooling, classes, **kwargs) -> ImageClassifier:
+def _vgg_app(arch: str, norm: NormSpec, include_top, weights, input_shape, pooling, classes,
+             **kwargs) -> ImageClassifier:
     shape = validate_keras_args(include_top=include_top, weights=weights, input_shape=input_shape, pooling=pooling,
                                 classes=classes)
     body = VGG(out_features=("pool5",), norm=norm, **kwargs)

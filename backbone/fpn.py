@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -84,7 +85,7 @@ class FPN(Backbone):
         for s in strides:
             if s < 1 or 2 ** round(math.log2(s)) != s:
                 raise ValueError(f"FPN needs power-of-two strides, got {dict(zip(in_features, strides))}")
-        for a, b in zip(strides, strides[1:]):
+        for a, b in itertools.pairwise(strides):
             if b != 2 * a:
                 raise ValueError(f"FPN in_features must have strides that double level to level (log2-contiguous), "
                                  f"got {dict(zip(in_features, strides))}")

@@ -51,7 +51,7 @@ class VGG(Backbone):
                 # The pooling that precedes block b belongs to it, so "conv<b>" is the block's output.
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 stride *= 2
-            for i in range(1, n_convs + 1):
+            for _i in range(1, n_convs + 1):
                 layers.append(Conv2d(in_ch, ch, 3, padding=1, bias=True, norm=get_norm(norm, ch),
                                      activation=nn.ReLU()))
                 in_ch = ch
@@ -74,7 +74,8 @@ class VGG(Backbone):
         """Freeze blocks 1..freeze_at (no gradients; BN becomes frozen BN)."""
         n = len(self.block_names)
         if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) or not 0 <= freeze_at <= n:
-            raise ValueError(f"freeze_at={freeze_at!r} is out of range for this VGG: use 0..{n} (k freezes blocks 1..k)")
+            raise ValueError(f"freeze_at={freeze_at!r} is out of range for this VGG: "
+                             f"use 0..{n} (k freezes blocks 1..k)")
         for name in self.block_names[:freeze_at]:
             module = getattr(self, name)
             for p in module.parameters():

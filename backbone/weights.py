@@ -297,7 +297,7 @@ IMAGENET_WEIGHTS: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 def offline() -> bool:
     """True when downloads are disabled (`RESNET_DET_OFFLINE=1` or `HF_HUB_OFFLINE=1`)."""
-    return os.environ.get("RESNET_DET_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("RESNET_DET_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def torch_hub_checkpoint_dir() -> Path:
