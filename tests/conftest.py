@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Nothing downloads in tests: weights come from files the tests write themselves.
+os.environ["RESNET_DET_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
