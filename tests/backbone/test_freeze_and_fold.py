@@ -29,8 +29,8 @@ def test_trainable_parameter_counts_per_freeze_at(depth: int) -> None:
     for k in range(6):
         model = ResNet(depth, width=8, norm="BN", freeze_at=k)
         assert count_trainable(model) == total - sum(parts[:k]), k
-        frozen_modules = [model.stem] + [getattr(model, n) for n in ("res2", "res3", "res4", "res5")][: k - 1]
-        for m in frozen_modules[:k]:
+        stages = [getattr(model, n) for n in ("res2", "res3", "res4", "res5")]
+        for m in [model.stem, *stages][:k]:
             assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()), "frozen stages use frozen BN"
 
 

@@ -66,7 +66,8 @@ def test_strict_report_lists_missing_and_unexpected(tmp_path: Path) -> None:
     sd = backbone.resnet18(width=8).state_dict()
     sd.pop("body.res3.0.conv1.weight")
     sd["body.res3.0.extra"] = torch.zeros(1)
-    with pytest.raises(WeightsError, match=r"1 missing: body\.res3\.0\.conv1\.weight.*1 unexpected: body\.res3\.0\.extra"):
+    expected = r"1 missing: body\.res3\.0\.conv1\.weight.*1 unexpected: body\.res3\.0\.extra"
+    with pytest.raises(WeightsError, match=expected):
         load_weights(backbone.resnet18(width=8), sd)
     report = load_weights(backbone.resnet18(width=8), sd, strict=False)
     assert report.missing == ["body.res3.0.conv1.weight"] and report.unexpected == ["body.res3.0.extra"]
