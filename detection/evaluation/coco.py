@@ -835,7 +835,7 @@ class COCOEvaluator:
                       "annotations (only the images given to process()); these metrics are not "
                       "comparable with full-set numbers")
         results = [r for i in img_ids for r in predictions.get(i, ())]
-        if not results:
+        if predictions and not results:
             _warn(f"COCOEvaluator: no detections on any of the {len(img_ids)} evaluated images; "
                   "AP and AR are 0 (-1 where a setting has no ground truth)")
         if self.output_dir is not None:

@@ -1,0 +1,57 @@
+"""Distributed evaluation on CPU: 2 gloo ranks started with torch.multiprocessing.spawn."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import evalhelpers as H
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from detection.evaluation import COCOEvaluator
+from segmentation.semantic_eval import SemSegEvaluator
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
+
+def _spawn(fn, args: tuple, nprocs: int, timeout: float = 120.0) -> None:
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers did not finish in {timeout:.0f} s")
+
+
+def test_two_gloo_ranks_give_rank0_the_single_process_metrics(gt_path, gt, tmp_path):
+    _spawn(H.dist_worker, (2, str(tmp_path / "init"), str(tmp_path), str(gt_path)), nprocs=2)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+
+    # COCO: rank 0 has the metrics of one process that saw every image once; rank 1 gets {}
+    ids, outs = H.synthetic_outputs(gt, seed=0)
+    single = COCOEvaluator(gt_path, label_to_cat_id=H.label_maps(gt)[0])
+    single.process(ids, outs)
+    expected = single.evaluate()
+    assert 0.1 < expected["bbox"]["AP"] < 0.9
+    assert rank0["coco"] == expected  # exact: same detections, de-duplicated image, same COCOeval
+    assert rank1["coco"] == {}
+
+    # semantic segmentation: the confusion matrices are summed; every rank gets the same metrics
+    sem = SemSegEvaluator(5)
+    for rank in (0, 1):
+        sem.process(*H.semseg_batch(seed=rank))
+    sem_expected = sem.evaluate()
+    assert rank0["local_cm"] != rank1["local_cm"]  # each rank really saw different pixels
+    for got in (rank0["sem"], rank1["sem"]):
+        assert got.keys() == sem_expected.keys()
+        for k, v in sem_expected.items():
+            assert (math.isnan(v) and math.isnan(got[k])) or got[k] == pytest.approx(v, abs=1e-12), k
+    assert torch.equal(
+        torch.tensor(rank0["local_cm"]) + torch.tensor(rank1["local_cm"]), sem.confusion_matrix
+    )
