@@ -1,0 +1,476 @@
+"""Crash-safe checkpoints: weights as safetensors, trainer state as plain containers.
+
+A checkpoint ``<name>`` is two files in the output folder:
+
+- ``<name>.safetensors``: the model's state dict (unwrapped from DDP / ``torch.compile``).
+- ``<name>.state.pt``: the trainer state (optimizer, scheduler, grad scaler, iteration, data loader
+  position and RNG states per rank), made only of dicts, lists, tuples, strings, numbers, None and
+  tensors, so that ``torch.load(..., weights_only=True)`` reads it: no pickled objects.
+
+Each file is written to a temporary file in the same folder (a dot-name containing ``.tmp-``, which
+no checkpoint name can contain), flushed and fsync'ed, then renamed over the final name. Only when
+both files are in place is the ``last_checkpoint`` pointer replaced, the same way. A process killed
+at any moment therefore leaves ``last_checkpoint`` naming a complete, loadable checkpoint (or no
+pointer at all before the first save completes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .distributed import all_gather_object, get_rank, get_world_size, is_main_process, unwrap_model
+from .rng import get_rng_states, set_rng_states
+
+__all__ = [
+    "POINTER_FILE",
+    "STATE_SUFFIX",
+    "WEIGHTS_SUFFIX",
+    "CheckpointError",
+    "Checkpointer",
+    "load_model_weights",
+    "make_trainer_state",
+]
+
+POINTER_FILE = "last_checkpoint"
+WEIGHTS_SUFFIX = ".safetensors"
+STATE_SUFFIX = ".state.pt"
+FORMAT_VERSION = 1
+_TMP_MARK = ".tmp-"
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+_PERIODIC_NAME = re.compile(r"^model_(\d+)$")
+_VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-level file writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes renames in `folder` durable; some platforms cannot open folders, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(final: Path, write: Callable[[Path], None]) -> None:
+    """Writes through `write(tmp_path)`, fsyncs, then renames to `final` (never a partial `final`)."""
+    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _to_plain(obj: Any, where: str) -> Any:
+    """Returns `obj` with NumPy values turned into Python numbers / tensors, or raises TypeError.
+
+    The result holds only what ``torch.load(weights_only=True)`` accepts, so a state that saves is
+    a state that resumes (rather than failing at resume time, hours later).
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _to_plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        return {_to_plain(k, f"{where} key"): _to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
+        "cannot read back; state_dict() methods must return dicts/lists of numbers, strings and tensors"
+    )
+
+
+def _weights_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as CPU tensors that safetensors accepts.
+
+    safetensors refuses tensors that share memory (tied weights, views of one buffer) and
+    non-contiguous tensors; those are cloned, so every key survives and loads strictly.
+    """
+    state = unwrap_model(model).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"model state_dict entry {key!r} is a {type(value).__name__}, not a tensor; safetensors "
+                "stores tensors only"
+            )
+        t = value.detach().to("cpu")
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        shared = t.numel() > 0 and ptr in seen
+        partial = storage.nbytes() != t.numel() * t.element_size()
+        if shared or partial or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        if t.numel() > 0:
+            seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def load_model_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Reads a ``.safetensors`` weights file (e.g. ``model_final.safetensors``) into a state dict.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        CheckpointError: The file is not a readable safetensors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint weights {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
+            "not a safetensors file. Delete it (and its .state.pt) and resume from an earlier checkpoint."
+        ) from err
+
+
+def _load_trainer_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint trainer state not found: {path} (a checkpoint is <name>{WEIGHTS_SUFFIX} plus "
+            f"<name>{STATE_SUFFIX})"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint trainer state {path} cannot be read with weights_only=True "
+            f"({type(err).__name__}: {err}); it is truncated, corrupt, or holds pickled objects."
+        ) from err
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise CheckpointError(f"{path} is not a trainer state (expected a dict with an 'iteration' entry)")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer state
+# --------------------------------------------------------------------------------------------------
+
+
+def make_trainer_state(
+    iteration: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    loader: Any,
+    *,
+    gather: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Collects everything needed to resume, as plain containers.
+
+    The data loader position and the RNG states differ per process, so they are stored per rank.
+    With ``gather=True`` (every process must call this: it is a collective) all ranks are
+    collected; with ``gather=False`` only this rank's (used on Ctrl-C, when other processes may
+    not reach a collective), and other ranks fall back to rank 0's loader position on resume.
+
+    Args:
+        iteration: Completed iterations.
+        optimizer: The optimizer.
+        scheduler: The learning-rate scheduler (anything with ``state_dict``).
+        scaler: The gradient scaler, or None.
+        loader: The training loader (``state_dict()`` gives its position), or None.
+        gather: Collect per-rank entries from every process.
+        extra: More plain entries to store.
+
+    Returns:
+        The trainer state dict.
+    """
+    local = {
+        "loader": _to_plain(loader.state_dict(), "loader.state_dict()") if loader is not None else None,
+        "rng": get_rng_states(),
+    }
+    per_rank = all_gather_object(local) if gather else [local]
+    ranks = range(len(per_rank)) if gather else [get_rank()]
+    state: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "iteration": int(iteration),
+        "world_size": get_world_size(),
+        "torch_version": torch.__version__,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "grad_scaler": scaler.state_dict() if scaler is not None else {},
+        "loader": {r: entry["loader"] for r, entry in zip(ranks, per_rank)},
+        "rng": {r: entry["rng"] for r, entry in zip(ranks, per_rank)},
+    }
+    if extra:
+        state.update(extra)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpointer
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves, lists, prunes and loads checkpoints in one output folder.
+
+    Args:
+        output_dir: The run's folder (created if missing).
+        keep: How many periodic checkpoints (``model_<iteration>``) to keep; older ones are deleted
+            after each save. Other names (``model_final``) and the checkpoint named by
+            ``last_checkpoint`` are never deleted.
+
+    Example::
+
+        ckpt = Checkpointer("output/run", keep=3)
+        ckpt.save("model_0005000", model, make_trainer_state(5000, opt, sched, scaler, loader))
+        ckpt.latest()                     # "model_0005000"
+        weights, state = ckpt.load("model_0005000")
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], *, keep: int = 3) -> None:
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise ValueError(f"Checkpointer keep must be an int >= 1, got {keep!r}")
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temp_files()
+
+    # -- naming ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not isinstance(name, str) or not _VALID_NAME.match(name) or _TMP_MARK in name:
+            raise ValueError(
+                f"checkpoint name {name!r} must be letters, digits, '_', '-', '.' (not starting with '.', "
+                f"without '{_TMP_MARK}'), e.g. 'model_0005000'"
+            )
+        if name.endswith((WEIGHTS_SUFFIX, STATE_SUFFIX)):
+            raise ValueError(f"checkpoint name {name!r} must not include a suffix; give 'model_0005000'")
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        """The (weights, trainer state) files of checkpoint `name` in the output folder."""
+        self._check_name(name)
+        return self.output_dir / f"{name}{WEIGHTS_SUFFIX}", self.output_dir / f"{name}{STATE_SUFFIX}"
+
+    def _resolve(self, name_or_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        text = os.fspath(name_or_path)
+        if os.sep not in text and "/" not in text and not text.endswith((WEIGHTS_SUFFIX, STATE_SUFFIX)):
+            return self.paths(text)
+        path = Path(text)
+        for suffix in (WEIGHTS_SUFFIX, STATE_SUFFIX):
+            if path.name.endswith(suffix):
+                stem = path.name[: -len(suffix)]
+                return path.with_name(stem + WEIGHTS_SUFFIX), path.with_name(stem + STATE_SUFFIX)
+        return path.with_name(path.name + WEIGHTS_SUFFIX), path.with_name(path.name + STATE_SUFFIX)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def latest(self) -> str | None:
+        """The name in ``last_checkpoint`` (the last completely written checkpoint), or None."""
+        pointer = self.output_dir / POINTER_FILE
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text(encoding="utf-8").strip()
+        try:
+            self._check_name(name)
+        except ValueError:
+            raise CheckpointError(f"{pointer} does not name a checkpoint (it holds {name!r})") from None
+        return name
+
+    def list_checkpoints(self) -> list[str]:
+        """Names of the complete checkpoints (both files present) in the folder, oldest first.
+
+        Temporary files of interrupted writes never appear: they start with '.' and carry no
+        checkpoint suffix.
+        """
+        names = []
+        for p in self.output_dir.glob(f"*{WEIGHTS_SUFFIX}"):
+            name = p.name[: -len(WEIGHTS_SUFFIX)]
+            if _VALID_NAME.match(name) and (self.output_dir / f"{name}{STATE_SUFFIX}").is_file():
+                names.append(name)
+
+        def order(name: str) -> tuple[int, int, str]:
+            m = _PERIODIC_NAME.match(name)
+            return (0, int(m.group(1)), name) if m else (1, 0, name)
+
+        return sorted(names, key=order)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def save(self, name: str, model: nn.Module, trainer_state: Mapping[str, Any]) -> Path | None:
+        """Writes checkpoint `name` (only on rank 0; other ranks return None without writing).
+
+        Args:
+            name: Checkpoint name, e.g. ``model_0005000`` or ``model_final``.
+            model: The model (DDP / compiled wrappers are unwrapped).
+            trainer_state: From :func:`make_trainer_state` (plain containers only).
+
+        Returns:
+            The weights file written, or None on other ranks.
+        """
+        self._check_name(name)
+        if not is_main_process():
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        weights_path, state_path = self.paths(name)
+        tensors = _weights_for_safetensors(model)
+        plain_state = _to_plain(dict(trainer_state), "trainer_state")
+        metadata = {"format": "pt", "checkpoint": name, "iteration": str(plain_state.get("iteration"))}
+        _atomic_write(weights_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        _atomic_write(state_path, lambda tmp: torch.save(plain_state, tmp))
+        _fsync_dir(self.output_dir)
+        # The pointer moves only now, when both files of `name` are complete and durable.
+        pointer = self.output_dir / POINTER_FILE
+        _atomic_write(pointer, lambda tmp: tmp.write_text(name + "\n", encoding="utf-8"))
+        _fsync_dir(self.output_dir)
+        self._prune()
+        return weights_path
+
+    def _prune(self) -> None:
+        periodic = [n for n in self.list_checkpoints() if _PERIODIC_NAME.match(n)]
+        protected = {self.latest()}
+        for name in periodic[: max(0, len(periodic) - self.keep)]:
+            if name in protected:
+                continue
+            weights_path, state_path = self.paths(name)
+            state_path.unlink(missing_ok=True)
+            weights_path.unlink(missing_ok=True)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Deletes temporary files left by writers that were killed (their process is gone)."""
+        for p in self.output_dir.glob(f".*{_TMP_MARK}*"):
+            m = _TMP_NAME.match(p.name)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            if pid != os.getpid() and not _process_alive(pid):
+                p.unlink(missing_ok=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def load(self, name_or_path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Reads a checkpoint (both files) with ``weights_only=True``.
+
+        Args:
+            name_or_path: A name in the output folder (``model_0005000``), or a path to either file
+                of a checkpoint elsewhere.
+
+        Returns:
+            ``(model_state, trainer_state)``, tensors on the CPU.
+
+        Raises:
+            FileNotFoundError: A file of the checkpoint is missing (named in the message).
+            CheckpointError: A file is corrupt (named in the message).
+        """
+        weights_path, state_path = self._resolve(name_or_path)
+        return load_model_weights(weights_path), _load_trainer_state(state_path)
+
+    def resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler | None,
+        loader: Any,
+        *,
+        name: str | None = None,
+    ) -> int:
+        """Restores the latest (or the named) checkpoint into the given objects.
+
+        Restores the model weights (strictly), the optimizer, the scheduler (so the learning rate
+        continues exactly), the grad scaler, this rank's data loader position and RNG states.
+
+        Args:
+            model: The model (possibly wrapped).
+            optimizer: The optimizer, built on the same parameters as when saved.
+            scheduler: The scheduler, built with the same schedule.
+            scaler: The grad scaler, or None.
+            loader: The training loader (``load_state_dict``), or None.
+            name: A checkpoint to restore instead of the one in ``last_checkpoint``.
+
+        Returns:
+            The iteration to continue from (0 when there is no checkpoint).
+        """
+        name = name or self.latest()
+        if name is None:
+            return 0
+        model_state, state = self.load(name)
+        where = self._resolve(name)[0]
+        try:
+            unwrap_model(model).load_state_dict(model_state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {where} does not fit this model: {err}") from err
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler_state = state.get("grad_scaler") or {}
+        if scaler is not None and scaler.is_enabled():
+            if scaler_state:
+                scaler.load_state_dict(scaler_state)
+            else:
+                _log.warning("checkpoint %s has no grad scaler state (saved without fp16); starting anew", name)
+        rank = get_rank()
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != get_world_size():
+            _log.warning(
+                "checkpoint %s was saved with %d processes, resuming with %d: the data order and random "
+                "augmentations will not repeat the original run exactly", name, saved_world, get_world_size(),
+            )
+        loaders = state.get("loader") or {}
+        if loader is not None and loaders:
+            entry = loaders.get(rank, loaders.get(0))
+            if entry is not None:
+                loader.load_state_dict(entry)
+        rngs = state.get("rng") or {}
+        if rank in rngs:
+            set_rng_states(rngs[rank])
+        else:
+            _log.warning("checkpoint %s has no RNG state for rank %d; keeping this process's seed", name, rank)
+        return int(state["iteration"])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
