@@ -1,0 +1,63 @@
+"""Data pipeline: COCO-format datasets, augmentation, samplers, loaders and the synthetic shapes set.
+
+Conventions (torchvision's detector I/O): an image is a ``float32 [3, H, W]`` RGB tensor in
+``[0, 1]``; a target holds ``boxes`` (``float32 [K, 4]``, xyxy, absolute pixels), ``labels``
+(``int64 [K]``, 1..num_classes, 0 = background), ``image_id`` (int), ``orig_size`` ((H, W) on disk),
+optional ``masks`` (``uint8 [K, H, W]``) and ``sem_seg`` (``int64 [H, W]``, 255 = ignore).
+"""
+
+from .build import TrainLoader, build_test_loader, build_train_loader, collate, sample_seed
+from .coco import BOX_CLIP_TOLERANCE, CocoDetection, DatasetError, DatasetReport
+from .images import ImageLoadError, load_image
+from .samplers import GroupedBatchSampler, InferenceSampler, default_rank_world_size
+from .shapes import (
+    DEFAULT_CLASSES,
+    SHAPE_CLASSES,
+    OutputExistsError,
+    default_cache_root,
+    ensure_shapes,
+    make_shapes,
+    shapes_paths,
+)
+from .transforms import (
+    DetectionTransforms,
+    LargeScaleJitter,
+    Photometric,
+    RandomHorizontalFlip,
+    ShorterSideResize,
+    boxes_from_masks,
+    build_transforms,
+    shorter_side_size,
+)
+
+__all__ = [
+    "BOX_CLIP_TOLERANCE",
+    "DEFAULT_CLASSES",
+    "SHAPE_CLASSES",
+    "CocoDetection",
+    "DatasetError",
+    "DatasetReport",
+    "DetectionTransforms",
+    "GroupedBatchSampler",
+    "ImageLoadError",
+    "InferenceSampler",
+    "LargeScaleJitter",
+    "OutputExistsError",
+    "Photometric",
+    "RandomHorizontalFlip",
+    "ShorterSideResize",
+    "TrainLoader",
+    "boxes_from_masks",
+    "build_test_loader",
+    "build_train_loader",
+    "build_transforms",
+    "collate",
+    "default_cache_root",
+    "default_rank_world_size",
+    "ensure_shapes",
+    "load_image",
+    "make_shapes",
+    "sample_seed",
+    "shapes_paths",
+    "shorter_side_size",
+]
