@@ -664,6 +664,11 @@ def _record_origins(data: Mapping[str, Any], source: str, origins: dict[str, str
 def _origin_of(key: str, origins: Mapping[str, str]) -> str | None:
     # "a.b[2]" and "a.b" both come from wherever "a.b" (or its closest set parent) was set.
     key = key.split("[", 1)[0]
+    if key not in origins:
+        # An override `a.b.c=1` that turned the float `a.b` into a mapping is reported at `a.b`.
+        for other, source in origins.items():
+            if other.startswith(key + "."):
+                return source
     while key:
         if key in origins:
             return origins[key]

@@ -1,0 +1,125 @@
+"""Tiny fakes for engine tests: a detector-shaped model and an endless, resumable loader."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FakeDetector(nn.Module):
+    """A small conv net with the torchvision detector interface, returning two losses.
+
+    Uses torch (dropout), Python and NumPy randomness in its losses, so a resume that forgets any
+    RNG state changes the losses. Records what it saw, for the tests.
+
+    Args:
+        num_classes: Classes of the fake classification loss.
+        nan_at: 1-based call number at which `loss_box` becomes NaN.
+        sigint_at: 1-based call number during which the process sends itself SIGINT.
+        interrupt_at: 1-based call number that raises KeyboardInterrupt from inside the forward.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        *,
+        nan_at: int | None = None,
+        sigint_at: int | None = None,
+        interrupt_at: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.cls = nn.Linear(8, num_classes)
+        self.box = nn.Linear(8, 4)
+        self.nan_at = nan_at
+        self.sigint_at = sigint_at
+        self.interrupt_at = interrupt_at
+        self.calls = 0
+        self.seen_ids: list[list[int]] = []
+        self.autocast_dtypes: list[torch.dtype] = []
+
+    def features(self, images: list[Tensor]) -> Tensor:
+        # Images may differ in size: pool each to a vector, as a detector pools RoIs.
+        feats = [F.relu(self.norm(self.conv(img[None]))).mean(dim=(2, 3)) for img in images]
+        return torch.cat(feats)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None) -> Any:
+        feats = self.features(images)
+        if not self.training:
+            return [{"scores": s.softmax(-1).max(), "labels": s.argmax()} for s in self.cls(feats)]
+        self.calls += 1
+        self.autocast_dtypes.append(self.conv(images[0][None]).dtype)
+        self.seen_ids.append([int(t["image_id"]) for t in targets])
+        if self.sigint_at == self.calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        if self.interrupt_at == self.calls:
+            raise KeyboardInterrupt
+        feats = F.dropout(feats, p=0.2, training=True)
+        labels = torch.stack([t["labels"][0] for t in targets])
+        boxes = torch.stack([t["boxes"].float().mean(0) for t in targets]) / 32.0
+        jitter = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        loss_cls = F.cross_entropy(self.cls(feats).float(), labels) * jitter
+        loss_box = F.smooth_l1_loss(self.box(feats).float(), boxes)
+        if self.nan_at == self.calls:
+            loss_box = loss_box * float("nan")
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+
+def make_batch(index: int, batch_size: int, *, seed: int = 0, size: int = 24) -> tuple[list[Tensor], list[dict]]:
+    """Batch `index` of an endless deterministic stream (image ids index*batch_size + i)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    images, targets = [], []
+    for i in range(batch_size):
+        h = size + int(torch.randint(0, 8, (1,), generator=g))
+        images.append(torch.rand(3, h, size, generator=g))
+        xy = torch.rand(2, generator=g) * (size / 2)
+        box = torch.cat([xy, xy + size / 4]).reshape(1, 4)
+        targets.append({
+            "boxes": box,
+            "labels": torch.randint(0, 3, (1,), generator=g),
+            "image_id": index * batch_size + i,
+        })
+    return images, targets
+
+
+class FakeLoader:
+    """Endless loader whose batches depend only on their position; state = batches consumed."""
+
+    def __init__(self, batch_size: int = 2, *, seed: int = 0, size: int = 24) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.size = size
+        self.position = 0
+
+    def __iter__(self):
+        while True:
+            batch = make_batch(self.position, self.batch_size, seed=self.seed, size=self.size)
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+class FixedBatchLoader(FakeLoader):
+    """Yields the same batch forever (for gradient comparisons)."""
+
+    def __init__(self, images: list[Tensor], targets: list[dict]) -> None:
+        super().__init__(len(images))
+        self.batch = (images, targets)
+
+    def __iter__(self):
+        while True:
+            self.position += 1
+            yield self.batch
