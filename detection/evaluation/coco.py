@@ -51,6 +51,7 @@ import copy
 import io
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -369,20 +370,20 @@ def _validate_results(results: Sequence[dict[str, Any]], coco_gt: COCO, iou_type
             if key not in r:
                 raise ValueError(f"{where}: entry #{i} has no '{key}' (keys: {sorted(r)})")
         for key in ("image_id", "category_id"):
-            if isinstance(r[key], bool) or not isinstance(r[key], int):
+            if isinstance(r[key], (bool, np.bool_)) or not isinstance(r[key], numbers.Integral):
                 raise ValueError(f"{where}: entry #{i} has {key} {r[key]!r}; ids must be integers")
         if r["image_id"] not in img_ids:
             bad_imgs.append(r["image_id"])
         if r["category_id"] not in cat_ids:
             bad_cats.append(r["category_id"])
         score = r["score"]
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
+        if not isinstance(score, numbers.Real) or not math.isfinite(score):
             raise ValueError(f"{where}: entry #{i} (image {r['image_id']!r}) has score {score!r}; "
                              "scores must be finite numbers")
         if "bbox" in iou_types:
             box = r.get("bbox")
             if (not isinstance(box, (list, tuple)) or len(box) != 4
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                    or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box)):
                 raise ValueError(f"{where}: entry #{i} (image {r['image_id']!r}) has bbox {box!r}; bbox "
                                  "evaluation needs [x, y, width, height] with 4 finite numbers")
         if "segm" in iou_types:
@@ -785,13 +786,19 @@ class COCOEvaluator:
             for r, b in zip(results, xywh):
                 r["bbox"] = b
         if "segm" in self.iou_types:
-            masks = get("masks")
+            raw = out.get("masks")
+            if isinstance(raw, torch.Tensor) and raw.is_floating_point():
+                raw = raw.detach() > MASK_THRESHOLD  # binarise on the device: copy 1/4 of the bytes
+            if raw is None:
+                get("masks")  # raises: no masks
+            masks = raw.cpu() if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+            shape = list(masks.shape)
             if masks.dim() == 4 and masks.shape[1] == 1:
                 masks = masks[:, 0]
             height, width = self._img_sizes[img_id]
             if masks.dim() != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (height, width):
                 raise ValueError(
-                    f"{where}: masks have shape {list(get('masks').shape)}, expected [{n}, 1, {height}, "
+                    f"{where}: masks have shape {shape}, expected [{n}, 1, {height}, "
                     f"{width}] or [{n}, {height}, {width}] (masks pasted at the original image size)"
                 )
             for r, rle in zip(results, encode_masks(masks)):
