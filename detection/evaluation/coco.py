@@ -245,7 +245,12 @@ def load_coco_gt(coco_gt: COCO | str | Path, *, iou_types: str | Iterable[str] =
     return _quiet_coco(_prepare_gt_dataset(dataset, source, iou_types))
 
 
-def _category_names(coco_gt: COCO, class_names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
+def _category_names(
+    coco_gt: COCO,
+    class_names: Mapping[int, str] | Sequence[str] | None,
+    label_to_cat_id: Mapping[int, int] | None = None,
+) -> dict[int, str]:
+    """Category id -> display name (see ``COCOEvaluator``'s ``class_names`` for the accepted forms)."""
     cat_ids = sorted(coco_gt.getCatIds())
     names = {c: str(coco_gt.cats[c].get("name", c)) for c in cat_ids}
     if class_names is None:
@@ -260,13 +265,20 @@ def _category_names(coco_gt: COCO, class_names: Mapping[int, str] | Sequence[str
         names.update({int(c): str(n) for c, n in class_names.items()})
         return names
     seq = [str(n) for n in class_names]
-    if len(seq) != len(cat_ids):
-        raise ValueError(
-            f"class_names has {len(seq)} names but the annotations have {len(cat_ids)} categories; pass "
-            "one name per category in ascending category-id order (= contiguous labels 1..K), or a "
-            "dict {category_id: name}"
-        )
-    return dict(zip(cat_ids, seq))
+    if len(seq) == len(cat_ids):  # one per category, ascending id (= contiguous labels 1..K)
+        return dict(zip(cat_ids, seq))
+    if label_to_cat_id and len(seq) > max(label_to_cat_id):  # indexed by label, [0] = background
+        names.update({c: seq[lab] for lab, c in label_to_cat_id.items()})
+        return names
+    if not label_to_cat_id and len(seq) > max(cat_ids):  # indexed by category id (torchvision's 91)
+        names.update({c: seq[c] for c in cat_ids})
+        return names
+    raise ValueError(
+        f"class_names has {len(seq)} names for {len(cat_ids)} categories (ids up to {max(cat_ids)}); pass "
+        "one name per category in ascending category-id order, a list indexed by model label with "
+        "[0] = background (with label_to_cat_id), a list indexed by category id, or a dict "
+        "{category_id: name}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -653,9 +665,11 @@ class COCOEvaluator:
                 already are COCO category ids.
             output_dir: Where to write ``coco_instances_results.json``, ``metrics.json`` and
                 ``pr_curve_<iou_type>.png`` (rank 0 only); ``None`` writes nothing.
-            class_names: Category names for the per-category metrics: a dict
-                ``{category_id: name}`` or one name per category in ascending category-id order.
-                Default: the annotations' category names.
+            class_names: Category names for the per-category metrics (default: the annotations'
+                names): a dict ``{category_id: name}``; or a list of one name per category in
+                ascending category-id order; or a list indexed by model label with ``[0]`` =
+                background (``dataset.class_names``; needs ``label_to_cat_id``); or, without
+                ``label_to_cat_id``, a list indexed by category id (torchvision's 91 COCO names).
 
         Raises:
             ValueError: Unknown iou type, unusable ground truth, or a ``label_to_cat_id`` /
@@ -679,7 +693,7 @@ class COCOEvaluator:
             self.label_to_cat_id: dict[int, int] | None = mapping
         else:
             self.label_to_cat_id = None
-        self.category_names = _category_names(self.coco_gt, class_names)
+        self.category_names = _category_names(self.coco_gt, class_names, self.label_to_cat_id)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.stats: dict[str, list[float]] = {}
         self.coco_eval: dict[str, COCOeval] = {}

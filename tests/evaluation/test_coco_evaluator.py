@@ -319,3 +319,27 @@ def test_results_json_bad_input(gt_path, tmp_path):
     )
     with pytest.raises(ValueError, match="4 finite numbers"):
         evaluate_results_json(tmp_path / "nan.json", gt_path)
+
+
+def test_class_names_forms(gt_path, gt, synthetic):
+    ids, outs, l2c = synthetic
+    cat_ids = sorted(gt.getCatIds())
+    upper = [gt.cats[c]["name"].upper() for c in cat_ids]
+    by_label = ["background", *upper]  # the dataset's class_names: indexed by contiguous label
+    by_cat = ["N/A"] * (max(cat_ids) + 1)  # torchvision's convention: indexed by category id
+    for c, n in zip(cat_ids, upper):
+        by_cat[c] = n
+    forms = [
+        dict(class_names=upper, label_to_cat_id=l2c),
+        dict(class_names=by_label, label_to_cat_id=l2c),
+        dict(class_names={c: n for c, n in zip(cat_ids, upper)}, label_to_cat_id=l2c),
+        dict(class_names=by_cat),
+    ]
+    for kwargs in forms:
+        ev = COCOEvaluator(gt_path, **kwargs)
+        assert ev.category_names == dict(zip(cat_ids, upper)), kwargs
+    ev = COCOEvaluator(gt_path, class_names=by_label, label_to_cat_id=l2c)
+    ev.process(ids, outs)
+    assert "AP-PERSON" in ev.evaluate()["bbox"]
+    with pytest.raises(ValueError, match="class_names has 3 names for 80 categories"):
+        COCOEvaluator(gt_path, class_names=["a", "b", "c"])
