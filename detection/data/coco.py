@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,14 +336,17 @@ def _check_rle(segm: dict, h: int, w: int) -> str | None:
     return None
 
 
-def _segmentation_area(segm: Any, h: int, w: int) -> float:
+def _to_rle(segm: Any, h: int, w: int) -> dict[str, Any]:
+    """A (validated) polygon list, uncompressed or compressed RLE as one compressed RLE."""
     if isinstance(segm, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm.get("counts"), list):
-        rle = mask_utils.frPyObjects(segm, h, w)
-    else:
-        rle = segm
-    return float(mask_utils.area(rle))
+        return mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    if isinstance(segm["counts"], list):
+        return mask_utils.frPyObjects(segm, h, w)
+    return segm
+
+
+def _segmentation_area(segm: Any, h: int, w: int) -> float:
+    return float(mask_utils.area(_to_rle(segm, h, w)))
 
 
 def _clean_annotations(
@@ -634,14 +638,15 @@ class CocoDetection(torch.utils.data.Dataset):
             f"check image_root={str(self.image_root)!r}"
         )
 
-    def _decode(self, segm: Any, h: int, w: int) -> np.ndarray:
-        if isinstance(segm, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-        elif isinstance(segm["counts"], list):
-            rle = mask_utils.frPyObjects(segm, h, w)
-        else:
-            rle = segm
-        return mask_utils.decode(rle)
+    def _decode(self, segms: list[Any], h: int, w: int) -> np.ndarray:
+        """Decodes polygon / RLE segmentations to ``uint8 [N, h, w]``."""
+        if not segms:
+            return np.zeros((0, h, w), dtype=np.uint8)
+        rles = [_to_rle(s, h, w) for s in segms]
+        with warnings.catch_warnings():  # pycocotools' Cython __array__ vs numpy 2 copy keyword
+            warnings.simplefilter("ignore", DeprecationWarning)
+            masks = mask_utils.decode(rles)  # [h, w, N], Fortran order
+        return np.ascontiguousarray(masks.transpose(2, 0, 1), dtype=np.uint8)
 
     def _read_semantic(self, info: dict[str, Any], h: int, w: int) -> np.ndarray:
         assert self.semantic_root is not None
@@ -692,9 +697,7 @@ class CocoDetection(torch.utils.data.Dataset):
         target: dict[str, Any] = {"boxes": boxes, "labels": labels}
         masks = None
         if self.with_masks or (self.with_semantic and self.semantic_root is None):
-            masks = np.zeros((len(objs), h, w), dtype=np.uint8)
-            for k, a in enumerate(objs):
-                masks[k] = self._decode(a["segmentation"], h, w)
+            masks = self._decode([a["segmentation"] for a in objs], h, w)
             if self.with_masks:
                 target["masks"] = masks
         if self.with_semantic:
@@ -703,9 +706,8 @@ class CocoDetection(torch.utils.data.Dataset):
             else:
                 assert masks is not None
                 sem = np.zeros((h, w), dtype=np.uint8)
-                for a in anns:
-                    if a.get("iscrowd", 0):
-                        sem[self._decode(a["segmentation"], h, w) > 0] = 255
+                crowd = self._decode([a["segmentation"] for a in anns if a.get("iscrowd", 0)], h, w)
+                sem[crowd.any(axis=0)] = 255
                 areas = masks.reshape(len(objs), -1).sum(1)
                 for k in np.argsort(-areas, kind="stable"):
                     sem[masks[k] > 0] = labels[k]
