@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .distributed import all_gather_object, get_rank, get_world_size, is_main_process, unwrap_model
@@ -98,8 +99,13 @@ def _to_plain(obj: Any, where: str) -> Any:
     The result holds only what ``torch.load(weights_only=True)`` accepts, so a state that saves is
     a state that resumes (rather than failing at resume time, hours later).
     """
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+    if obj is None or type(obj) in (bool, int, float, str, bytes) or isinstance(obj, torch.Tensor):
         return obj
+    # Subclasses of builtins (torch.__version__ is a TorchVersion, an IntEnum is an int) are
+    # pickled by class and refused by weights_only: store the plain value.
+    for base in (bool, int, float, str, bytes):
+        if isinstance(obj, base):
+            return base(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -227,7 +233,7 @@ def make_trainer_state(
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),
         "world_size": get_world_size(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "grad_scaler": scaler.state_dict() if scaler is not None else {},
@@ -351,7 +357,11 @@ class Checkpointer:
         tensors = _weights_for_safetensors(model)
         plain_state = _to_plain(dict(trainer_state), "trainer_state")
         metadata = {"format": "pt", "checkpoint": name, "iteration": str(plain_state.get("iteration"))}
-        _atomic_write(weights_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        # Serialised in memory and written by us: safetensors' own save_file goes through a
+        # `.tmpXXXXXX` file of its own, which a kill would leave behind with no owner to clean it.
+        payload = safetensors_bytes(tensors, metadata=metadata)
+        del tensors
+        _atomic_write(weights_path, lambda tmp: tmp.write_bytes(payload))
         _atomic_write(state_path, lambda tmp: torch.save(plain_state, tmp))
         _fsync_dir(self.output_dir)
         # The pointer moves only now, when both files of `name` are complete and durable.
@@ -362,11 +372,16 @@ class Checkpointer:
         return weights_path
 
     def _prune(self) -> None:
-        periodic = [n for n in self.list_checkpoints() if _PERIODIC_NAME.match(n)]
-        protected = {self.latest()}
-        for name in periodic[: max(0, len(periodic) - self.keep)]:
-            if name in protected:
-                continue
+        complete = [n for n in self.list_checkpoints() if _PERIODIC_NAME.match(n)]
+        doomed = set(complete[: max(0, len(complete) - self.keep)])
+        # Half of a periodic checkpoint (a save or a prune killed midway) is never loadable: remove it.
+        for suffix in (WEIGHTS_SUFFIX, STATE_SUFFIX):
+            for p in self.output_dir.glob(f"model_*{suffix}"):
+                name = p.name[: -len(suffix)]
+                if _PERIODIC_NAME.match(name) and name not in complete:
+                    doomed.add(name)
+        doomed.discard(self.latest())
+        for name in doomed:
             weights_path, state_path = self.paths(name)
             state_path.unlink(missing_ok=True)
             weights_path.unlink(missing_ok=True)

@@ -1,0 +1,264 @@
+"""Checkpoints: round trip with weights_only, pruning, clear errors, and safety against SIGKILL."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_fakes import FakeDetector, FakeLoader
+from torch import nn
+
+from detection.config import SolverConfig
+from detection.engine import (
+    POINTER_FILE,
+    Checkpointer,
+    CheckpointError,
+    build_lr_scheduler,
+    build_optimizer,
+    make_trainer_state,
+)
+
+
+class Tied(nn.Module):
+    """Tied weights and a non-contiguous buffer: both are refused by a naive safetensors save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.register_buffer("t", torch.arange(12.0).reshape(3, 4).t())
+
+
+def _state(iteration: int, **extra) -> dict:
+    return {"iteration": iteration, **extra}
+
+
+def test_round_trip_loads_with_weights_only(tmp_path):
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = build_lr_scheduler(opt, SolverConfig(max_iter=10, steps=(5,), warmup_iters=2))
+    loader = FakeLoader()
+    loader.position = 7
+    np.random.seed(3)
+    ck = Checkpointer(tmp_path)
+    state = make_trainer_state(12, opt, sched, None, loader)
+    path = ck.save("model_0000012", model, state)
+
+    assert path == tmp_path / "model_0000012.safetensors"
+    assert (tmp_path / POINTER_FILE).read_text().strip() == "model_0000012"
+    assert ck.latest() == "model_0000012"
+    # The trainer state is plain containers: it loads under weights_only=True.
+    raw = torch.load(tmp_path / "model_0000012.state.pt", weights_only=True)
+    assert raw["iteration"] == 12 and raw["loader"] == {0: {"position": 7}}
+    assert isinstance(raw["rng"][0]["numpy"]["keys"], torch.Tensor)
+
+    weights, trainer_state = ck.load("model_0000012")
+    fresh = Tied()
+    fresh.load_state_dict(weights, strict=True)  # every key survived, tied ones included
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert trainer_state["scheduler"]["last_epoch"] == sched.last_epoch
+    # Loading by file path works too.
+    assert ck.load(tmp_path / "model_0000012.safetensors")[1]["iteration"] == 12
+
+
+def test_resume_restores_objects_rng_and_loader_position(tmp_path):
+    cfg = SolverConfig(lr=0.1, max_iter=20, steps=(5,), warmup_iters=3)
+    model = FakeDetector()
+    opt = build_optimizer(model, cfg)
+    sched = build_lr_scheduler(opt, cfg)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    loader = FakeLoader()
+    loader.position = 6
+    ck = Checkpointer(tmp_path)
+    ck.save("model_0000006", model, make_trainer_state(6, opt, sched, None, loader))
+    expected_rand = (torch.rand(3), float(np.random.rand()), random.random())
+
+    model2 = FakeDetector()
+    opt2 = build_optimizer(model2, cfg)
+    sched2 = build_lr_scheduler(opt2, cfg)
+    loader2 = FakeLoader()
+    assert ck.resume(model2, opt2, sched2, None, loader2) == 6
+    assert loader2.position == 6
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert sched2.last_epoch == 6
+    assert torch.equal(model2.conv.weight, model.conv.weight)
+    got = (torch.rand(3), float(np.random.rand()), random.random())
+    assert torch.equal(got[0], expected_rand[0]) and got[1:] == expected_rand[1:]
+
+
+def test_no_checkpoint_means_start_at_zero(tmp_path):
+    model = FakeDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = Checkpointer(tmp_path)
+    assert ck.latest() is None
+    assert ck.resume(model, opt, None, None, None) == 0
+
+
+def test_keeps_the_newest_periodic_checkpoints_and_final(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path, keep=2)
+    for it in (1, 2, 3):
+        ck.save(f"model_{it:07d}", model, _state(it))
+    ck.save("model_final", model, _state(4))
+    for it in (5, 6):
+        ck.save(f"model_{it:07d}", model, _state(it))
+    assert ck.list_checkpoints() == ["model_0000005", "model_0000006", "model_final"]
+    assert not (tmp_path / "model_0000003.state.pt").exists()
+    assert not (tmp_path / "model_0000001.safetensors").exists()
+
+
+def test_orphan_half_checkpoints_are_cleaned_up_by_the_next_save(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path, keep=3)
+    ck.save("model_0000001", model, _state(1))
+    ck.save("model_0000002", model, _state(2))
+    (tmp_path / "model_0000001.state.pt").unlink()  # as if a prune was killed midway
+    (tmp_path / "model_0000007.safetensors").write_bytes(b"partial")  # as if a save was killed midway
+    assert ck.list_checkpoints() == ["model_0000002"]  # halves are never listed
+    ck.save("model_0000003", model, _state(3))
+    assert sorted(p.name for p in tmp_path.glob("model_*")) == [
+        "model_0000002.safetensors", "model_0000002.state.pt", "model_0000003.safetensors", "model_0000003.state.pt",
+    ]
+
+
+def test_the_latest_checkpoint_is_never_pruned(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path, keep=1)
+    ck.save("model_0000009", model, _state(9))
+    ck.save("model_0000003", model, _state(3))  # e.g. a run restarted from an older checkpoint
+    assert ck.latest() == "model_0000003"
+    assert "model_0000003" in ck.list_checkpoints()
+
+
+def test_corrupt_or_missing_files_raise_errors_naming_them(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path)
+    ck.save("model_0000001", model, _state(1))
+    weights = tmp_path / "model_0000001.safetensors"
+    state = tmp_path / "model_0000001.state.pt"
+
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model_0000001\.safetensors"):
+        ck.load("model_0000001")
+    weights.write_bytes(data)
+
+    state.write_bytes(state.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"model_0000001\.state\.pt"):
+        ck.load("model_0000001")
+    state.unlink()
+    with pytest.raises(FileNotFoundError, match=r"model_0000001\.state\.pt"):
+        ck.load("model_0000001")
+    with pytest.raises(FileNotFoundError, match=r"model_0000042\.safetensors"):
+        ck.load("model_0000042")
+
+
+def test_state_that_weights_only_cannot_load_is_refused_at_save_time(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path)
+    ck.save("model_0000001", model, _state(1))
+    with pytest.raises(TypeError, match=r"trainer_state\['loader'\]\['sampler'\].*weights_only"):
+        ck.save("model_0000002", model, _state(2, loader={"sampler": object()}))
+    assert ck.latest() == "model_0000001"
+    assert ck.list_checkpoints() == ["model_0000001"]
+    # NumPy values are converted rather than refused.
+    ck.save("model_0000003", model, _state(3, loader={"pos": np.int64(5), "perm": np.arange(3)}))
+    loaded = ck.load("model_0000003")[1]["loader"]
+    assert loaded["pos"] == 5 and torch.equal(loaded["perm"], torch.arange(3))
+
+
+def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path)
+    ck.save("model_0000001", model, _state(1))
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save("model_0000002", model, _state(2))
+    monkeypatch.undo()
+    assert ck.latest() == "model_0000001"
+    assert ck.load(ck.latest())[1]["iteration"] == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_bad_names_are_refused(tmp_path):
+    ck = Checkpointer(tmp_path)
+    for bad in ("../x", ".hidden", "a.tmp-1-ff", "model.safetensors", ""):
+        with pytest.raises(ValueError, match="checkpoint name"):
+            ck.save(bad, nn.Linear(1, 1), _state(0))
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from torch import nn
+    from detection.engine import Checkpointer
+
+    model = nn.Linear(1024, 4096)  # 16 MiB of weights
+    ck = Checkpointer(sys.argv[1], keep=2)
+    i = 0
+    while True:
+        i += 1
+        with torch.no_grad():
+            model.weight.fill_(float(i))
+            model.bias.fill_(float(i))
+        print(f"begin {i}", flush=True)
+        t0 = time.perf_counter()
+        # A big trainer state too, so that the kill can land in either file.
+        ck.save(f"model_{i:07d}", model, {"iteration": i, "big": torch.full((2_000_000,), float(i))})
+        print(f"done {i} {time.perf_counter() - t0:.4f}", flush=True)
+    """
+)
+
+
+def test_sigkill_while_saving_leaves_the_last_complete_checkpoint_loadable(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    rng = random.Random(1234)
+    for rep in range(3):
+        out = tmp_path / f"run{rep}"
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            durations = []
+            while len(durations) < 2:
+                line = proc.stdout.readline()
+                assert line, f"writer died: {proc.stderr.read()}"
+                if line.startswith("done"):
+                    durations.append(float(line.split()[2]))
+            while not proc.stdout.readline().startswith("begin"):
+                pass
+            # Somewhere inside the next save (or just after it).
+            time.sleep(rng.uniform(0.0, 1.3 * max(durations)))
+        finally:
+            proc.kill()
+            proc.wait()
+        ck = Checkpointer(out)  # also removes the temp files of the dead writer
+        name = ck.latest()
+        assert name is not None and name.startswith("model_") and ".tmp" not in name
+        weights, state = ck.load(name)  # weights_only=True inside
+        i = state["iteration"]
+        assert name == f"model_{i:07d}"
+        # Both files belong to the same save: no mix of an old and a new file.
+        assert torch.all(weights["weight"] == i) and torch.all(weights["bias"] == i)
+        assert torch.all(state["big"] == i)
+        assert torch.load(out / f"{name}.state.pt", weights_only=True)["iteration"] == i
+        assert name in ck.list_checkpoints()
+        assert all(".tmp" not in n for n in ck.list_checkpoints())
+        assert not [p for p in Path(out).iterdir() if p.name.startswith(".")]  # no temp file left
