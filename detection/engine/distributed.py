@@ -6,6 +6,7 @@ code never needs an ``if distributed`` branch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -239,10 +240,18 @@ def wrap_ddp(model: nn.Module, device: torch.device | str) -> nn.Module:
     device = torch.device(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("wrap_ddp: the model has no trainable parameters (all have requires_grad=False)")
+    kwargs: dict[str, Any] = {"find_unused_parameters": False, **_no_buffer_sync_kwargs()}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return DistributedDataParallel(
-            model, device_ids=[index], output_device=index, find_unused_parameters=False,
-            broadcast_buffers=False,
-        )
-    return DistributedDataParallel(model, find_unused_parameters=False, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=[index], output_device=index, **kwargs)
+    return DistributedDataParallel(model, **kwargs)
+
+
+def _no_buffer_sync_kwargs() -> dict[str, bool]:
+    """DDP's switch for "no buffer broadcast at every forward", under its name in this torch."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    # Newer torch renamed broadcast_buffers (deprecated) to forward_sync_buffers; both still sync
+    # once at construction, which is what we want (every rank starts from rank 0's buffers).
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

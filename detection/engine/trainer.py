@@ -34,6 +34,7 @@ from ..config import Config, dump_config
 from .checkpoint import Checkpointer, make_trainer_state
 from .distributed import (
     all_gather_object,
+    barrier,
     get_world_size,
     is_main_process,
     resolve_device,
@@ -593,6 +594,9 @@ class Trainer:
                     self.logger.advance()
                     if self._interrupt_requested:
                         self.logger.info(f"Ctrl-C: stopping after iteration {self.iter}")
+                        if self.world_size == 1 and self._period_iters > 0:
+                            # Other processes may not join a collective now, so only alone.
+                            self._flush_log(False)
                         raise KeyboardInterrupt
                     time_up_local = limit_s is not None and time.perf_counter() - self._train_start > limit_s
                     at_end = self.iter == self.max_iter
@@ -627,6 +631,8 @@ class Trainer:
                 else:
                     self.logger.info(f"training was already complete at iteration {self.iter}")
                 results = self._evaluate()
+                # When train() returns on any process, rank 0's final checkpoint is on disk.
+                barrier()
         except KeyboardInterrupt:
             self._save_on_interrupt()
             self._close_logger()

@@ -24,6 +24,7 @@ class FakeDetector(nn.Module):
         nan_at: 1-based call number at which `loss_box` becomes NaN.
         sigint_at: 1-based call number during which the process sends itself SIGINT.
         interrupt_at: 1-based call number that raises KeyboardInterrupt from inside the forward.
+        stochastic: Use dropout and Python/NumPy random jitter (off for gradient comparisons).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class FakeDetector(nn.Module):
         nan_at: int | None = None,
         sigint_at: int | None = None,
         interrupt_at: int | None = None,
+        stochastic: bool = True,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -42,6 +44,7 @@ class FakeDetector(nn.Module):
         self.nan_at = nan_at
         self.sigint_at = sigint_at
         self.interrupt_at = interrupt_at
+        self.stochastic = stochastic
         self.calls = 0
         self.seen_ids: list[list[int]] = []
         self.autocast_dtypes: list[torch.dtype] = []
@@ -62,10 +65,10 @@ class FakeDetector(nn.Module):
             os.kill(os.getpid(), signal.SIGINT)
         if self.interrupt_at == self.calls:
             raise KeyboardInterrupt
-        feats = F.dropout(feats, p=0.2, training=True)
+        feats = F.dropout(feats, p=0.2, training=self.stochastic)
         labels = torch.stack([t["labels"][0] for t in targets])
         boxes = torch.stack([t["boxes"].float().mean(0) for t in targets]) / 32.0
-        jitter = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        jitter = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand()) if self.stochastic else 1.0
         loss_cls = F.cross_entropy(self.cls(feats).float(), labels) * jitter
         loss_box = F.smooth_l1_loss(self.box(feats).float(), boxes)
         if self.nan_at == self.calls:
@@ -123,3 +126,100 @@ class FixedBatchLoader(FakeLoader):
         while True:
             self.position += 1
             yield self.batch
+
+
+def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
+    """One of two gloo processes: collectives, DDP gradients, checkpoint/resume, NaN on one rank.
+
+    Writes what it observed to `<tmp>/result<rank>.pt` for the test to check.
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from detection.config import SolverConfig
+    from detection.engine import (
+        Trainer,
+        all_gather_object,
+        all_reduce_dict,
+        barrier,
+        build_lr_scheduler,
+        build_optimizer,
+        cleanup,
+        get_rank,
+        get_world_size,
+        init_distributed,
+        is_main_process,
+        seed_everything,
+        wrap_ddp,
+    )
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    out: dict[str, Any] = {}
+    tmp_path = Path(tmp)
+    assert init_distributed("cpu", init_method=f"file://{tmp_path / 'rendezvous'}") == (rank, world_size, rank)
+    try:
+        out["rank"], out["world"], out["main"] = get_rank(), get_world_size(), is_main_process()
+        out["reduced"] = float(all_reduce_dict({"x": torch.tensor(float(rank + 1))})["x"])
+        out["gathered"] = all_gather_object({"r": rank})
+
+        # 1. Each process takes half of the global batch of 4.
+        torch.manual_seed(0)
+        model = FakeDetector(stochastic=False)
+        images, targets = make_batch(0, 4)
+        half = slice(2 * rank, 2 * rank + 2)
+        cfg = SolverConfig(lr=0.1, max_iter=10, warmup_iters=0, steps=(100,))
+        opt = build_optimizer(model, cfg)
+        trainer = Trainer(
+            wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FixedBatchLoader(images[half], targets[half]),
+            device="cpu", max_iter=1, output_dir=tmp_path / "grad_run", progress=False, curves=False,
+        )
+        trainer.run_step()
+        out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        # 2. Train with checkpoints, then resume: per-rank loader and RNG states come back.
+        torch.manual_seed(1)
+        model = FakeDetector()
+        seed_everything(5, rank)  # after the model: each rank's random stream differs
+        opt = build_optimizer(model, cfg)
+        run = tmp_path / "ckpt_run"
+        loader = FakeLoader(seed=rank + 1)
+        Trainer(
+            wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), loader, device="cpu", max_iter=4,
+            output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
+        ).train()
+        state = torch.load(run / "model_final.state.pt", weights_only=True)
+        out["saved_loader"] = state["loader"]
+        out["rng_differs"] = not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+        model2 = FakeDetector()
+        opt2 = build_optimizer(model2, cfg)
+        loader2 = FakeLoader(seed=rank + 1)
+        t2 = Trainer(
+            wrap_ddp(model2, "cpu"), opt2, build_lr_scheduler(opt2, cfg), loader2, device="cpu", max_iter=6,
+            output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
+        )
+        start = t2.checkpointer.resume(t2.model, opt2, t2.scheduler, t2.scaler, loader2)
+        out["resume_start"] = start
+        out["resume_position"] = loader2.position
+        out["resume_rng_is_own"] = torch.equal(torch.get_rng_state(), state["rng"][rank]["torch"])
+        out["lines"] = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
+            if rank == 0 else None
+
+        # 3. A NaN on rank 1 only stops both processes.
+        barrier()
+        torch.manual_seed(2)
+        model = FakeDetector(nan_at=2 if rank == 1 else None)
+        opt = build_optimizer(model, cfg)
+        try:
+            Trainer(
+                wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=6,
+                output_dir=tmp_path / "nan_run", log_period=3, progress=False, curves=False,
+            ).train()
+            out["nan_error"] = None
+        except FloatingPointError as err:
+            out["nan_error"] = str(err)
+    finally:
+        torch.save(out, tmp_path / f"result{rank}.pt")
+        cleanup()

@@ -1,0 +1,73 @@
+"""Distributed helpers: no-ops for one process; two gloo processes match one process's gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+from engine_fakes import FakeDetector, FixedBatchLoader, ddp_worker, make_batch
+from torch import nn
+
+from detection.config import SolverConfig
+from detection.engine import (
+    Trainer,
+    all_gather_object,
+    all_reduce_dict,
+    barrier,
+    build_lr_scheduler,
+    build_optimizer,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    resolve_device,
+    unwrap_model,
+    wrap_ddp,
+)
+
+
+def test_single_process_without_torchrun_is_a_no_op(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_distributed("cpu") == (0, 1, 0)
+    assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
+    reduced = all_reduce_dict({"b": torch.tensor(2.0), "a": torch.tensor(1.0, requires_grad=True)})
+    assert list(reduced) == ["a", "b"] and float(reduced["a"]) == 1.0 and not reduced["a"].requires_grad
+    assert all_gather_object({"x": 1}) == [{"x": 1}]
+    barrier()
+    model = nn.Linear(2, 2)
+    assert wrap_ddp(model, "cpu") is model
+    assert unwrap_model(model) is model
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
+
+    # Reference: one process, the whole global batch of 4.
+    torch.manual_seed(0)
+    model = FakeDetector(stochastic=False)
+    images, targets = make_batch(0, 4)
+    cfg = SolverConfig(lr=0.1, max_iter=10, warmup_iters=0, steps=(100,))
+    opt = build_optimizer(model, cfg)
+    Trainer(
+        model, opt, build_lr_scheduler(opt, cfg), FixedBatchLoader(images, targets), device="cpu", max_iter=1,
+        output_dir=tmp_path / "single", progress=False, curves=False,
+    ).run_step()
+    for r, res in enumerate(results):
+        assert (res["rank"], res["world"], res["main"]) == (r, 2, r == 0)
+        assert res["reduced"] == 1.5  # (1 + 2) / 2
+        assert res["gathered"] == [{"r": 0}, {"r": 1}]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, rtol=0, atol=1e-6, msg=f"rank {r}: {name}")
+
+        # Checkpoints hold every rank's loader position and RNG state; each rank resumes its own.
+        assert res["saved_loader"] == {0: {"position": 4}, 1: {"position": 4}}
+        assert res["rng_differs"]
+        assert (res["resume_start"], res["resume_position"], res["resume_rng_is_own"]) == (4, 4, True)
+
+        # A NaN on rank 1 alone stops both, each with a FloatingPointError naming the iteration.
+        assert res["nan_error"] is not None and "iteration 2" in res["nan_error"]
+    assert "loss_box=nan" in results[1]["nan_error"]
+    assert "another process" in results[0]["nan_error"]
+    assert results[0]["lines"] == [1, 2, 3, 4]  # only rank 0 logs

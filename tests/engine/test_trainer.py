@@ -1,0 +1,268 @@
+"""Trainer: exact resume, Ctrl-C, non-finite losses, AMP, clipping, time limit, evaluation, config wiring."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_fakes import FakeDetector, FakeLoader
+
+from detection.config import Config, SolverConfig, load_config
+from detection.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+
+SOLVER = SolverConfig(lr=0.05, max_iter=12, steps=(8,), gamma=0.5, warmup_iters=3, warmup_factor=0.1)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _trainer(out: Path, *, max_iter: int, make=FakeDetector, seed: int = 0, **kw) -> Trainer:
+    """A Trainer of a fake detector, built by `make()` after seeding (same initial weights)."""
+    _seed(seed)
+    model = make()
+    opt = build_optimizer(model, SOLVER)
+    kw = {"progress": False, "curves": False, "log_period": 1, "checkpoint_period": 100, **kw}
+    return Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cpu", max_iter=max_iter,
+                   output_dir=out, **kw)
+
+
+def _history(out: Path) -> dict[int, tuple[dict[str, float], float]]:
+    """Iteration -> (losses, lr) from metrics.jsonl (log_period=1); the last record of an iteration wins."""
+    hist = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "train":
+            hist[rec["iteration"]] = (rec["losses"], rec["lr"])
+    return hist
+
+
+def _eval_consuming_rng(model, iteration):
+    # An evaluation that draws random numbers must not shift the training's random stream.
+    torch.rand(5)
+    random.random()
+    np.random.rand()
+    return {"AP": float(iteration)}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """12 iterations in one go: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight")
+    trainer = _trainer(out, max_iter=12, eval_fn=_eval_consuming_rng, eval_period=3)
+    result = trainer.train()
+    return {
+        "history": _history(out), "ids": trainer.model.seen_ids, "result": result,
+        "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+    }
+
+
+def _assert_same_run(straight, out: Path, ids: list[list[int]], model: FakeDetector) -> None:
+    assert ids == straight["ids"]  # same data order
+    hist = _history(out)
+    assert sorted(hist) == list(range(1, 13))
+    lrs = {it: lr for it, (_, lr) in hist.items()}
+    assert len(set(lrs.values())) >= 3  # warmup, base and decayed: the comparison is not vacuous
+    for it in range(1, 13):
+        losses, lr = hist[it]
+        ref_losses, ref_lr = straight["history"][it]
+        assert lr == ref_lr, f"lr at iteration {it}"
+        for k, v in ref_losses.items():
+            assert losses[k] == pytest.approx(v, abs=1e-6), f"{k} at iteration {it}"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, straight["weights"][k]), k
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, straight):
+    first = _trainer(tmp_path, max_iter=5, eval_fn=_eval_consuming_rng, eval_period=3)
+    first.train()
+    assert Checkpointer(tmp_path).latest() == "model_final"
+    # A fresh process: other seeds, a fresh loader, then resume.
+    second = _trainer(tmp_path, max_iter=12, seed=99, eval_fn=_eval_consuming_rng, eval_period=3)
+    result = second.train(resume=True)
+    assert second.start_iter == 5 and result["iteration"] == 12
+    _assert_same_run(straight, tmp_path, first.model.seen_ids + second.model.seen_ids, second.model)
+    assert result["eval"] == {"AP": 12.0}
+
+
+def test_ctrl_c_saves_at_the_current_iteration_and_resumes_exactly(tmp_path, straight):
+    before = signal.getsignal(signal.SIGINT)
+    first = _trainer(tmp_path, max_iter=12, make=lambda: FakeDetector(sigint_at=4), eval_fn=_eval_consuming_rng,
+                     eval_period=3)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    ck = Checkpointer(tmp_path)
+    assert ck.latest() == "model_0000004"  # the step in flight was finished, then saved
+    assert ck.load("model_0000004")[1]["loader"][0] == {"position": 4}
+    assert "Ctrl-C" in (tmp_path / "log.txt").read_text()
+    second = _trainer(tmp_path, max_iter=12, seed=7, eval_fn=_eval_consuming_rng, eval_period=3)
+    second.train(resume=True)
+    _assert_same_run(straight, tmp_path, first.model.seen_ids + second.model.seen_ids, second.model)
+
+
+def test_keyboard_interrupt_inside_a_step_saves_the_last_completed_iteration(tmp_path):
+    trainer = _trainer(tmp_path, max_iter=12, make=lambda: FakeDetector(interrupt_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    ck = Checkpointer(tmp_path)
+    assert ck.latest() == "model_0000002"
+    weights, state = ck.load("model_0000002")
+    assert state["iteration"] == 2
+    assert "inside iteration 3" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("log_period", [1, 20])
+def test_non_finite_loss_names_iteration_and_losses_and_keeps_the_last_checkpoint(tmp_path, log_period):
+    trainer = _trainer(tmp_path, max_iter=12, make=lambda: FakeDetector(nan_at=7), checkpoint_period=5,
+                       log_period=log_period)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "iteration 7" in msg and "loss_box=nan" in msg and "loss_cls=" in msg
+    assert "model_0000005" in msg  # says what is still good
+    ck = Checkpointer(tmp_path)
+    assert ck.latest() == "model_0000005"
+    assert ck.list_checkpoints() == ["model_0000005"]  # nothing saved after the NaN
+    weights, state = ck.load("model_0000005")
+    assert state["iteration"] == 5
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_an_error_after_a_nan_is_reported_as_the_nan(tmp_path):
+    class Crashes(FakeDetector):
+        def forward(self, images, targets=None):
+            if self.calls == 3:  # the 4th call, after a NaN at the 2nd
+                raise RuntimeError("boxes must be finite")
+            return super().forward(images, targets)
+
+    trainer = _trainer(tmp_path, max_iter=12, make=lambda: Crashes(nan_at=2), log_period=20)
+    with pytest.raises(FloatingPointError, match="iteration 2") as err:
+        trainer.train()
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    trainer = _trainer(tmp_path, max_iter=4, amp="bf16")
+    before = trainer.model.conv.weight.detach().clone()
+    result = trainer.train()
+    assert trainer.model.autocast_dtypes == [torch.bfloat16] * 4
+    assert not trainer.scaler.is_enabled()
+    assert all(np.isfinite(v) for v in result["losses"].values())
+    assert not torch.equal(before, trainer.model.conv.weight)
+
+
+def test_fp16_uses_a_grad_scaler_or_fails_clearly(tmp_path):
+    try:
+        trainer = _trainer(tmp_path, max_iter=4, amp="fp16", clip_grad_norm=10.0)
+    except ValueError as err:  # a torch without fp16 autocast / GradScaler on the CPU
+        assert "fp16" in str(err) and "bf16" in str(err)
+        return
+    assert trainer.scaler.is_enabled()
+    result = trainer.train()
+    assert trainer.model.autocast_dtypes == [torch.float16] * 4
+    assert all(np.isfinite(v) for v in result["losses"].values())
+    state = Checkpointer(tmp_path).load("model_final")[1]
+    assert state["grad_scaler"]["scale"] > 0
+    assert "loss_scale" in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_clip_grad_norm_bounds_the_gradient(tmp_path):
+    trainer = _trainer(tmp_path, max_iter=2, clip_grad_norm=1e-3)
+    trainer.run_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params if p.grad is not None]))
+    assert float(norm) <= 1e-3 * (1 + 1e-4)
+    assert float(trainer._grad_norm) > 1e-3  # it was actually clipped
+
+
+def test_time_limit_stops_checkpoints_evaluates_and_says_so(tmp_path):
+    calls = []
+    trainer = _trainer(tmp_path, max_iter=12, max_time_minutes=1e-9, eval_fn=lambda m, it: calls.append(it) or {})
+    result = trainer.train()
+    assert result["stopped_early"] and result["iteration"] == 1
+    assert calls == [1]
+    assert Checkpointer(tmp_path).latest() == "model_0000001"
+    log = (tmp_path / "log.txt").read_text()
+    assert "stopping early at iteration 1 of 12" in log and "max_time_minutes" in log
+    # And the run can be continued to the end.
+    result = _trainer(tmp_path, max_iter=12).train(resume=True)
+    assert result["iteration"] == 12 and not result["stopped_early"]
+
+
+def test_periodic_and_final_evaluation_get_the_model_in_eval_mode(tmp_path):
+    seen = []
+
+    def eval_fn(model, iteration):
+        seen.append((iteration, model.training, type(model).__name__))
+        return {"bbox": {"AP": 0.1 * iteration}}
+
+    trainer = _trainer(tmp_path, max_iter=7, eval_fn=eval_fn, eval_period=3)
+    result = trainer.train()
+    assert seen == [(3, False, "FakeDetector"), (6, False, "FakeDetector"), (7, False, "FakeDetector")]
+    assert trainer.model.training
+    assert result["eval"] == {"bbox/AP": pytest.approx(0.7)}
+
+
+def test_resuming_a_finished_run_only_evaluates(tmp_path):
+    _trainer(tmp_path, max_iter=3).train()
+    calls = []
+    trainer = _trainer(tmp_path, max_iter=3, eval_fn=lambda m, it: calls.append(it) or {"AP": 1.0})
+    result = trainer.train(resume=True)
+    assert trainer.model.calls == 0 and calls == [3] and result["iteration"] == 3
+
+
+def test_bad_loader_and_bad_batches_fail_clearly(tmp_path):
+    model = FakeDetector()
+    opt = build_optimizer(model, SOLVER)
+    with pytest.raises(TypeError, match="state_dict"):
+        Trainer(model, opt, build_lr_scheduler(opt, SOLVER), [1, 2], device="cpu", max_iter=2, output_dir=tmp_path)
+
+    class Bad(FakeLoader):
+        def __iter__(self):
+            while True:
+                yield [torch.zeros(3, 8, 8)]
+
+    trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), Bad(), device="cpu", max_iter=2,
+                      output_dir=tmp_path, progress=False, curves=False)
+    with pytest.raises(TypeError, match=r"\(images, targets\)"):
+        trainer.train()
+    with pytest.raises(ValueError, match="amp"):
+        Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cpu", max_iter=2,
+                output_dir=tmp_path, amp="fp8")
+
+
+def test_build_trainer_from_a_config(tmp_path):
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("solver:\n  lr: 0.04\n  ims_per_batch: 2\n  reference_batch_size: 4\n")
+    cfg = load_config(cfg_file, [
+        f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "solver.max_iter=3", "solver.warmup_iters=0",
+        "solver.steps=[2]", "train.checkpoint_period=2", "train.log_period=1", "train.amp=bf16",
+        "train.channels_last=true",
+    ])
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg, FakeDetector(), FakeLoader(batch_size=2), progress=False)
+    assert (trainer.max_iter, trainer.amp, trainer.checkpoint_period) == (3, "bf16", 2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.04 * 2 / 4
+    assert trainer.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved == cfg
+    trainer.train()
+    assert Checkpointer(tmp_path / "run").list_checkpoints() == ["model_0000002", "model_final"]
+    assert (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_build_trainer_checks_the_global_batch(monkeypatch):
+    import detection.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "get_world_size", lambda: 4)
+    cfg = Config()
+    cfg.solver.ims_per_batch = 6
+    with pytest.raises(ValueError, match="ims_per_batch=6.*4"):
+        build_trainer(cfg, FakeDetector(), FakeLoader())
