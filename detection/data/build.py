@@ -24,7 +24,6 @@ the same arguments: iteration continues with the very next batch, augmentations 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -110,6 +109,12 @@ class _SeededBatches:
             yield [(i, sample_seed(self.seed, self.rank, n, j)) for j, i in enumerate(batch)]
 
 
+def _count_batches(loader: DataLoader, counter: list[int]) -> Generator[Batch, None, None]:
+    for batch in loader:
+        counter[0] += 1
+        yield batch
+
+
 class TrainLoader:
     """Infinite training loader with exact resumption.
 
@@ -119,7 +124,8 @@ class TrainLoader:
     Attributes:
         batch_sampler: The :class:`GroupedBatchSampler`.
         consumed_batches: Batches handed to the training loop since training began (after a
-            ``load_state_dict``, counting the batches before the checkpoint).
+            ``load_state_dict``, counting the batches before the checkpoint). A batch counts as
+            consumed when the iterator returns it.
     """
 
     def __init__(
@@ -139,7 +145,7 @@ class TrainLoader:
         self.rank = batch_sampler.rank
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        self.consumed_batches = int(batch_sampler.state_dict()["batches"])
+        self._counter = [int(batch_sampler.state_dict()["batches"])]
         self._active: Generator[Batch, None, None] | None = None
 
     def _make_loader(self) -> DataLoader:
@@ -160,23 +166,27 @@ class TrainLoader:
             **kwargs,
         )
 
-    def _close(self) -> None:
+    @property
+    def consumed_batches(self) -> int:
+        """Batches handed to the training loop since training began."""
+        return self._counter[0]
+
+    def close(self) -> None:
+        """Stops the running iteration and shuts its worker processes down (also done by a new
+        ``iter()`` or ``load_state_dict()``, or when the iterator is garbage collected)."""
         if self._active is not None:
             self._active.close()
             self._active = None
 
     def __iter__(self) -> Iterator[Batch]:
-        self._close()
+        self.close()
         if self.batch_sampler.state_dict()["batches"] != self.consumed_batches:
             # An earlier iteration ran ahead (prefetch): continue after what was consumed.
             self.batch_sampler.load_state_dict(self.batch_sampler.state_dict(self.consumed_batches))
-        self._active = self._generate()
+        # The generator must not reference ``self``: a self <-> generator cycle would leave worker
+        # processes to the cyclic garbage collector, which shuts them down late and slowly.
+        self._active = _count_batches(self._make_loader(), self._counter)
         return self._active
-
-    def _generate(self) -> Generator[Batch, None, None]:
-        for batch in self._make_loader():
-            self.consumed_batches += 1
-            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """``{"sampler": <GroupedBatchSampler state after the consumed batches>}``, plain ints."""
@@ -190,13 +200,9 @@ class TrainLoader:
             ValueError: The state does not match this loader's sampler (see
                 :meth:`GroupedBatchSampler.load_state_dict`).
         """
-        self._close()
+        self.close()
         self.batch_sampler.load_state_dict(state["sampler"])
-        self.consumed_batches = int(state["sampler"]["batches"])
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
-            self._close()
+        self._counter[0] = int(state["sampler"]["batches"])
 
 
 def build_train_loader(
