@@ -226,6 +226,7 @@ def render_image(
     min_visible: float = 0.4,
     min_rel_size: float = 0.1,
     max_rel_size: float = 0.5,
+    stats: list[dict[str, Any]] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Renders one image.
 
@@ -239,6 +240,9 @@ def render_image(
         min_visible: A shape with a smaller visible fraction is removed.
         min_rel_size: Smallest shape diameter relative to the shorter side.
         max_rel_size: Largest shape diameter relative to the shorter side.
+        stats: If a list is given, one dict per drawn shape is appended (drawing order) with
+            ``label``, ``full_mask`` (the whole shape), ``visible_area``, ``full_area`` and ``kept``;
+            for inspection and tests.
 
     Returns:
         ``(image, instances)``: ``uint8 [H, W, 3]`` RGB and a list of ``(label, visible mask)``
@@ -266,11 +270,19 @@ def render_image(
     for s in reversed(shapes):
         full = s["mask"].astype(bool)
         visible = full & ~cover
-        if visible.sum() >= min_visible * full.sum():
+        s["kept"] = bool(visible.sum() >= min_visible * full.sum())
+        s["visible_area"] = int(visible.sum())
+        if s["kept"]:
             s["visible"] = visible
             kept.append(s)
             cover |= full
     kept.reverse()
+    if stats is not None:
+        stats.extend(
+            {"label": s["label"], "full_mask": s["mask"], "visible_area": s["visible_area"],
+             "full_area": int(s["mask"].sum()), "kept": s["kept"]}
+            for s in shapes
+        )
     img = bg
     for s in kept:
         full = s["mask"].astype(bool)
