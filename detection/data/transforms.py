@@ -11,7 +11,9 @@ A transform is a callable ``(image, target) -> (image, target)`` on numpy data:
 Other target keys pass through unchanged. Boxes go through albumentations with
 ``BboxParams(format="pascal_voc", label_fields=["labels", "idx"])``; ``idx`` (each box's row)
 tells which instances albumentations kept, so masks (passed as ``masks=``, which albumentations
-never filters) and labels stay aligned with boxes. ``sem_seg`` goes through ``mask=``.
+never filters) and labels stay aligned with boxes. ``sem_seg`` goes through ``mask=``. (On
+albumentations 1.x, whose ``masks=`` path uses the image interpolation in some releases, each
+instance mask is passed as an extra ``"mask"`` target instead: see :data:`MASKS_AS_MASK_TARGETS`.)
 
 **Randomness and seeding.** Every random decision (flip, scale, crop offset, colour jitter seed) is
 drawn from the :class:`DetectionTransforms` object's own ``numpy.random.Generator``; the
@@ -147,6 +149,12 @@ def _check_sample(image: np.ndarray, target: Target) -> None:
         raise ValueError(f"target sem_seg must be [H, W] = {image.shape[:2]}, got {target['sem_seg'].shape}")
 
 
+#: albumentations 1.x resizes ``masks=`` with the *image* interpolation (bilinear) in several
+#: releases (e.g. 1.4.2x), unlike ``mask=`` (nearest). There, each instance mask is passed as an
+#: extra target of type "mask" instead, so instance masks and sem_seg are always resampled alike.
+MASKS_AS_MASK_TARGETS: bool = int(A.__version__.split(".")[0]) < 2
+
+
 def _apply_albu(ops: list[A.BasicTransform], image: np.ndarray, target: Target) -> tuple[np.ndarray, Target]:
     """Runs deterministic albumentations ``ops`` on image, boxes, masks and sem_seg together."""
     boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)
@@ -159,11 +167,20 @@ def _apply_albu(ops: list[A.BasicTransform], image: np.ndarray, target: Target) 
         "idx": list(range(k)),
     }
     masks = target.get("masks")
+    extra: dict[str, str] = {}
     if masks is not None and k > 0:
-        data["masks"] = list(np.asarray(masks))
+        if MASKS_AS_MASK_TARGETS:
+            extra = {f"instance_mask_{i}": "mask" for i in range(k)}
+            data.update(zip(extra, np.asarray(masks)))
+        else:
+            data["masks"] = list(np.asarray(masks))
     if target.get("sem_seg") is not None:
         data["mask"] = np.asarray(target["sem_seg"])
-    compose = A.Compose(ops, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "idx"]))
+    compose = A.Compose(
+        ops,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "idx"]),
+        additional_targets=extra or None,
+    )
     out = compose(**data)
     new_image = out["image"]
     h, w = new_image.shape[:2]
@@ -173,7 +190,8 @@ def _apply_albu(ops: list[A.BasicTransform], image: np.ndarray, target: Target) 
     result["labels"] = labels[keep]
     if masks is not None:
         if k > 0:
-            all_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in out["masks"]])
+            outs = [out[name] for name in extra] if extra else out["masks"]
+            all_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in outs])
             result["masks"] = np.ascontiguousarray(all_masks[keep])
         else:
             result["masks"] = np.zeros((0, h, w), dtype=np.uint8)

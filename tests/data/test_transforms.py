@@ -252,3 +252,19 @@ def test_bad_sample_layout_is_reported() -> None:
         tf(image.astype(np.float32), target)
     with pytest.raises(ValueError, match="masks must be"):
         tf(image, {**target, "masks": target["masks"][:, :10]})
+
+
+def test_per_instance_mask_targets_match_masks_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The albumentations-1.x route (each instance as an extra "mask" target) gives the same result."""
+    import detection.data.transforms as tmod
+
+    results = {}
+    for flag in (False, True):
+        monkeypatch.setattr(tmod, "MASKS_AS_MASK_TARGETS", flag)
+        tf = build_transforms(training=True, lsj=True, lsj_size=100, lsj_scale=(0.4, 1.6), seed=11)
+        results[flag] = [tf(*synthetic_sample(s)) for s in range(6)]
+    for (ia, ta), (ib, tb) in zip(results[False], results[True]):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ta["masks"], tb["masks"])
+        np.testing.assert_array_equal(ta["labels"], tb["labels"])
+        np.testing.assert_array_equal(ta["boxes"], tb["boxes"])
