@@ -192,16 +192,21 @@ class TrainLoader:
         """``{"sampler": <GroupedBatchSampler state after the consumed batches>}``, plain ints."""
         return {"sampler": self.batch_sampler.state_dict(consumed_batches=self.consumed_batches)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = False) -> None:
         """Continues after the batches recorded in ``state``; stops a running iteration (its
         workers are shut down), so call ``iter()`` again afterwards.
 
+        The continuation is exact when the loader was built with the same arguments (seed, batch
+        size, rank, world size, dataset); otherwise see :meth:`GroupedBatchSampler.load_state_dict`
+        (approximate continuation with a warning, or an error with ``strict``).
+
         Raises:
-            ValueError: The state does not match this loader's sampler (see
-                :meth:`GroupedBatchSampler.load_state_dict`).
+            ValueError: The state does not fit this loader's sampler.
         """
+        if not isinstance(state, dict) or "sampler" not in state:
+            raise ValueError("TrainLoader.load_state_dict: expected a dict from TrainLoader.state_dict()")
         self.close()
-        self.batch_sampler.load_state_dict(state["sampler"])
+        self.batch_sampler.load_state_dict(state["sampler"], strict=strict)
         self._counter[0] = int(state["sampler"]["batches"])
 
 

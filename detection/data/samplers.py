@@ -205,29 +205,51 @@ class GroupedBatchSampler:
             state = self.state_at(int(consumed_batches))
         return {**self._meta(), **state}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Makes the next iteration continue exactly after ``state``.
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = False) -> None:
+        """Makes the next iteration continue after ``state``.
+
+        If ``state`` was saved with this sampler's seed, batch size, rank and world size, the
+        continuation is exact. Otherwise (e.g. resuming on a different number of GPUs) it cannot
+        be: with ``strict=False`` (default) a warning is logged and the stream goes on from the same
+        epoch at the same fraction of it, with this sampler's parameters; the saved buckets
+        (at most ``batch_size - 1`` indices per group, belonging to the old shard) are dropped and
+        counted in the warning. The batch count (``batches``) is kept either way.
+
+        Args:
+            state: A dict from :meth:`state_dict`.
+            strict: Raise instead of continuing approximately.
 
         Raises:
-            ValueError: The state was saved with a different seed, batch size, rank, world size,
-                dataset size or grouping, so the same stream cannot be continued.
+            ValueError: The state is malformed, was saved for a dataset of another size or another
+                grouping, or (with ``strict``) with another seed, batch size, rank or world size.
         """
-        mismatched = {k: (state.get(k), v) for k, v in self._meta().items() if state.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: saved {s!r}, now {v!r}" for k, (s, v) in mismatched.items())
+        try:
+            epoch, position, batches = int(state["epoch"]), int(state["position"]), int(state["batches"])
+            buckets = [[int(i) for i in b] for b in state["buckets"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"GroupedBatchSampler.load_state_dict: malformed state ({e!r})") from e
+        meta = self._meta()
+        mismatched = {k: (state.get(k), v) for k, v in meta.items() if state.get(k) != v}
+        detail = ", ".join(f"{k}: saved {s!r}, now {v!r}" for k, (s, v) in mismatched.items())
+        fatal = {"num_items", "group"} & set(mismatched)
+        if fatal or (mismatched and strict) or len(buckets) != self.num_groups:
             raise ValueError(
                 f"GroupedBatchSampler.load_state_dict: the saved state does not match this sampler "
-                f"({detail}); resume with the same seed, batch size, world size and dataset"
+                f"({detail or f'{len(buckets)} buckets, expected {self.num_groups}'}); resume with the same "
+                "dataset" + (", seed, batch size and world size" if strict else "")
             )
-        buckets = [list(map(int, b)) for b in state["buckets"]]
-        if len(buckets) != self.num_groups:
-            raise ValueError(f"GroupedBatchSampler.load_state_dict: expected {self.num_groups} buckets")
-        self._start = {
-            "epoch": int(state["epoch"]),
-            "position": int(state["position"]),
-            "batches": int(state["batches"]),
-            "buckets": buckets,
-        }
+        if mismatched:
+            saved_len = len(range(int(state["rank"]), self.num_items, int(state["world_size"])))
+            fraction = position / max(saved_len, 1)
+            position = min(round(fraction * len(self._shard(epoch))), len(self._shard(epoch)))
+            dropped = sum(len(b) for b in buckets)
+            buckets = [[] for _ in range(self.num_groups)]
+            logger.warning(
+                "GroupedBatchSampler: the saved state differs (%s), so the data order cannot continue "
+                "exactly; continuing epoch %d at %.1f%% of it, %d buffered indices dropped",
+                detail, epoch, 100 * fraction, dropped,
+            )
+        self._start = {"epoch": epoch, "position": position, "batches": batches, "buckets": buckets}
         self._history.clear()
 
 

@@ -131,13 +131,36 @@ def test_state_for_consumed_batches_while_prefetching() -> None:
     ("kwargs", "field"),
     [(dict(seed=1), "seed"), (dict(batch_size=5), "batch_size"), (dict(world_size=3, rank=0), "world_size")],
 )
-def test_load_mismatched_state_raises(kwargs: dict, field: str) -> None:
+def test_load_state_with_other_parameters(kwargs: dict, field: str, caplog: pytest.LogCaptureFixture) -> None:
     s = GroupedBatchSampler(ratios(), 4, seed=0, rank=0, world_size=2)
     take(s, 3)
+    state = s.state_dict()
     args = {"seed": 0, "batch_size": 4, "rank": 0, "world_size": 2, **kwargs}
-    other = GroupedBatchSampler(ratios(), args.pop("batch_size"), **args)
+
+    def make() -> GroupedBatchSampler:
+        return GroupedBatchSampler(ratios(), args["batch_size"], seed=args["seed"], rank=args["rank"],
+                                   world_size=args["world_size"])
+
     with pytest.raises(ValueError, match=field):
-        other.load_state_dict(s.state_dict())
+        make().load_state_dict(state, strict=True)
+    # default: a warning, then an approximate continuation in the same epoch, batch count kept
+    other = make()
+    with caplog.at_level("WARNING", logger="detection.data.samplers"):
+        other.load_state_dict(state)
+    assert field in caplog.records[-1].getMessage() and "cannot continue" in caplog.records[-1].getMessage()
+    resumed = other.state_dict()
+    assert resumed["batches"] == 3 and resumed["epoch"] == state["epoch"]
+    assert resumed["buckets"] == [[], []]
+    assert len(take(other, 2)) == 2
+
+
+def test_load_state_of_another_dataset_raises() -> None:
+    s = GroupedBatchSampler(ratios(53), 4, seed=0)
+    take(s, 3)
+    with pytest.raises(ValueError, match="num_items"):
+        GroupedBatchSampler(ratios(54), 4, seed=0).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="malformed"):
+        GroupedBatchSampler(ratios(53), 4, seed=0).load_state_dict({"epoch": 1})
 
 
 def test_bad_arguments() -> None:
