@@ -643,11 +643,13 @@ class Trainer:
         except Exception as exc:
             self._close_logger()
             # An error right after a NaN (e.g. NaN boxes in a later op) is reported as what it is.
-            if self._bad_seen is not None and bool(self._bad_seen):
+            if self._nonfinite_seen_locally():
                 raise FloatingPointError(self._nonfinite_message(None)) from exc
             raise
         finally:
             self._in_step = False
+            # Drop the iterator so that the loader's worker processes can shut down.
+            self._data_iter = None
         total = time.perf_counter() - self._train_start
         if stopped_early:
             self.logger.info(
@@ -664,6 +666,15 @@ class Trainer:
             "losses": dict(self._last_losses),
             "eval": flatten_metrics(results),
         }
+
+    def _nonfinite_seen_locally(self) -> bool:
+        """Whether this process recorded a non-finite loss; False if the device cannot even say."""
+        if self._bad_seen is None:
+            return False
+        try:
+            return bool(self._bad_seen)
+        except Exception:  # e.g. a CUDA error made the device unusable: keep the original error
+            return False
 
     def _close_logger(self) -> None:
         if self.logger is not None:
