@@ -196,6 +196,15 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _all_finite_numbers(values: list[Any]) -> bool:
+    """All elements are int/float (not bool) and finite; fast path for long polygon lists."""
+    for v in values:
+        t = type(v)
+        if t is not float and t is not int:
+            return False
+    return math.isfinite(sum(values))
+
+
 def _positive_size(x: Any) -> int | None:
     """A positive integer (an integral float is accepted), else None."""
     if _is_int(x) and x > 0:
@@ -305,12 +314,7 @@ def _clean_polygons(
 ) -> list[list[float]]:
     valid = []
     for j, poly in enumerate(segm):
-        ok = (
-            isinstance(poly, list)
-            and len(poly) >= 6
-            and len(poly) % 2 == 0
-            and all(_is_number(v) for v in poly)
-        )
+        ok = isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and _all_finite_numbers(poly)
         if ok:
             valid.append(poly)
         else:
