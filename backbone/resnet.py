@@ -195,6 +195,19 @@ class _StagedBackbone(Backbone):
                 outputs[name] = x
         return outputs
 
+    def pop_last_stage(self) -> tuple[str, nn.Module]:
+        """Remove the last built stage and return `(name, module)`; the new last stage becomes the only
+        output. A C4 detector uses this to run res5 per RoI (after loading the full trunk's weights)."""
+        if not self.stage_names:
+            raise ValueError("this backbone has no stage to pop")
+        name = self.stage_names[-1]
+        module = getattr(self, name)
+        delattr(self, name)
+        self.stage_names = self.stage_names[:-1]
+        prev = self.stage_names[-1] if self.stage_names else "stem"
+        self._out_features = (prev,)
+        return name, module
+
     def freeze(self, freeze_at: int) -> None:
         """Freeze the stem (1) and stages res2..res_k (k): no gradients, BN turned into frozen BN."""
         modules = [("stem", self.stem)] + [(n, getattr(self, n)) for n in self.stage_names]

@@ -1,0 +1,95 @@
+"""Faster R-CNN (FPN and C4) with torchvision's calling convention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from backbone.base import Backbone
+
+from .preprocess import Preprocessor, check_images, check_targets
+from .roi_heads import RoIHeads
+from .rpn import RPN
+from .structures import GroundTruth
+
+
+class FasterRCNN(nn.Module):
+    """Backbone (+FPN) -> RPN -> RoI heads, batched across images.
+
+    Call it like torchvision's detectors:
+
+    - training: `model(images, targets)` -> `dict[str, Tensor]` of losses;
+    - eval: `model(images)` -> one dict per image with `boxes` (float `[D, 4]`, xyxy, in that image's
+      own pixel coordinates), `scores` `[D]` and `labels` (int64 `[D]`, 1..num_classes-1).
+
+    `images` is a list of float `[3, H, W]` RGB tensors in `[0, 1]` (sizes may differ); each target
+    holds `boxes` (float `[K, 4]` xyxy pixels, `K` may be 0) and `labels` (int64 `[K]`).
+
+    Args:
+        backbone: produces the maps the RPN and RoI heads read (`output_shape()` declares them).
+        rpn: the region proposal network.
+        roi_heads: the box branch (a mask branch lives in `segmentation`).
+        preprocessor: resizing, normalisation and batching.
+    """
+
+    def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, preprocessor: Preprocessor) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.preprocessor = preprocessor
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including the background."""
+        return self.roi_heads.num_classes
+
+    def prepare_targets(self, targets: Sequence[dict[str, Tensor]], original_sizes: list[tuple[int, int]],
+                        sizes: list[tuple[int, int]], device: torch.device) -> GroundTruth:
+        scaled = []
+        for t, o, s in zip(targets, original_sizes, sizes):
+            boxes = t["boxes"].to(device=device, dtype=torch.float32)
+            if o != s:
+                boxes = Preprocessor.resize_boxes(boxes, o, s)
+            scaled.append({**t, "boxes": boxes, "labels": t["labels"].to(device=device, dtype=torch.int64)})
+        return GroundTruth.from_targets(scaled, device)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        check_images(images)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        if self.training:
+            check_targets(targets, len(images), self.num_classes, original_sizes)
+        batch, sizes, _ = self.preprocessor(images)
+        image_sizes = torch.tensor(sizes, device=batch.device)
+        gt = self.prepare_targets(targets, original_sizes, sizes, batch.device) if self.training else None
+        features = self.backbone(batch)
+        proposals, valid, rpn_losses = self.rpn(features, image_sizes, gt, tuple(batch.shape[-2:]))
+        detections, roi_losses = self.roi_heads(features, proposals, valid, image_sizes, gt)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.postprocess(detections, sizes, original_sizes)
+
+    @staticmethod
+    def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Map boxes from the resized images back to each input image's coordinates."""
+        for det, s, o in zip(detections, sizes, original_sizes):
+            if s != o:
+                det["boxes"] = Preprocessor.resize_boxes(det["boxes"], s, o)
+        return detections
+
+    @torch.no_grad()
+    def prepare_for_inference(self, *, fold_bn: bool = True, channels_last: bool = True) -> FasterRCNN:
+        """Fold frozen BN into the convolutions and switch to channels-last (same outputs, faster)."""
+        from backbone.layers import fold_frozen_batchnorm
+
+        self.eval()
+        if fold_bn:
+            fold_frozen_batchnorm(self)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+            self.preprocessor.channels_last = True
+        return self

@@ -1,0 +1,73 @@
+"""RoI pooling over one or several feature levels (FPN level mapping of Lin et al., eq. 1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align, roi_pool
+
+
+class RoIPooler(nn.Module):
+    """Pool `(K, 4)` boxes from the feature level that fits their size.
+
+    Args:
+        strides: stride of each input level (from the backbone's `output_shape()`), high to low resolution.
+        output_size: side of the pooled map (7 for box heads, 14 for mask heads and C4's res5).
+        sampling_ratio: RoIAlign samples per bin (0 = adaptive).
+        pooler_type: "roi_align" (default), "roi_align_v2" (aligned, half-pixel offset) or "roi_pool"
+            (the original Fast R-CNN max pooling).
+        canonical_box_size / canonical_level: a 224-pixel box maps to level 4 (P4 / res4).
+
+    Boxes are mapped with `floor(k0 + log2(sqrt(area) / 224) + 1e-6)` clamped to the available levels,
+    the torchvision/Detectron rule. Pooling runs in fp32 whatever the features' dtype (autocast-safe:
+    RoIAlign has no half kernel on every device), and returns `(K, C, output_size, output_size)`.
+    """
+
+    def __init__(self, strides: Sequence[int], output_size: int, *, sampling_ratio: int = 2,
+                 pooler_type: str = "roi_align", canonical_box_size: int = 224, canonical_level: int = 4) -> None:
+        super().__init__()
+        if pooler_type not in ("roi_align", "roi_align_v2", "roi_pool"):
+            raise ValueError(f"pooler_type={pooler_type!r}; use 'roi_align', 'roi_align_v2' or 'roi_pool'")
+        self.scales = [1.0 / s for s in strides]
+        levels = [math.log2(s) for s in strides]
+        if any(abs(lv - round(lv)) > 1e-6 for lv in levels):
+            raise ValueError(f"pooler strides must be powers of two, got {tuple(strides)}")
+        self.min_level, self.max_level = round(levels[0]), round(levels[-1])
+        if len(strides) > 1 and self.max_level - self.min_level + 1 != len(strides):
+            raise ValueError(f"pooler strides must double level to level, got {tuple(strides)}")
+        self.output_size, self.sampling_ratio, self.pooler_type = output_size, sampling_ratio, pooler_type
+        self.canonical_box_size, self.canonical_level = canonical_box_size, canonical_level
+
+    def level_of(self, boxes: Tensor) -> Tensor:
+        """Index (0-based, into the input levels) of the level each `(K, 4)` box is pooled from."""
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        lvl = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_box_size) + 1e-6)
+        return (lvl.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
+
+    def _pool(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if self.pooler_type == "roi_pool":
+            return roi_pool(x, rois, self.output_size, scale)
+        aligned = self.pooler_type == "roi_align_v2"
+        return roi_align(x, rois, self.output_size, scale, self.sampling_ratio, aligned=aligned)
+
+    def forward(self, features: Sequence[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """Args:
+            features: one `(N, C, H, W)` map per level.
+            boxes: `(K, 4)` xyxy in input-image pixels.
+            batch_index: `(K,)` image of each box.
+        """
+        rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
+        feats = [f.float() for f in features]
+        if len(feats) == 1:
+            return self._pool(feats[0], rois, self.scales[0])
+        levels = self.level_of(rois[:, 1:])
+        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], self.output_size, self.output_size))
+        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
+            # Selecting the boxes of a level has a data-dependent size: one host sync per level, the
+            # price of not pooling every box from every level.
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            out.index_put_((idx,), self._pool(f, rois[idx], scale))
+        return out
