@@ -96,6 +96,8 @@ class RPNConfig:
     """Anchors with IoU >= this with a ground-truth box are positives."""
     bg_iou: float = 0.3
     """Anchors with IoU < this with every ground-truth box are negatives."""
+    conv_depth: int = 1
+    """3x3 convolutions of the RPN head (1 in the paper, 2 in torchvision's v2 models)."""
 
     def __post_init__(self) -> None:
         _check(len(self.anchor_sizes) > 0 and all(len(s) > 0 for s in self.anchor_sizes),
@@ -128,8 +130,16 @@ class ROIConfig:
     """Width of the fully connected layers of the box head."""
     conv_dim: int = 256
     """Channels of the convolutions of the "4conv1fc" box head."""
-    pooler_resolution: int = 7
-    """Output size (pixels per side) of RoIAlign for the box head."""
+    num_convs: int = 4
+    """Convolutions of the "4conv1fc" box head."""
+    box_head_norm: str = "BN"
+    """Norm of the "4conv1fc" box head's convolutions (BN, GN, none)."""
+    pooler_resolution: int | None = None
+    """Output size of the RoI pooling; null: 7 (FPN, VGG C4) or 14 (ResNet C4, before res5 halves it)."""
+    pooler_type: Literal["roi_align", "roi_align_v2", "roi_pool"] = "roi_align"
+    """RoIAlign (torchvision), aligned RoIAlign (detectron2), or the paper's RoI max pooling."""
+    sampling_ratio: int = 2
+    """RoIAlign sampling points per bin (0 = adaptive)."""
     score_thresh: float = 0.05
     """Detections with a lower score are dropped at test time."""
     nms_thresh: float = 0.5
@@ -146,8 +156,8 @@ class ROIConfig:
                (self.bg_iou, self.fg_iou), "need 0 <= bg_iou <= fg_iou <= 1")
         _check(len(self.bbox_reg_weights) == 4, "model.roi.bbox_reg_weights", self.bbox_reg_weights,
                "give four weights (wx, wy, ww, wh)")
-        _check(self.pooler_resolution > 0, "model.roi.pooler_resolution", self.pooler_resolution,
-               "must be > 0")
+        _check(self.pooler_resolution is None or self.pooler_resolution > 0, "model.roi.pooler_resolution",
+               self.pooler_resolution, "must be > 0, or null for the architecture's default")
 
 
 @dataclass
@@ -171,6 +181,12 @@ class ModelConfig:
     """Freeze the stem (1) and stages up to res<freeze_at> (2 = stem + res2); 0 trains all."""
     fpn_channels: int = 256
     """Channels of the FPN outputs."""
+    fpn_norm: str = "none"
+    """Norm after the FPN convolutions (none in the paper, BN in torchvision's v2 models)."""
+    backbone_width: int | None = None
+    """Stem/first-stage width of the backbone; null = the paper's (64). Small values: cheap test models."""
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    """Box regression loss of the RPN and the box head."""
 
     # Heads and weights.
     num_classes: int | None = None

@@ -100,7 +100,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.solver.steps == (100, 200)
     assert cfg.model.rpn.aspect_ratios == (1.0, 2.5) and isinstance(cfg.model.rpn.aspect_ratios[0], float)
     assert cfg.model.rpn.anchor_sizes == ((16, 24), (48,))
-    assert (cfg.model.roi.fc_dim, cfg.model.roi.box_head, cfg.model.roi.pooler_resolution) == (512, "4conv1fc", 7)
+    assert (cfg.model.roi.fc_dim, cfg.model.roi.box_head, cfg.model.roi.pooler_resolution) == (512, "4conv1fc", None)
 
 
 def test_override_later_wins_and_beats_the_file(tmp_path):
