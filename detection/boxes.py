@@ -103,16 +103,24 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def batched_nms_exact(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group (image x level, or image x class) in ONE kernel call.
+    """NMS within each group (image x level, or image x class).
 
-    Groups are separated by offsetting their boxes far apart (torchvision's coordinate trick), in
-    float64 so the offsets do not eat into the boxes' precision: the result equals per-group NMS.
-    Returns kept indices sorted by decreasing score.
+    On a GPU, one kernel call: groups are separated by offsetting their boxes far apart
+    (torchvision's coordinate trick), in float64 so the offsets do not eat into the boxes' precision,
+    and the result equals per-group NMS. On a CPU, where NMS is quadratic in the number of boxes it
+    is given, one call per group. Returns kept indices sorted by decreasing score.
     """
     from torchvision.ops import nms
 
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.device.type == "cpu":
+        keep = []
+        for g in torch.unique(groups).tolist():
+            idx = (groups == g).nonzero().squeeze(1)
+            keep.append(idx[nms(boxes[idx].float(), scores[idx].float(), iou_threshold)])
+        keep_t = torch.cat(keep)
+        return keep_t[scores[keep_t].argsort(descending=True, stable=True)]
     b = boxes.double()
     offsets = groups.to(b.dtype) * (b.max() + 1)
     return nms(b + offsets[:, None], scores.double(), iou_threshold)
