@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 PROG = "eval.py"
 
@@ -75,32 +76,44 @@ def main_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def main_checkpoint(args: argparse.Namespace) -> int:
-    """Checkpoint mode: builds the model from ``args.config``, loads ``args.checkpoint``, evaluates.
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
-    To be written by the model author: build the model and the val dataset from the config (with
-    ``args.opts`` overrides), run the model under ``torch.no_grad()`` and feed each batch to
-    ``detection.evaluation.COCOEvaluator.process``; then ``evaluate()``.
+
+def main_checkpoint(args: argparse.Namespace) -> int:
+    """Checkpoint mode: builds the model of ``args.config`` (with ``args.opts`` overrides), loads
+    ``args.checkpoint`` (this project's ``.safetensors``/``.pth`` or a torchvision detection checkpoint)
+    and evaluates it on the config's val split: the COCO tables (bbox, and segm for Mask R-CNN) and/or
+    mean IoU, with plots in ``train.output_dir``/eval (or ``--output-dir``).
 
     Args:
-        args: Parsed arguments with ``config``, ``checkpoint`` and ``opts``.
+        args: Parsed arguments with ``config``, ``checkpoint``, ``opts`` and ``output_dir``.
 
     Returns:
         The exit code.
-
-    Raises:
-        SystemExit: Always, for now.
     """
-    raise SystemExit(
-        "checkpoint evaluation is not available yet (it needs the model builder); evaluate a results "
-        "file instead: python tools/eval.py --results RESULTS.json --annotations INSTANCES.json"
-    )
+    import segmentation  # noqa: F401  (registers the instance / semantic / panoptic tasks)
+    from detection.config import load_config
+    from detection.engine.launch import evaluate_checkpoint
+
+    if not Path(args.checkpoint).is_file():
+        return _fail(f"--checkpoint {args.checkpoint!r} does not exist")
+    opts = list(args.opts)
+    if args.output_dir:
+        opts.append(f"train.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, opts)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    evaluate_checkpoint(cfg, args.checkpoint)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses ``argv`` and runs the chosen mode; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.results is not None or args.annotations is not None:
         if args.results is None or args.annotations is None:
             parser.error("results mode needs both --results and --annotations")

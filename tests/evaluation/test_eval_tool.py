@@ -124,6 +124,36 @@ def test_missing_annotations_and_usage_errors(tool, results_file, tmp_path, caps
     assert e.value.code == 2 and "needs both --results and --annotations" in capsys.readouterr().err
 
 
-def test_checkpoint_mode_is_not_available_yet(tool):
-    with pytest.raises(SystemExit, match="checkpoint evaluation is not available yet"):
-        tool.main(["configs/coco/faster_rcnn_R_50_FPN_1x.yaml", "--checkpoint", "model.pth"])
+TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.norm=GN", "model.fpn_channels=16",
+        "model.roi.fc_dim=32", "model.min_size=[96]", "model.max_size=96", "model.test_min_size=96",
+        "model.test_max_size=96", "data.shapes_num_train=4", "data.shapes_num_val=3", "data.shapes_image_size=96",
+        "data.num_workers=0"]
+
+
+def test_checkpoint_mode_evaluates_saved_weights(tool, tmp_path, monkeypatch, capsys):
+    """A checkpoint of the config's model is evaluated on the val split: the COCO table and its files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from detection.build import build_detector
+    from detection.config import load_config
+
+    monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
+    config = str(Path(__file__).resolve().parents[2] / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
+    cfg = load_config(config, TINY)
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 4)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    out = tmp_path / "out"
+    assert tool.main([config, "--checkpoint", str(ckpt), "--output-dir", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert "bbox" in json.dumps(metrics)
+    assert (out / "eval" / "pr_curve_bbox.png").is_file()
+
+
+def test_checkpoint_mode_missing_file(tool, capsys):
+    assert tool.main(["configs/shapes/faster_rcnn_R_50_FPN.yaml", "--checkpoint", "/no/such/model.pth"]) == 2
+    assert "does not exist" in capsys.readouterr().err
