@@ -414,3 +414,27 @@ def test_low_quality_rule_needs_some_overlap() -> None:
     assert labels.tolist() == [[1, 0, 0]]
     _, labels = Matcher(0.7, 0.3, True).match_per_image(gt, image, preds, torch.zeros(3, dtype=torch.int64))
     assert labels.tolist() == [1, 0, 0]
+
+
+# -------------------------------------------------------------------------------------------------- NMS
+def test_batched_nms_exact_equals_per_group_nms() -> None:
+    from torchvision.ops import batched_nms, nms
+
+    from detection.boxes import batched_nms_exact
+
+    g = torch.Generator().manual_seed(0)
+    base = random_boxes(60, g, max_xy=100, max_wh=60)
+    boxes = torch.cat([base, jitter(base, g, 0.1), jitter(base, g, 0.2)])  # heavy overlaps within and across groups
+    scores = torch.rand(len(boxes), generator=g)
+    groups = torch.randint(0, 5, (len(boxes),), generator=g)
+    keep = batched_nms_exact(boxes, scores, groups, 0.5)
+    expected = set()
+    for k in range(5):
+        idx = (groups == k).nonzero().squeeze(1)
+        expected |= set(idx[nms(boxes[idx], scores[idx], 0.5)].tolist())
+    assert set(keep.tolist()) == expected and len(keep) == len(expected)
+    assert len(expected) < len(boxes) - 20  # NMS really suppressed boxes
+    assert len(nms(boxes, scores, 0.5)) < len(expected) - 10  # ... and the groups matter
+    assert (scores[keep][:-1] >= scores[keep][1:]).all(), "kept indices are sorted by decreasing score"
+    assert set(batched_nms(boxes, scores, groups, 0.5).tolist()) == expected
+    assert batched_nms_exact(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
