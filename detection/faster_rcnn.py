@@ -54,7 +54,7 @@ class FasterRCNN(nn.Module):
             if o != s:
                 boxes = Preprocessor.resize_boxes(boxes, o, s)
             scaled.append({**t, "boxes": boxes, "labels": t["labels"].to(device=device, dtype=torch.int64)})
-        return GroundTruth.from_targets(scaled, device)
+        return GroundTruth.from_targets(scaled, device, image_sizes=list(sizes), original_sizes=list(original_sizes))
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
