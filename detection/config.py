@@ -203,6 +203,16 @@ class ModelConfig:
     """Weight of the semantic segmentation loss (panoptic_fpn task)."""
     semantic_ignore_index: int = 255
     """Label ignored by the semantic segmentation loss."""
+    mask_head_conv_dim: int = 256
+    """Channels of the mask head's convolutions and transposed convolution (256 in the paper)."""
+    mask_head_norm: str = "none"
+    """Norm of the mask head's convolutions (none in the paper, BN in torchvision's v2, GN from scratch)."""
+    mask_pooler_resolution: int = 14
+    """RoIAlign output side for the mask head; the masks are twice that (28)."""
+    semantic_conv_dims: int = 128
+    """Channels of the semantic FPN head's 3x3 convolutions (128 in Panoptic FPN)."""
+    semantic_norm: str = "GN"
+    """Norm of the semantic FPN head's convolutions (GN in Panoptic FPN)."""
 
     # Input sizes.
     min_size: tuple[int, ...] = (800,)
@@ -225,6 +235,10 @@ class ModelConfig:
                "model.max_size/test_min_size/test_max_size",
                (self.max_size, self.test_min_size, self.test_max_size), "must be > 0")
         _check(self.mask_head_convs >= 0, "model.mask_head_convs", self.mask_head_convs, "must be >= 0")
+        _check(self.mask_head_conv_dim > 0 and self.mask_pooler_resolution > 0 and self.semantic_conv_dims > 0,
+               "model.mask_head_conv_dim/mask_pooler_resolution/semantic_conv_dims",
+               (self.mask_head_conv_dim, self.mask_pooler_resolution, self.semantic_conv_dims), "must be > 0")
+        _check(self.semantic_loss_weight >= 0, "model.semantic_loss_weight", self.semantic_loss_weight, "must be >= 0")
 
 
 @dataclass
