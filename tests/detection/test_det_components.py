@@ -438,3 +438,52 @@ def test_batched_nms_exact_equals_per_group_nms() -> None:
     assert (scores[keep][:-1] >= scores[keep][1:]).all(), "kept indices are sorted by decreasing score"
     assert set(batched_nms(boxes, scores, groups, 0.5).tolist()) == expected
     assert batched_nms_exact(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
+
+
+# ------------------------------------------------------------------------------ invalid proposal slots
+def test_roi_sampling_never_uses_invalid_proposals() -> None:
+    """Padding slots of the proposal tensor (valid=False) are never sampled, even where they overlap
+    the ground truth: only the real proposals and the ground-truth boxes themselves are candidates."""
+    _, _, roi, _, _ = tiny_heads()
+    gt_boxes = torch.tensor([[10.0, 10.0, 50.0, 60.0], [60.0, 20.0, 120.0, 90.0]])
+    gt = GroundTruth.from_targets([{"boxes": gt_boxes, "labels": torch.tensor([1, 2])}], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    background = random_boxes(6, g, max_xy=30, max_wh=20) + torch.tensor([130.0, 0.0, 130.0, 0.0])
+    near_gt = jitter(gt_boxes.repeat(3, 1), g, 0.02)  # IoU > 0.5 with the ground truth
+    proposals = torch.cat([background, near_gt])[None]
+    valid = torch.tensor([[True] * 6 + [False] * 6])
+    sampled = roi.sample(proposals, valid, gt)
+    picked = sampled["boxes"][0][sampled["valid"][0]]
+    assert len(picked) == 8  # 6 background + 2 ground-truth boxes
+    assert int(sampled["fg"].sum()) == 2
+    for box in near_gt:
+        assert not (picked == box).all(dim=1).any(), "an invalid proposal was sampled"
+    assert sorted(sampled["labels"][0][sampled["fg"][0]].tolist()) == [1, 2]
+
+
+def test_postprocess_ignores_invalid_proposals() -> None:
+    _, _, roi, _, _ = tiny_heads()
+    proposals = torch.tensor([[[0.0, 0.0, 20.0, 20.0], [40.0, 0.0, 60.0, 20.0], [0.0, 40.0, 20.0, 60.0],
+                               [40.0, 40.0, 60.0, 60.0]]])
+    valid = torch.tensor([[True, False, True, False]])
+    logits = torch.tensor([[0.0, 5.0, 0.0, 0.0]]).repeat(4, 1)  # class 1 everywhere
+    deltas = torch.zeros(4, 4 * 4)
+    dets = roi.postprocess(logits, deltas, proposals, valid, torch.tensor([[100, 100]]))
+    assert dets[0]["labels"].tolist() == [1, 1]
+    torch.testing.assert_close(dets[0]["boxes"].sort(dim=0).values, proposals[0][[0, 2]].sort(dim=0).values)
+
+
+def test_rpn_losses_count_only_sampled_anchors() -> None:
+    """Four anchors all positive, room for one positive and no negative: the second sampling slot is
+    padding (it points at an unsampled positive) and must add nothing to either loss."""
+    rpn = RPN(["p2"], RPNHead(4, 1), AnchorGenerator(((32,),), (1.0,), (4,)), batch_size_per_image=2,
+              positive_fraction=0.5)
+    gt_box = torch.tensor([[10.0, 10.0, 42.0, 42.0]])
+    gt = GroundTruth.from_targets([{"boxes": gt_box, "labels": torch.tensor([1])}], torch.device("cpu"))
+    anchors = torch.tensor([[11.0, 12.0, 43.0, 41.0]]).repeat(4, 1)
+    logits, deltas = torch.zeros(1, 4), torch.zeros(1, 4, 4)
+    losses = rpn._losses(anchors, logits, deltas, gt)
+    target = BoxCoder((1.0, 1.0, 1.0, 1.0)).encode(anchors[:1], gt_box)
+    one_anchor = torch.nn.functional.smooth_l1_loss(torch.zeros(1, 4), target, beta=1 / 9, reduction="sum")
+    torch.testing.assert_close(losses["loss_rpn_box"], one_anchor)
+    torch.testing.assert_close(losses["loss_rpn_cls"], torch.tensor(math.log(2.0)))
