@@ -146,7 +146,10 @@ class Preprocessor(nn.Module):
         """Returns the padded batch `(B, 3, H, W)`, each image's size inside it, and each image's scale."""
         processed, sizes, scales = [], [], []
         for img in images:
-            img = (img - self.pixel_mean.to(img)) / self.pixel_std.to(img)
+            # Any float dtype is a valid input: compute in the model's dtype (that of its buffers), so a
+            # float64 or half image does not fail inside the first convolution. A no-op for fp32 inputs.
+            img = img.to(self.pixel_mean.dtype)
+            img = (img - self.pixel_mean.to(img.device)) / self.pixel_std.to(img.device)
             h, w = img.shape[-2:]
             target = self._target_size()
             scale = 1.0

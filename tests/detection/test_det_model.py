@@ -221,6 +221,27 @@ def test_valid_batch_passes_the_checks(checker: FasterRCNN) -> None:
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_float64_and_half_images_are_accepted() -> None:
+    """Any float dtype is a valid image (the documented contract): float64 images (e.g. from numpy) and
+    fp16/bf16 images are converted to the model's dtype instead of failing inside the first convolution."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images, targets = images_and_targets()
+    with torch.no_grad():
+        ref = model(images)
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            got = model([img.to(dtype) for img in images])
+            for i, (r, d) in enumerate(zip(ref, got)):
+                assert d["boxes"].dtype == torch.float32
+                if dtype == torch.float64:
+                    assert_same_detections(r, d, f"{dtype} image {i}")
+                else:  # rounded pixels: not the same detections, but as many and finite
+                    assert len(d["boxes"]) > 0 and torch.isfinite(d["boxes"]).all()
+    model.train()
+    losses = model([img.double() for img in images], targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 # ------------------------------------------------------------------------------------ empty targets
 def empty_target() -> dict[str, torch.Tensor]:
     return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
