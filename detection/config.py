@@ -534,6 +534,9 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
         for allowed in args:
             if value == allowed and type(value) is type(allowed):
                 return allowed
+        # YAML 1.1 reads a bare `off` / `on` as a boolean: `train.amp: off` means the string.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"
         hint = ""
         if isinstance(value, str):
             close = difflib.get_close_matches(value, [a for a in args if isinstance(a, str)], n=1)

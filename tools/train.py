@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import segmentation  # noqa: E402,F401  (registers the instance / semantic / panoptic tasks)
-from detection.config import load_config  # noqa: E402
-from detection.engine.launch import train  # noqa: E402
+import segmentation  # noqa: F401  (registers the instance / semantic / panoptic tasks)
+from detection.config import load_config
+from detection.engine.launch import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    ev = result.get("eval") or {}
-    bbox = ev.get("bbox", {}) if isinstance(ev, dict) else {}
-    if bbox:
-        print(f"final bbox AP {bbox.get('AP', float('nan')):.3f}  AP50 {bbox.get('AP50', float('nan')):.3f}  "
-              f"({result.get('iteration')} iterations, {result.get('train_minutes', 0):.1f} min)")
+    ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
+    shown = [f"{k} {v:.3f}" for k, v in ev.items()
+             if k in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU") and isinstance(v, float | int)]
+    if shown:
+        print(f"final: {', '.join(shown)} ({result.get('iteration')} iterations, "
+              f"{result.get('train_minutes', 0):.1f} min)")
     return 0
 
 

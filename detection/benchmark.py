@@ -1,0 +1,237 @@
+"""Speed and memory of our Faster R-CNN against torchvision's, same process, same inputs.
+
+Measures training images/s (forward + backward + SGD step), inference latency at batch 1 and
+images/s at batch 8, and peak memory (CUDA: `max_memory_allocated`; CPU: peak RSS growth), for fp32,
+bf16 and fp16 autocast, optionally with channels_last and `torch.compile` of the backbone (applied
+to both models alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ARCHS = {"R50-FPN": "resnet50", "R101-FPN": "resnet101", "R18-FPN": "resnet18"}
+
+
+@dataclass
+class Result:
+    model: str  # "ours" / "torchvision"
+    arch: str
+    mode: str  # "train" / "infer"
+    dtype: str
+    batch: int
+    height: int
+    width: int
+    channels_last: bool
+    compile: bool
+    ms_per_iter: float
+    images_per_s: float
+    peak_mem_gib: float | None
+
+
+def build_ours(arch: str, num_classes: int = 91) -> nn.Module:
+    from .models import build_faster_rcnn
+
+    # torchvision's configuration: frozen BN, 3 trainable stages (freeze stem + res2).
+    return build_faster_rcnn(backbone=ARCHS[arch], num_classes=num_classes, norm="FrozenBN", freeze_at=2,
+                             min_size=(800,), max_size=1333)
+
+
+def build_torchvision(arch: str, num_classes: int = 91) -> nn.Module:
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    backbone = resnet_fpn_backbone(backbone_name=ARCHS[arch], weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    return FasterRCNN(backbone, num_classes=num_classes, min_size=800, max_size=1333)
+
+
+def make_inputs(batch: int, height: int, width: int, device: torch.device, boxes_per_image: int = 10,
+                num_classes: int = 91, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, height, width, generator=g).to(device))
+        xy = torch.rand(boxes_per_image, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = torch.rand(boxes_per_image, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3]) + 8
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(1, num_classes, (boxes_per_image,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def _peak_reset(device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_read(device: torch.device, start: int) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
+    return grown / 2**20 if grown > 0 else None  # KiB -> GiB; RSS only grows, so this is a lower bound
+
+
+def _time(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def prepare(model: nn.Module, *, device: torch.device, channels_last: bool, compile_backbone: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if hasattr(model, "preprocessor"):
+            model.preprocessor.channels_last = True
+    if compile_backbone:
+        model.backbone = torch.compile(model.backbone)
+    return model
+
+
+def bench_train(model: nn.Module, images, targets, *, device: torch.device, dtype: str, iters: int,
+                warmup: int) -> tuple[float, float | None]:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    start = _peak_reset(device)
+    ms = _time(step, device, iters, warmup)
+    return ms, _peak_read(device, start)
+
+
+@torch.no_grad()
+def bench_infer(model: nn.Module, images, *, device: torch.device, dtype: str, iters: int, warmup: int
+                ) -> tuple[float, float | None]:
+    model.eval()
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            model(images)
+
+    start = _peak_reset(device)
+    ms = _time(step, device, iters, warmup)
+    return ms, _peak_read(device, start)
+
+
+def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width: int, train_batch: int,
+        infer_batches: list[int], iters: int, warmup: int, channels_last: bool, compile_backbone: bool,
+        which: list[str], modes: list[str], log: Callable[[str], None] = print) -> list[Result]:
+    """Run every (arch, model, dtype, mode) combination; returns the results (also logged as they come)."""
+    dev = torch.device(device)
+    results: list[Result] = []
+    for arch in archs:
+        for name in which:
+            for dtype in dtypes:
+                torch.manual_seed(0)
+                model = build_ours(arch) if name == "ours" else build_torchvision(arch)
+                model = prepare(model, device=dev, channels_last=channels_last, compile_backbone=compile_backbone)
+                if "train" in modes:
+                    images, targets = make_inputs(train_batch, height, width, dev)
+                    ms, mem = bench_train(model, images, targets, device=dev, dtype=dtype, iters=iters, warmup=warmup)
+                    results.append(Result(name, arch, "train", dtype, train_batch, height, width, channels_last,
+                                          compile_backbone, ms, train_batch * 1000 / ms, mem))
+                    log(format_row(results[-1]))
+                if "infer" in modes:
+                    for b in infer_batches:
+                        images, _ = make_inputs(b, height, width, dev)
+                        ms, mem = bench_infer(model, images, device=dev, dtype=dtype, iters=iters, warmup=warmup)
+                        results.append(Result(name, arch, "infer", dtype, b, height, width, channels_last,
+                                              compile_backbone, ms, b * 1000 / ms, mem))
+                        log(format_row(results[-1]))
+                del model
+                gc.collect()
+    return results
+
+
+HEADER = (f"{'model':<12} {'arch':<9} {'mode':<6} {'dtype':<5} {'batch':>5} {'size':>10} {'cl':>3} {'comp':>4} "
+          f"{'ms/iter':>9} {'img/s':>8} {'peak GiB':>9}")
+
+
+def format_row(r: Result) -> str:
+    mem = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "n/a"
+    return (f"{r.model:<12} {r.arch:<9} {r.mode:<6} {r.dtype:<5} {r.batch:>5} {f'{r.height}x{r.width}':>10} "
+            f"{'y' if r.channels_last else 'n':>3} {'y' if r.compile else 'n':>4} {r.ms_per_iter:>9.1f} "
+            f"{r.images_per_s:>8.2f} {mem:>9}")
+
+
+def speedups(results: list[Result]) -> list[str]:
+    """Lines "ours / torchvision" for every setting measured for both."""
+    lines = []
+    key = lambda r: (r.arch, r.mode, r.dtype, r.batch, r.height, r.width, r.channels_last, r.compile)  # noqa: E731
+    tv = {key(r): r for r in results if r.model == "torchvision"}
+    for r in results:
+        if r.model == "ours" and key(r) in tv:
+            lines.append(f"{r.arch} {r.mode} {r.dtype} batch {r.batch}: ours/torchvision images/s = "
+                         f"{r.images_per_s / tv[key(r)].images_per_s:.2f}x")
+    return lines
+
+
+def environment(device: str) -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "device": device}
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        env["cpu_threads"] = str(torch.get_num_threads())
+    return env
+
+
+def write_json(results: list[Result], path: str | Path, env: dict[str, str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results],
+                                "speedups": speedups(results)}, indent=2))
+    return path
