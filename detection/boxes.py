@@ -102,25 +102,35 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def batched_nms_exact(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group (image x level, or image x class).
+def batched_nms_exact(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
+                      images: Tensor | None = None, num_images: int = 1) -> Tensor:
+    """NMS within each group (e.g. image x level, or image x class): boxes of different groups never
+    suppress each other. Returns kept indices sorted by decreasing score.
 
-    On a GPU, one kernel call: groups are separated by offsetting their boxes far apart
-    (torchvision's coordinate trick), in float64 so the offsets do not eat into the boxes' precision,
-    and the result equals per-group NMS. On a CPU, where NMS is quadratic in the number of boxes it
-    is given, one call per group. Returns kept indices sorted by decreasing score.
+    NMS kernels are quadratic in the number of boxes they are given, so the work is split:
+    - on a CPU, one call per group;
+    - on a GPU, one call per image (`images` gives each box's image), the groups inside an image
+      separated by offsetting their boxes far apart (torchvision's coordinate trick) in float64, so
+      the offsets do not eat into the boxes' precision and the result equals per-group NMS.
     """
     from torchvision.ops import nms
 
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.device.type == "cpu":
+        chunks = [(groups == g).nonzero().squeeze(1) for g in torch.unique(groups).tolist()]
+        keep = [idx[nms(boxes[idx].float(), scores[idx].float(), iou_threshold)] for idx in chunks]
+    else:
+        chunks = ([(images == b).nonzero().squeeze(1) for b in range(num_images)] if images is not None
+                  else [torch.arange(boxes.shape[0], device=boxes.device)])
         keep = []
-        for g in torch.unique(groups).tolist():
-            idx = (groups == g).nonzero().squeeze(1)
-            keep.append(idx[nms(boxes[idx].float(), scores[idx].float(), iou_threshold)])
-        keep_t = torch.cat(keep)
-        return keep_t[scores[keep_t].argsort(descending=True, stable=True)]
-    b = boxes.double()
-    offsets = groups.to(b.dtype) * (b.max() + 1)
-    return nms(b + offsets[:, None], scores.double(), iou_threshold)
+        for idx in chunks:
+            if idx.numel() == 0:
+                continue
+            b = boxes[idx].double()
+            offsets = groups[idx].to(b.dtype) * (b.max() + 1)
+            keep.append(idx[nms(b + offsets[:, None], scores[idx].double(), iou_threshold)])
+    if not keep:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    keep_t = torch.cat(keep)
+    return keep_t[scores[keep_t].argsort(descending=True, stable=True)]

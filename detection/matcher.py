@@ -105,17 +105,18 @@ def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float, *
     """
     b, n = labels.shape
     s = min(batch_size, n)
+    max_pos = min(int(batch_size * positive_fraction), n)
     pos, neg = labels == 1, labels == 0
-    num_pos = torch.clamp(pos.sum(dim=1), max=int(batch_size * positive_fraction))
+    num_pos = torch.clamp(pos.sum(dim=1), max=max_pos)
     num_neg = torch.clamp(neg.sum(dim=1), max=batch_size - num_pos)
     r = torch.rand(b, n, device=labels.device, generator=generator)
-    # Rank of every positive (negative) among the positives (negatives) of its row, in random order.
-    pos_rank = torch.where(pos, r, 2.0).argsort(dim=1).argsort(dim=1)
-    neg_rank = torch.where(neg, r, 2.0).argsort(dim=1).argsort(dim=1)
-    take_pos = pos & (pos_rank < num_pos[:, None])
-    take_neg = neg & (neg_rank < num_neg[:, None])
-    # Chosen entries first (positives, then negatives), the rest after: a top-k of fixed size.
-    key = take_pos.float() * 4 + take_neg.float() * 2 + r
-    top = key.topk(s, dim=1).indices
-    valid = (take_pos | take_neg).gather(1, top)
-    return top, valid
+    # A random top-k among the positives (negatives) of each row: every candidate of the kind outranks
+    # every other entry (keys >= 0 vs -1), so the first num_pos (num_neg) picks are of the right kind.
+    pos_top = torch.where(pos, r, -1.0).topk(max_pos, dim=1).indices
+    neg_top = torch.where(neg, r, -1.0).topk(min(s, n), dim=1).indices
+    slots = torch.cat([pos_top, neg_top], dim=1)
+    take = torch.cat([torch.arange(max_pos, device=labels.device)[None] < num_pos[:, None],
+                      torch.arange(neg_top.shape[1], device=labels.device)[None] < num_neg[:, None]], dim=1)
+    # Compact to S slots, chosen entries first: a small top-k over the candidate slots.
+    order = (take.float() * 2 + torch.rand(take.shape, device=labels.device, generator=generator)).topk(s, dim=1)
+    return slots.gather(1, order.indices), take.gather(1, order.indices)

@@ -209,7 +209,7 @@ class RoIHeads(nn.Module):
         img = flat // (p * (c - 1))
         cls = flat % (c - 1)
         kept = flat[batched_nms_exact(boxes.reshape(-1, 4)[flat], scores.flatten()[flat], img * c + cls,
-                                      self.nms_thresh)]
+                                      self.nms_thresh, img, b)]
         survivors = torch.full((b * p * (c - 1),), -1.0, device=scores.device)
         survivors[kept] = scores.flatten()[kept]
         k = min(self.detections_per_img, survivors.numel() // b)

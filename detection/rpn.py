@@ -134,8 +134,9 @@ class RPN(nn.Module):
         # NMS per (image, level): data-dependent output, so this is where the RPN must synchronise.
         groups = torch.arange(b, device=boxes.device)[:, None] * len(level_sizes) + level
         flat_keep = keep.flatten().nonzero().squeeze(1)
+        image_of = torch.arange(b, device=boxes.device).repeat_interleave(boxes.shape[1])[flat_keep]
         kept = flat_keep[batched_nms_exact(boxes.flatten(0, 1)[flat_keep], probs.flatten()[flat_keep],
-                                           groups.flatten()[flat_keep], self.nms_thresh)]
+                                           groups.flatten()[flat_keep], self.nms_thresh, image_of, b)]
         # Back to a fixed (B, post) layout: the best `post` survivors of each image, by score.
         survived = torch.zeros(b * boxes.shape[1], dtype=torch.bool, device=boxes.device)
         survived[kept] = True
