@@ -24,6 +24,8 @@ from detection.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
 from detection.rpn import RPN, RPNHead
 from detection.structures import GroundTruth
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 RATIOS = (0.5, 1.0, 2.0)
 FPN_STRIDES = (4, 8, 16, 32, 64)

@@ -4,10 +4,13 @@ mapping of detections back to the image) the loss stalls or the detections land 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from detection.boxes import pairwise_iou
 from detection.models import build_faster_rcnn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 RECTANGLE, ELLIPSE = 1, 2
 COLOURS = {RECTANGLE: (0.9, 0.2, 0.1), ELLIPSE: (0.1, 0.4, 0.95)}

@@ -10,12 +10,15 @@ ground truth to the proposals, box encoding, RoIAlign level mapping and the loss
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 
 from backbone import FrozenBatchNorm2d
 from detection.convert import convert_torchvision_detection, load_torchvision_detector
 from detection.models import build_faster_rcnn, torchvision_spec
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 EVERYTHING = 100_000  # larger than any candidate set: exhaustive sampling
 
