@@ -327,10 +327,15 @@ def test_bf16_autocast_train_step_and_eval(arch: str) -> None:
         assert type(model.roi_heads.box_head).__name__ == "Res5Head"
         assert list(model.backbone.output_shape()) == ["res4"]
     images, targets = images_and_targets()
+    seen: list[torch.dtype] = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: seen.extend(v.dtype for v in o.values()))
     train_step(model, images, targets, autocast=True)
+    assert seen and set(seen) == {torch.bfloat16}, "autocast must really run the network in bf16"
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         dets = model(images)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
     assert len(dets) == 2
     for d, img in zip(dets, images):
         assert d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32
