@@ -26,7 +26,7 @@ from .applications import (
 )
 from .base import Backbone, FeatureInfo
 from .fpn import FPN, LastLevelMaxPool, LastLevelP6P7
-from .interop import TimmBackbone, TorchvisionBackbone
+from .interop import FromTorchvision, TimmBackbone, TorchvisionBackbone, from_torchvision
 from .layers import Conv2d, FrozenBatchNorm2d, fold_frozen_batchnorm, get_norm
 from .registry import BACKBONES, NECKS, build_backbone, build_neck, register_backbone, register_neck
 from .resnet import CifarResNet, ResNet, count_trainable
@@ -51,6 +51,7 @@ __all__ = [
     "CifarResNet",
     "Conv2d",
     "FeatureInfo",
+    "FromTorchvision",
     "FrozenBatchNorm2d",
     "ImageClassifier",
     "LastLevelMaxPool",
@@ -66,6 +67,7 @@ __all__ = [
     "build_neck",
     "count_trainable",
     "fold_frozen_batchnorm",
+    "from_torchvision",
     "get_norm",
     "load_weights",
     "read_state_dict",

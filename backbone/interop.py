@@ -95,3 +95,51 @@ class TimmBackbone(Backbone):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats = self.model(x)
         return dict(zip(self._out_features, feats))
+
+
+class FromTorchvision(Backbone):
+    """A torchvision feature extractor (e.g. `BackboneWithFPN` from `resnet_fpn_backbone`, or an
+    `IntermediateLayerGetter`) as one of our backbones.
+
+    Channels and strides are measured once at construction with a probe forward pass (torchvision
+    does not declare strides); outputs are renamed by stride: `p<k>` for stride `2**k` (FPN outputs)
+    or `res<k>` (trunk outputs, `fpn=False`).
+
+    Args:
+        module: returns an ordered dict of `(N, C, H, W)` maps.
+        fpn: name outputs `p<k>` (True) or `res<k>` (False).
+        probe_size: side of the probe input (a multiple of the largest stride).
+    """
+
+    def __init__(self, module: nn.Module, *, fpn: bool = True, probe_size: int = 256) -> None:
+        super().__init__()
+        import torch
+
+        self.body = module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            feats = module(torch.zeros(1, 3, probe_size, probe_size))
+        module.train(was_training)
+        if not isinstance(feats, dict) or not feats:
+            raise TypeError(f"{type(module).__name__} must return a non-empty dict of feature maps")
+        shapes: dict[str, ShapeSpec] = {}
+        self._rename: dict[str, str] = {}
+        for key, t in feats.items():
+            stride = probe_size // t.shape[-1]
+            level = round(math.log2(stride))
+            name = f"{'p' if fpn else 'res'}{level}"
+            if name in shapes:
+                raise ValueError(f"two outputs of {type(module).__name__} have stride {stride}")
+            self._rename[key] = name
+            shapes[name] = ShapeSpec(int(t.shape[1]), 2**level)
+        self._out_feature_shapes = shapes
+        self._out_features = tuple(shapes)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {self._rename[k]: v for k, v in self.body(x).items()}
+
+
+def from_torchvision(module: nn.Module, *, fpn: bool = True) -> FromTorchvision:
+    """Wrap a torchvision backbone (with or without FPN) as one of ours; see `FromTorchvision`."""
+    return FromTorchvision(module, fpn=fpn)

@@ -101,9 +101,15 @@ def _c4_feature(trunk: Backbone) -> str:
     return names[-1]
 
 
-def build_faster_rcnn(spec: FasterRCNNSpec | None = None, **overrides) -> FasterRCNN:
+def build_faster_rcnn(spec: FasterRCNNSpec | None = None, *, backbone_module: Backbone | None = None,
+                      **overrides) -> FasterRCNN:
     """Build a Faster R-CNN from a spec (defaults: torchvision's R50-FPN), e.g.
-    `build_faster_rcnn(backbone="resnet101", arch="c4", num_classes=81)`."""
+    `build_faster_rcnn(backbone="resnet101", arch="c4", num_classes=81)`.
+
+    `backbone_module` puts any `Backbone` whose outputs share one channel count (an FPN of ours, a
+    `backbone.from_torchvision(...)` or `TimmBackbone` + FPN) under the FPN-style heads instead of
+    building one from `spec.backbone`; the heads read its `output_shape()`.
+    """
     spec = (spec or FasterRCNNSpec()).replace(**overrides) if overrides else (spec or FasterRCNNSpec())
     if spec.arch not in ("fpn", "c4"):
         raise ValueError(f"arch={spec.arch!r}; use 'fpn' or 'c4'")
@@ -113,15 +119,24 @@ def build_faster_rcnn(spec: FasterRCNNSpec | None = None, **overrides) -> Faster
     kwargs = dict(norm="none" if is_vgg and spec.norm in ("FrozenBN", "BN") and spec.backbone == "vgg16" else spec.norm,
                   freeze_at=spec.freeze_at, **spec.backbone_kwargs)
     if spec.arch == "fpn":
-        trunk = build_backbone(spec.backbone, **kwargs)
-        _load_trunk_weights(trunk, spec.backbone, spec.backbone_weights)
-        backbone: Backbone = FPN(trunk, out_channels=spec.fpn_channels, norm=spec.fpn_norm, top_block="maxpool")
+        if backbone_module is not None:
+            backbone: Backbone = backbone_module
+            channels = {s.channels for s in backbone.output_shape().values()}
+            if len(channels) != 1:
+                raise ValueError(f"backbone_module outputs must share one channel count for the FPN heads, got "
+                                 f"{ {k: s.channels for k, s in backbone.output_shape().items()} }")
+            in_ch = channels.pop()
+        else:
+            trunk = build_backbone(spec.backbone, **kwargs)
+            _load_trunk_weights(trunk, spec.backbone, spec.backbone_weights)
+            backbone = FPN(trunk, out_channels=spec.fpn_channels, norm=spec.fpn_norm, top_block="maxpool")
+            in_ch = spec.fpn_channels
         shapes = backbone.output_shape()
         rpn_features = tuple(shapes)
-        roi_features = tuple(n for n in shapes if n != f"p{len(shapes) + 1}")[:4]
-        anchor_sizes = spec.anchor_sizes or FPN_ANCHOR_SIZES
+        # RoIs are pooled from the first four levels (P2-P5); a fifth (P6) serves the RPN only.
+        roi_features = rpn_features[:4]
+        anchor_sizes = spec.anchor_sizes or FPN_ANCHOR_SIZES[: len(rpn_features)]
         resolution = spec.pooler_resolution or 7
-        in_ch = spec.fpn_channels
         if spec.box_head == "2fc":
             box_head: nn.Module = TwoMLPHead(in_ch, resolution, spec.fc_dim)
         elif spec.box_head == "4conv1fc":

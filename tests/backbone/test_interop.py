@@ -86,3 +86,19 @@ def test_timm_features_only_as_our_backbone() -> None:
 def test_timm_adapter_rejects_non_feature_model() -> None:
     with pytest.raises(TypeError, match="features_only"):
         TimmBackbone(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_from_torchvision_declares_probed_shapes() -> None:
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from backbone import from_torchvision
+
+    fpn = from_torchvision(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5))
+    assert {k: (s.channels, s.stride) for k, s in fpn.output_shape().items()} == {
+        "p2": (256, 4), "p3": (256, 8), "p4": (256, 16), "p5": (256, 32), "p6": (256, 64)}
+    trunk = from_torchvision(IntermediateLayerGetter(resnet18(), {"layer2": "a", "layer4": "b"}), fpn=False)
+    assert {k: (s.channels, s.stride) for k, s in trunk.output_shape().items()} == {"res3": (128, 8), "res5": (512, 32)}
+    out = trunk(torch.rand(1, 3, 64, 96))
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {"res3": (128, 8, 12), "res5": (512, 2, 3)}

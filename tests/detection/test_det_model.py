@@ -4,14 +4,12 @@ our Faster R-CNN."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from backbone import Backbone, FrozenBatchNorm2d, ShapeSpec
+from backbone import FrozenBatchNorm2d, ShapeSpec, from_torchvision
 from detection.faster_rcnn import FasterRCNN
 from detection.models import build_faster_rcnn
 
@@ -382,32 +380,11 @@ def test_prepare_for_inference_keeps_detections() -> None:
 
 
 # ----------------------------------------------------------------------------------------- interop
-class TorchvisionFPNAdapter(Backbone):
-    """torchvision's `BackboneWithFPN` (outputs "0".."3", "pool") as one of our backbones (p2..p6).
-
-    The library has no such adapter yet (it only wraps ours for torchvision: `TorchvisionBackbone`);
-    a `backbone.interop.from_torchvision(...)` would make this test's adapter unnecessary.
-    """
-
-    def __init__(self, body: nn.Module, strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> None:
-        super().__init__()
-        self.body = body
-        names = [f"p{s.bit_length() - 1}" for s in strides]
-        self._rename = dict(zip(["0", "1", "2", "3", "pool"], names))
-        self._out_feature_shapes = {n: ShapeSpec(body.out_channels, s) for n, s in zip(names, strides)}
-        self._out_features = tuple(names)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats: OrderedDict[str, torch.Tensor] = self.body(x)
-        return {self._rename[k]: v for k, v in feats.items()}
-
-
 def test_torchvision_fpn_backbone_inside_our_faster_rcnn() -> None:
     torch.manual_seed(0)
     tv_body = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
                                   norm_layer=nn.BatchNorm2d)
-    model = tiny_model(fpn_channels=tv_body.out_channels)
-    model.backbone = TorchvisionFPNAdapter(tv_body)
+    model = build_faster_rcnn(**TINY, backbone_module=from_torchvision(tv_body))
     assert model.backbone.output_shape() == {f"p{k}": ShapeSpec(256, 2**k) for k in range(2, 7)}
     images, targets = images_and_targets()
     before = tv_body.body.layer1[0].conv1.weight.detach().clone()
