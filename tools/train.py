@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    from backbone.weights import WeightsError
+    from detection.data.coco import DatasetError
+
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, DatasetError, WeightsError) as e:  # bad paths, data or weights: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
     shown = [f"{k} {v:.3f}" for k, v in ev.items()
              if k in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU") and isinstance(v, float | int)]
