@@ -162,8 +162,14 @@ def bench_infer(model: nn.Module, images, *, device: torch.device, dtype: str, i
 
 def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width: int, train_batch: int,
         infer_batches: list[int], iters: int, warmup: int, channels_last: bool, compile_backbone: bool,
-        which: list[str], modes: list[str], log: Callable[[str], None] = print) -> list[Result]:
-    """Run every (arch, model, dtype, mode) combination; returns the results (also logged as they come)."""
+        which: list[str], modes: list[str], prepared: bool = False,
+        log: Callable[[str], None] = print) -> list[Result]:
+    """Run every (arch, model, dtype, mode) combination; returns the results (also logged as they come).
+
+    With `prepared`, inference is also measured for "ours-prepared": our model after
+    `prepare_for_inference()` (frozen BN folded into the convolutions, channels_last), the way this
+    project ships a trained model for inference.
+    """
     dev = torch.device(device)
     results: list[Result] = []
     for arch in archs:
@@ -179,12 +185,19 @@ def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width:
                                           compile_backbone, ms, train_batch * 1000 / ms, mem))
                     log(format_row(results[-1]))
                 if "infer" in modes:
-                    for b in infer_batches:
-                        images, _ = make_inputs(b, height, width, dev)
-                        ms, mem = bench_infer(model, images, device=dev, dtype=dtype, iters=iters, warmup=warmup)
-                        results.append(Result(name, arch, "infer", dtype, b, height, width, channels_last,
-                                              compile_backbone, ms, b * 1000 / ms, mem))
-                        log(format_row(results[-1]))
+                    variants = [(name, model)]
+                    if prepared and name == "ours":
+                        import copy
+
+                        variants.append(("ours-prepared", copy.deepcopy(model).prepare_for_inference()))
+                    for label, m in variants:
+                        for b in infer_batches:
+                            images, _ = make_inputs(b, height, width, dev)
+                            ms, mem = bench_infer(m, images, device=dev, dtype=dtype, iters=iters, warmup=warmup)
+                            # ("ours-prepared" is channels_last internally; the column shows the run's flag.)
+                            results.append(Result(label, arch, "infer", dtype, b, height, width, channels_last,
+                                                  compile_backbone, ms, b * 1000 / ms, mem))
+                            log(format_row(results[-1]))
                 del model
                 gc.collect()
     return results
@@ -207,8 +220,8 @@ def speedups(results: list[Result]) -> list[str]:
     key = lambda r: (r.arch, r.mode, r.dtype, r.batch, r.height, r.width, r.channels_last, r.compile)  # noqa: E731
     tv = {key(r): r for r in results if r.model == "torchvision"}
     for r in results:
-        if r.model == "ours" and key(r) in tv:
-            lines.append(f"{r.arch} {r.mode} {r.dtype} batch {r.batch}: ours/torchvision images/s = "
+        if r.model.startswith("ours") and key(r) in tv:
+            lines.append(f"{r.arch} {r.mode} {r.dtype} batch {r.batch}: {r.model}/torchvision images/s = "
                          f"{r.images_per_s / tv[key(r)].images_per_s:.2f}x")
     return lines
 

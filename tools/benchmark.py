@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + FPN of both models")
+    p.add_argument("--prepared", action="store_true",
+                   help="also time our model after prepare_for_inference() (folded BN, channels_last)")
     p.add_argument("--models", nargs="+", default=["ours", "torchvision"], choices=["ours", "torchvision"])
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--json", default="benchmarks/latest.json", help="where to write the results")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     results = run(archs=a.arch, dtypes=a.dtype, device=a.device, height=a.size[0], width=a.size[1],
                   train_batch=a.train_batch, infer_batches=a.infer_batch, iters=a.iters, warmup=a.warmup,
-                  channels_last=a.channels_last, compile_backbone=a.compile, which=a.models, modes=a.modes)
+                  channels_last=a.channels_last, compile_backbone=a.compile, which=a.models, modes=a.modes,
+                  prepared=a.prepared)
     for line in speedups(results):
         print(line)
     print(f"wrote {write_json(results, a.json, env)}")
