@@ -123,8 +123,12 @@ def batched_nms_exact(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresho
         chunks = [(groups == g).nonzero().squeeze(1) for g in torch.unique(groups).tolist()]
         keep = [idx[nms(boxes[idx].float(), scores[idx].float(), iou_threshold)] for idx in chunks]
     else:
-        chunks = ([(images == b).nonzero().squeeze(1) for b in range(num_images)] if images is not None
-                  else [torch.arange(boxes.shape[0], device=boxes.device)])
+        if images is not None:
+            # One host read for all images' box counts (instead of a nonzero per image).
+            order = images.argsort(stable=True)
+            chunks = list(order.split(torch.bincount(images, minlength=num_images).tolist()))
+        else:
+            chunks = [torch.arange(boxes.shape[0], device=boxes.device)]
         keep = []
         for idx in chunks:
             if idx.numel() == 0:

@@ -64,10 +64,11 @@ class RoIPooler(nn.Module):
         if len(feats) == 1:
             return self._pool(feats[0], rois, self.scales[0])
         levels = self.level_of(rois[:, 1:])
-        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], self.output_size, self.output_size))
-        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
-            # Selecting the boxes of a level has a data-dependent size: one host sync per level, the
-            # price of not pooling every box from every level.
-            idx = torch.nonzero(levels == lvl).squeeze(1)
-            out.index_put_((idx,), self._pool(f, rois[idx], scale))
+        # Group the boxes by level: the group sizes are data-dependent, so they are read back once (one
+        # host sync for all levels), the price of not pooling every box from every level.
+        order = levels.argsort(stable=True)
+        counts = torch.bincount(levels, minlength=len(feats)).tolist()
+        pooled = [self._pool(f, r, scale) for f, r, scale in zip(feats, rois[order].split(counts), self.scales)]
+        out = pooled[0].new_empty((rois.shape[0], *pooled[0].shape[1:]))
+        out[order] = torch.cat(pooled)
         return out
