@@ -38,7 +38,7 @@ def test_mask_rcnn_losses_and_outputs():
     for k, v in losses.items():
         assert v.dim() == 0 and v.dtype == torch.float32 and math.isfinite(float(v.detach())), k
     # An untrained mask head predicts ~0.5 everywhere: the BCE starts near log(2).
-    assert abs(float(losses["loss_mask"]) - math.log(2)) < 0.05
+    assert abs(float(losses["loss_mask"].detach()) - math.log(2)) < 0.05
     model.eval()
     with torch.no_grad():
         out = model(images)
@@ -61,9 +61,9 @@ def test_semantic_fpn_loss_and_outputs():
     losses = model(images, targets)
     assert set(losses) == {"loss_sem_seg"}
     loss = losses["loss_sem_seg"]
-    assert loss.dtype == torch.float32 and math.isfinite(float(loss))
+    assert loss.dtype == torch.float32 and math.isfinite(float(loss.detach()))
     # Random init: the cross-entropy is of the order of log(num_classes).
-    assert 0.2 * math.log(H.NUM_CLASSES) < float(loss) < 5 * math.log(H.NUM_CLASSES)
+    assert 0.2 * math.log(H.NUM_CLASSES) < float(loss.detach()) < 5 * math.log(H.NUM_CLASSES)
     model.eval()
     with torch.no_grad():
         out = model(images)
@@ -112,7 +112,7 @@ def test_semantic_loss_ignores_255_and_is_zero_when_all_ignored():
     expected = torch.nn.functional.cross_entropy(logits[0].permute(1, 2, 0)[[0, 1], [0, 0]], torch.tensor([0, 2]))
     torch.testing.assert_close(semantic_loss(logits, target, 255), expected)
     empty = semantic_loss(logits, torch.full((1, 2, 2), 255), 255)
-    assert float(empty) == 0.0
+    assert float(empty.detach()) == 0.0
     empty.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
