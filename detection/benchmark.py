@@ -129,7 +129,9 @@ def bench_train(model: nn.Module, images, targets, *, device: torch.device, dtyp
                 warmup: int) -> tuple[float, float | None]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    # lr 0: the optimizer does all of its arithmetic, but random-weight models cannot diverge into NaN
+    # boxes mid-benchmark (which would change the work done by NMS and pooling).
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
     def step() -> None:

@@ -45,6 +45,8 @@ class RoIPooler(nn.Module):
         """Index (0-based, into the input levels) of the level each `(K, 4)` box is pooled from."""
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         lvl = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_box_size) + 1e-6)
+        # A non-finite box (a diverged model) must still map to a valid level rather than crash the grouping.
+        lvl = torch.nan_to_num(lvl, nan=float(self.min_level))
         return (lvl.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
 
     def _pool(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
