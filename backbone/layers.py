@@ -117,6 +117,16 @@ class Conv2d(nn.Conv2d):
         self.activation = activation if activation is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and isinstance(self.norm, FrozenBatchNorm2d):
+            # Frozen BN is an affine map of the conv's output channels: fold it into the (possibly
+            # trainable) weights on the fly, conv(x, W * s) + b, instead of two extra passes over the
+            # activations (and their backward). In eval mode the separate ops are kept so outputs match
+            # torchvision's bit for bit; `fold_frozen_batchnorm` folds permanently for inference.
+            scale, shift = self.norm.scale_and_shift()
+            weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
+            bias = shift.to(self.weight.dtype) if self.bias is None else self.bias * scale + shift
+            x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return self.activation(x)
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return self.activation(self.norm(x))
 

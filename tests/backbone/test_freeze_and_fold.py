@@ -90,3 +90,23 @@ def test_folded_bn_gives_same_output(depth: int) -> None:
     assert n == len(convs) and all(isinstance(m.norm, torch.nn.Identity) for m in convs)
     for k in ref:
         assert torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-4), k
+
+
+def test_training_conv_folds_frozen_bn_on_the_fly() -> None:
+    """In training mode a conv followed by frozen BN runs as one conv with scaled weights: same outputs
+    and weight gradients as the two separate steps (up to fp32 rounding)."""
+    conv = Conv2d(4, 6, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(6), activation=torch.nn.ReLU())
+    conv.norm.running_mean.uniform_(-0.5, 0.5)
+    conv.norm.running_var.uniform_(0.5, 2)
+    conv.norm.weight.uniform_(0.5, 1.5)
+    conv.norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 4, 9, 11)
+    conv.train()
+    fused = conv(x)
+    fused.square().sum().backward()
+    g_fused = conv.weight.grad.clone()
+    conv.weight.grad = None
+    conv.eval()  # the separate conv -> BN -> ReLU path
+    ref = conv(x)
+    ref.square().sum().backward()
+    assert torch.allclose(fused, ref, atol=1e-5) and torch.allclose(g_fused, conv.weight.grad, rtol=1e-4, atol=1e-5)

@@ -70,4 +70,7 @@ def test_losses_and_gradients_equal_torchvision() -> None:
     for k, grad in our_grads.items():
         scale = tv_grads[k].abs().max()
         assert scale > 0, k
-        assert (grad - tv_grads[k]).abs().max() <= 1e-4 * scale, f"gradient of {k}"
+        # 1e-3 of the largest entry: our training convolutions fold the frozen BN into their weights
+        # (conv(x, W*s) + b instead of conv(x, W)*s + b), which rounds differently in fp32; the error
+        # builds up towards the stem (~3e-4 there). A wrong mapping or formula gives O(1) differences.
+        assert (grad - tv_grads[k]).abs().max() <= 1e-3 * scale, f"gradient of {k}"
