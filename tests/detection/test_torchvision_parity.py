@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from parity_helpers import (
+    freeze_bn_like_torchvision_checkpoints,
+    load_images,
+    match_detections,
+    perturb,
+    without_common_component,
+)
 
 from detection.convert import load_torchvision_detector
 from detection.models import build_faster_rcnn, torchvision_spec
@@ -17,21 +23,6 @@ from detection.models import build_faster_rcnn, torchvision_spec
 # code path is the same.
 SIZE = 320
 PROPOSALS = 300
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and biases, so that every parameter's mapping matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            elif isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.01)
 
 
 def spread_classifier(model: torch.nn.Module, images: list[torch.Tensor], seed: int = 0) -> None:
@@ -48,41 +39,9 @@ def spread_classifier(model: torch.nn.Module, images: list[torch.Tensor], seed: 
     pred = model.roi_heads.box_predictor
     with torch.no_grad():
         w = torch.randn(pred.cls_score.weight.shape, generator=g)
-        pred.cls_score.weight.copy_(w - (w @ mu)[:, None] * mu[None] / (mu @ mu))
+        pred.cls_score.weight.copy_(without_common_component(w, mu))
         pred.cls_score.bias.zero_()
         pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.01)
-
-
-def freeze_bn_like_torchvision_checkpoints(model: torch.nn.Module) -> None:
-    """torchvision builds random-weight models with BatchNorm2d but its COCO checkpoints run the backbone
-    with FrozenBatchNorm2d: use the latter, as users of the checkpoint do (the two round differently)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    body = model.backbone.body
-    for _name, m in list(body.named_modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, torch.nn.BatchNorm2d):
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-                frozen.load_state_dict({k: v for k, v in child.state_dict().items() if k != "num_batches_tracked"})
-                setattr(m, child_name, frozen)
-
-
-def load_images(folder: Path) -> list[torch.Tensor]:
-    files = sorted((folder / "images").glob("*.jpg"))
-    return [torchvision.transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
-
-
-def assert_same_detections(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
-    assert len(ref["boxes"]) == len(got["boxes"]), f"{where}: {len(ref['boxes'])} vs {len(got['boxes'])} detections"
-    # Same set of detections: match each reference detection to ours (equal scores may come in a
-    # different order).
-    unused = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"]):
-        close = ((got["scores"] - score).abs() <= 1e-4) & (got["labels"] == label) & unused
-        close &= (got["boxes"] - box).abs().max(dim=1).values <= 0.01
-        idx = close.nonzero()
-        assert len(idx), f"{where}: no match for label {int(label)} score {float(score):.5f} box {box.tolist()}"
-        unused[idx[0, 0]] = False
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2"])
@@ -108,7 +67,7 @@ def test_same_detections_as_torchvision(name: str, tiny_coco_src: Path, tmp_path
         for start in range(0, len(images), 4):
             batch = images[start:start + 4]
             for i, (r, g) in enumerate(zip(ref(batch), ours(batch))):
-                assert_same_detections(r, g, f"{name} image {start + i}")
+                match_detections(r, g, f"{name} image {start + i}")
                 labels_seen |= set(r["labels"].tolist())
                 total += len(r["boxes"])
     assert total >= 100, f"only {total} detections on 16 images: too few for a meaningful comparison"

@@ -7,9 +7,23 @@ than under pytest's importlib-mode module names.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Ctrl-C tests need Python's default SIGINT handler. A process started in the background by a
+    non-interactive shell (`cmd &`, CI runners) inherits SIGINT as *ignored*, and the trainer rightly
+    leaves an ignored SIGINT alone; restore the default for the test's duration."""
+    prev = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, prev if prev is not None else signal.SIG_DFL)

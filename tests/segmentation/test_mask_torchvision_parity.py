@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from parity_helpers import (
+    freeze_bn_like_torchvision_checkpoints,
+    load_images,
+    match_detections,
+    perturb,
+    without_common_component,
+)
 
 from detection.convert import load_torchvision_detector
 from segmentation import build_mask_rcnn, torchvision_mask_spec
@@ -23,30 +29,9 @@ SCORE_THRESH = 0.001
 NUM_IMAGES = 4
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and biases, so that every parameter's mapping matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            elif isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.01)
-
-
-def _without_common_component(w: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    return w - (w @ mu)[:, None] * mu[None] / (mu @ mu)
-
-
 def spread_classifiers(model: torch.nn.Module, images: list[torch.Tensor], seed: int = 0) -> None:
-    """Random head features share a large common component, so a random classifier picks the same class
-    everywhere and a random mask predictor gives some classes empty (or full) masks. Remove that component
-    from the class and mask weights: detections then have varied classes and well-separated scores, and
-    their masks have shapes, which makes the comparison meaningful."""
+    """Spread the class and mask weights (see `without_common_component`): detections then have varied
+    classes and well-separated scores, and their masks have shapes (not empty or full)."""
     feats = {}
     hooks = [model.roi_heads.box_head.register_forward_hook(lambda m, i, o: feats.__setitem__("box", o)),
              model.roi_heads.mask_predictor.mask_fcn_logits.register_forward_hook(
@@ -60,45 +45,12 @@ def spread_classifiers(model: torch.nn.Module, images: list[torch.Tensor], seed:
     logits = model.roi_heads.mask_predictor.mask_fcn_logits
     with torch.no_grad():
         w = torch.randn(pred.cls_score.weight.shape, generator=g)
-        pred.cls_score.weight.copy_(_without_common_component(w, feats["box"].mean(0)))
+        pred.cls_score.weight.copy_(without_common_component(w, feats["box"].mean(0)))
         pred.cls_score.bias.zero_()
         pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.01)
         w = logits.weight.flatten(1)
-        logits.weight.copy_(_without_common_component(w, feats["mask"].mean((0, 2, 3))).view_as(logits.weight))
+        logits.weight.copy_(without_common_component(w, feats["mask"].mean((0, 2, 3))).view_as(logits.weight))
         logits.bias.zero_()
-
-
-def freeze_bn_like_torchvision_checkpoints(model: torch.nn.Module) -> None:
-    """torchvision's v1 COCO checkpoints run the backbone with FrozenBatchNorm2d (random-weight models get
-    BatchNorm2d): use the former, as users of the checkpoint do (the two round differently)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for m in list(model.backbone.body.modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, torch.nn.BatchNorm2d):
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-                frozen.load_state_dict({k: v for k, v in child.state_dict().items() if k != "num_batches_tracked"})
-                setattr(m, child_name, frozen)
-
-
-def load_images(folder: Path) -> list[torch.Tensor]:
-    files = sorted((folder / "images").glob("*.jpg"))
-    return [torchvision.transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
-
-
-def match_detections(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> list[tuple[int, int]]:
-    """Pairs (reference index, our index) of the same detection; fails unless the sets are equal."""
-    assert len(ref["boxes"]) == len(got["boxes"]), f"{where}: {len(ref['boxes'])} vs {len(got['boxes'])} detections"
-    unused = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    pairs = []
-    for r, (box, score, label) in enumerate(zip(ref["boxes"], ref["scores"], ref["labels"])):
-        close = ((got["scores"] - score).abs() <= 1e-4) & (got["labels"] == label) & unused
-        close &= (got["boxes"] - box).abs().max(dim=1).values <= 0.01
-        idx = close.nonzero()
-        assert len(idx), f"{where}: no match for label {int(label)} score {float(score):.5f} box {box.tolist()}"
-        unused[idx[0, 0]] = False
-        pairs.append((r, int(idx[0, 0])))
-    return pairs
 
 
 @pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"])
