@@ -8,7 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
-from detection.benchmark import build_ours, make_inputs, prepare  # noqa: E402
+from detection.benchmark import build_ours, make_inputs, prepare
 
 dev = torch.device(os.environ.get("DEV", "cuda"))
 h, w, b = int(os.environ.get("H", 800)), int(os.environ.get("W", 1333)), int(os.environ.get("B", 8))
