@@ -53,7 +53,7 @@ class VGG(Backbone):
                 stride *= 2
             for _i in range(1, n_convs + 1):
                 layers.append(Conv2d(in_ch, ch, 3, padding=1, bias=True, norm=get_norm(norm, ch),
-                                     activation=nn.ReLU()))
+                                     activation=nn.ReLU(inplace=True)))
                 in_ch = ch
             block = nn.Sequential(*layers)
             self.add_module(f"block{b}", block)

@@ -44,7 +44,8 @@ class ConvFCHead(nn.Module):
         convs = []
         c = in_channels
         for _ in range(num_convs):
-            conv = Conv2d(c, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim), activation=nn.ReLU())
+            conv = Conv2d(c, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim),
+                          activation=nn.ReLU(inplace=True))
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             convs.append(conv)
             c = conv_dim

@@ -27,7 +27,7 @@ class RPNHead(nn.Module):
 
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Sequential(*[Conv2d(in_channels, in_channels, 3, padding=1, activation=nn.ReLU())
+        self.conv = nn.Sequential(*[Conv2d(in_channels, in_channels, 3, padding=1, activation=nn.ReLU(inplace=True))
                                     for _ in range(conv_depth)])
         self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
         self.deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)

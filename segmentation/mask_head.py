@@ -40,7 +40,7 @@ class MaskRCNNHead(nn.Module):
         c = in_channels
         for _ in range(num_convs):
             conv = Conv2d(c, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim),
-                          activation=nn.ReLU())
+                          activation=nn.ReLU(inplace=True))
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)

@@ -62,7 +62,7 @@ class SemanticFPNHead(nn.Module):
             layers: list[nn.Module] = []
             for k in range(max(1, int(math.log2(stride) - math.log2(common_stride)))):
                 conv = Conv2d(in_channels if k == 0 else conv_dims, conv_dims, 3, padding=1, bias=use_bias,
-                              norm=get_norm(norm, conv_dims), activation=nn.ReLU())
+                              norm=get_norm(norm, conv_dims), activation=nn.ReLU(inplace=True))
                 c2_msra_fill(conv)
                 layers.append(conv)
                 if stride != common_stride:
