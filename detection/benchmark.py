@@ -151,15 +151,42 @@ def bench_train(model: nn.Module, images, targets, *, device: torch.device, dtyp
 @torch.no_grad()
 def bench_infer(model: nn.Module, images, *, device: torch.device, dtype: str, iters: int, warmup: int
                 ) -> tuple[float, float | None]:
-    model.eval()
+    res = bench_infer_interleaved({"m": model}, images, device=device, dtype=dtype, iters=iters, warmup=warmup)
+    return res["m"]
 
-    def step() -> None:
+
+@torch.no_grad()
+def bench_infer_interleaved(models: dict[str, nn.Module], images, *, device: torch.device, dtype: str, iters: int,
+                            warmup: int) -> dict[str, tuple[float, float | None]]:
+    """Inference ms (median) and peak memory of each model, the timed calls taken in turn (A, B, A, B...).
+
+    Interleaving spreads a shared machine's slow and fast moments over every model alike; measured one
+    after the other, two models' figures on a 2-core VM differed by up to 20% between identical runs.
+    """
+    for m in models.values():
+        m.eval()
+
+    def step(m: nn.Module) -> None:
         with _autocast(device, dtype):
-            model(images)
+            m(images)
 
-    start = _peak_reset(device)
-    ms = _time(step, device, iters, warmup)
-    return ms, _peak_read(device, start)
+    peaks: dict[str, float | None] = {}
+    for name, m in models.items():  # the first warm-up call of each model also measures its peak memory
+        start = _peak_reset(device)
+        step(m)
+        _sync(device)
+        peaks[name] = _peak_read(device, start)
+        for _ in range(warmup - 1):
+            step(m)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(iters):
+        for name, m in models.items():
+            t = time.perf_counter()
+            step(m)
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(ts) * 1000, peaks[name]) for name, ts in times.items()}
 
 
 def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width: int, train_batch: int,
@@ -168,15 +195,17 @@ def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width:
         log: Callable[[str], None] = print) -> list[Result]:
     """Run every (arch, model, dtype, mode) combination; returns the results (also logged as they come).
 
-    With `prepared`, inference is also measured for "ours-prepared": our model after
+    Training is measured model after model; inference calls of all models are interleaved (see
+    `bench_infer_interleaved`). With `prepared`, inference is also measured for "ours-prepared": our model after
     `prepare_for_inference()` (frozen BN folded into the convolutions, channels_last), the way this
     project ships a trained model for inference.
     """
     dev = torch.device(device)
     results: list[Result] = []
     for arch in archs:
-        for name in which:
-            for dtype in dtypes:
+        for dtype in dtypes:
+            variants: dict[str, nn.Module] = {}
+            for name in which:
                 torch.manual_seed(0)
                 model = build_ours(arch) if name == "ours" else build_torchvision(arch)
                 model = prepare(model, device=dev, channels_last=channels_last, compile_backbone=compile_backbone)
@@ -187,21 +216,24 @@ def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width:
                                           compile_backbone, ms, train_batch * 1000 / ms, mem))
                     log(format_row(results[-1]))
                 if "infer" in modes:
-                    variants = [(name, model)]
+                    variants[name] = model
                     if prepared and name == "ours":
                         import copy
 
-                        variants.append(("ours-prepared", copy.deepcopy(model).prepare_for_inference()))
-                    for label, m in variants:
-                        for b in infer_batches:
-                            images, _ = make_inputs(b, height, width, dev)
-                            ms, mem = bench_infer(m, images, device=dev, dtype=dtype, iters=iters, warmup=warmup)
-                            # ("ours-prepared" is channels_last internally; the column shows the run's flag.)
-                            results.append(Result(label, arch, "infer", dtype, b, height, width, channels_last,
-                                                  compile_backbone, ms, b * 1000 / ms, mem))
-                            log(format_row(results[-1]))
-                del model
+                        variants["ours-prepared"] = copy.deepcopy(model).prepare_for_inference()
+                else:
+                    del model
                 gc.collect()
+            for b in infer_batches if variants else []:
+                images, _ = make_inputs(b, height, width, dev)
+                timed = bench_infer_interleaved(variants, images, device=dev, dtype=dtype, iters=iters, warmup=warmup)
+                for label, (ms, mem) in timed.items():
+                    # ("ours-prepared" is channels_last internally; the column shows the run's flag.)
+                    results.append(Result(label, arch, "infer", dtype, b, height, width, channels_last,
+                                          compile_backbone, ms, b * 1000 / ms, mem))
+                    log(format_row(results[-1]))
+            variants.clear()
+            gc.collect()
     return results
 
 

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+# Below this many boxes per chunk, a thread hand-off costs more than it saves.
+_MIN_BOXES_PER_CHUNK = 32
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR._max_workers != workers:
+            if _EXECUTOR is not None:
+                _EXECUTOR.shutdown(wait=False)
+            _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_pool")
+        return _EXECUTOR
 
 
 class RoIPooler(nn.Module):
@@ -49,6 +66,42 @@ class RoIPooler(nn.Module):
         lvl = torch.nan_to_num(lvl, nan=float(self.min_level))
         return (lvl.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
 
+    def _use_cpu_threads(self, feats: Sequence[Tensor], rois: Tensor) -> bool:
+        """torchvision's CPU RoIAlign/RoIPool kernels run on one core; at inference (nothing to
+        differentiate) chunks of boxes are pooled on `torch.get_num_threads()` threads instead."""
+        if rois.device.type != "cpu" or torch.get_num_threads() < 2 or rois.shape[0] < 2 * _MIN_BOXES_PER_CHUNK:
+            return False
+        return not (torch.is_grad_enabled() and (rois.requires_grad or any(f.requires_grad for f in feats)))
+
+    def _forward_cpu_threads(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
+        workers = torch.get_num_threads()
+        # Layout conversions (channels_last -> contiguous) run here, on every core, not in one worker.
+        feats = [f.contiguous() for f in feats]
+        if len(feats) == 1:
+            groups = [(feats[0], rois, torch.arange(rois.shape[0]), self.scales[0])]
+        else:
+            levels = self.level_of(rois[:, 1:])
+            order = levels.argsort(stable=True)
+            counts = torch.bincount(levels, minlength=len(feats)).tolist()
+            groups = list(zip(feats, rois[order].split(counts), order.split(counts), self.scales))
+        inference = torch.is_inference_mode_enabled()
+
+        def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
+            with torch.inference_mode(inference), torch.no_grad():  # grad mode is per thread
+                return self._pool(x, r, scale)
+
+        jobs = []
+        for x, r, idx, scale in groups:
+            n_chunks = max(1, min(workers, r.shape[0] // _MIN_BOXES_PER_CHUNK))
+            for rc, ic in zip(r.tensor_split(n_chunks), idx.tensor_split(n_chunks)):
+                if rc.shape[0]:
+                    jobs.append((ic, _executor(workers).submit(pool, x, rc, scale)))
+        s = self.output_size
+        out = feats[0].new_empty((rois.shape[0], feats[0].shape[1], s, s))
+        for idx, job in jobs:
+            out.index_copy_(0, idx, job.result())
+        return out
+
     def _pool(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
         if self.pooler_type == "roi_pool":
             return roi_pool(x, rois, self.output_size, scale)
@@ -63,6 +116,8 @@ class RoIPooler(nn.Module):
         """
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
         feats = [f.float() for f in features]
+        if self._use_cpu_threads(feats, rois):
+            return self._forward_cpu_threads(feats, rois)
         if len(feats) == 1:
             return self._pool(feats[0], rois, self.scales[0])
         levels = self.level_of(rois[:, 1:])
@@ -72,5 +127,6 @@ class RoIPooler(nn.Module):
         counts = torch.bincount(levels, minlength=len(feats)).tolist()
         pooled = [self._pool(f, r, scale) for f, r, scale in zip(feats, rois[order].split(counts), self.scales)]
         out = pooled[0].new_empty((rois.shape[0], *pooled[0].shape[1:]))
-        out[order] = torch.cat(pooled)
+        for idx, p in zip(order.split(counts), pooled):  # scattered straight into place, no concatenation
+            out.index_copy_(0, idx, p)
         return out

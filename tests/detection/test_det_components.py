@@ -308,6 +308,38 @@ def test_roi_pooler_equals_torchvision_multiscale_roialign() -> None:
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pooler_type", ["roi_align", "roi_pool"])
+def test_roi_pooler_cpu_threads_equal_one_thread(pooler_type: str) -> None:
+    """At inference on CPU, chunks of boxes are pooled on several threads: same bits as one thread."""
+    g = torch.Generator().manual_seed(2)
+    strides = (4, 8, 16, 32)
+    feats = [torch.randn(2, 8, 256 // s, 320 // s, generator=g).contiguous(memory_format=torch.channels_last)
+             for s in strides]
+    sides = torch.cat([torch.rand(150, generator=g) * 60 + 8, torch.rand(50, generator=g) * 400 + 100])
+    xy = torch.rand(200, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + sides[:, None]], dim=1)
+    batch_index = (torch.arange(200) % 2).to(torch.int64)
+    pooler = RoIPooler(strides, 7, pooler_type=pooler_type)
+    single = RoIPooler([8], 7, pooler_type=pooler_type)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = pooler(feats, boxes, batch_index), single(feats[1:2], boxes, batch_index)
+        torch.set_num_threads(2)
+        assert pooler._use_cpu_threads(feats, boxes)
+        with torch.inference_mode():
+            threaded = pooler(feats, boxes, batch_index), single(feats[1:2], boxes, batch_index)
+        # nothing to differentiate -> threads; a feature that needs a gradient -> the serial path
+        needs_grad = [f.clone().requires_grad_() for f in feats]
+        assert not pooler._use_cpu_threads(needs_grad, boxes)
+        pooler(needs_grad, boxes, batch_index).sum().backward()
+        assert all(f.grad is not None for f in needs_grad)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(serial, threaded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_roi_pooler_single_level_variants() -> None:
     g = torch.Generator().manual_seed(1)
     feat = torch.randn(1, 4, 20, 20, generator=g)
