@@ -139,7 +139,9 @@ class FPN(Backbone):
             lateral = self.lateral[i](inputs[i])
             # Upsample to the lateral's exact size (not a fixed x2) so inputs of any size work.
             top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
-            last_inner = lateral + top_down
+            # The lateral conv's output is a fresh tensor (autograd needs neither it nor top_down): add in
+            # place, one full-resolution allocation fewer per level.
+            last_inner = lateral.add_(top_down)
             results.insert(0, self.output[i](last_inner))
         if self.top_block is not None:
             results.extend(self.top_block(results[-1], inputs[-1]))
