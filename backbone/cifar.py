@@ -8,7 +8,8 @@ table next to the paper's figures. CLI: `tools/degradation_study.py`.
 
 Data: CIFAR-10 from a local folder (`cifar-10-batches-bin/`, read without pickle, or the python
 `cifar-10-batches-py/`), never downloaded here; or `synthetic`, a small deterministic 10-class set for
-smoke runs (it does not show the degradation).
+smoke runs (no substitute for CIFAR-10, although a one-minute CPU run at depths 8 and 20 already shows
+plain-20 training worse than plain-8 and ResNet-20 better than ResNet-8).
 """
 
 from __future__ import annotations
@@ -296,9 +297,10 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Rows next to the paper's Table 6, and whether plain nets degrade and ResNets improve with depth."""
-    rows = [{**r, "paper_test_error": PAPER_TEST_ERROR.get(r["name"])} for r in results]
+def summarize(results: Sequence[dict[str, Any]], *, with_paper: bool = True) -> dict[str, Any]:
+    """Rows next to the paper's Table 6 (CIFAR-10 runs only), and whether plain nets degrade and ResNets
+    improve with depth."""
+    rows = [{**r, "paper_test_error": PAPER_TEST_ERROR.get(r["name"]) if with_paper else None} for r in results]
     out: dict[str, Any] = {"rows": rows}
     for kind in ("plain", "resnet"):
         rs = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["depth"])
@@ -322,7 +324,7 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path, dataset: str = "CIFAR-10") -> None:
     """Fig. 6 of the paper: plain nets left, ResNets right; training error dashed, test error solid."""
     from matplotlib.figure import Figure
 
@@ -335,7 +337,7 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
         (line,) = ax.plot(its, [r["train_error"] for r in curve], "--", linewidth=1)
         ax.plot(its, [r["test_error"] for r in curve], "-", color=line.get_color(), linewidth=2, label=name)
     for kind, ax in axes.items():
-        ax.set_title(f"{kind} nets on CIFAR-10 (dashed: training error, solid: test error)", fontsize=9)
+        ax.set_title(f"{kind} nets on {dataset} (dashed: training error, solid: test error)", fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel("error (%)")
         ax.grid(alpha=0.3)
@@ -367,11 +369,11 @@ def run_degradation_study(data: str | os.PathLike, cfg: StudyConfig, output_dir:
                 res = train_one(kind, depth, dataset, cfg, sub, dev, progress=progress)
             results.append(res)
             curves[res["name"]] = read_curve(sub / "metrics.jsonl")
-    summary = summarize(results)
+    summary = summarize(results, with_paper=str(data) != "synthetic")
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     table = format_table(summary)
     (out / "study.md").write_text(table + "\n")
-    plot_curves(curves, out / "study.png")
+    plot_curves(curves, out / "study.png", dataset="synthetic data" if str(data) == "synthetic" else "CIFAR-10")
     print(table)
     return summary
 

@@ -148,6 +148,7 @@ def test_study_end_to_end_writes_reports_and_skips_finished_nets(one_thread: Non
     summary = run_degradation_study("synthetic", _tiny_cfg(depths=(8, 14)), tmp_path, device="cpu", progress=False)
     assert {r["name"] for r in summary["rows"]} == {"plain8", "plain14", "resnet8", "resnet14"}
     assert "plain_deeper_minus_shallower_train_error" in summary
+    assert all(r["paper_test_error"] is None for r in summary["rows"])  # the paper's figures are CIFAR-10's
     for f in ("study.md", "study.json", "study.png", "config.json"):
         assert (tmp_path / f).stat().st_size > 0
     assert "| resnet14 |" in capsys.readouterr().out
