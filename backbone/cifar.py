@@ -357,6 +357,9 @@ def run_degradation_study(data: str | os.PathLike, cfg: StudyConfig, output_dir:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = synthetic_cifar(seed=cfg.seed) if str(data) == "synthetic" else load_cifar10(data)
+    if cfg.batch_size > len(dataset["train"][1]):
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(dataset['train'][1])} training "
+                         f"images of {data}; lower batch_size")
     (out / "config.json").write_text(json.dumps({"data": str(data), **asdict(cfg)}, indent=2))
     results, curves = [], {}
     for kind in cfg.kinds:

@@ -9,6 +9,7 @@ to both models alike).
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import platform
@@ -149,13 +150,6 @@ def bench_train(model: nn.Module, images, targets, *, device: torch.device, dtyp
 
 
 @torch.no_grad()
-def bench_infer(model: nn.Module, images, *, device: torch.device, dtype: str, iters: int, warmup: int
-                ) -> tuple[float, float | None]:
-    res = bench_infer_interleaved({"m": model}, images, device=device, dtype=dtype, iters=iters, warmup=warmup)
-    return res["m"]
-
-
-@torch.no_grad()
 def bench_infer_interleaved(models: dict[str, nn.Module], images, *, device: torch.device, dtype: str, iters: int,
                             warmup: int) -> dict[str, tuple[float, float | None]]:
     """Inference ms (median) and peak memory of each model, the timed calls taken in turn (A, B, A, B...).
@@ -218,8 +212,6 @@ def run(*, archs: list[str], dtypes: list[str], device: str, height: int, width:
                 if "infer" in modes:
                     variants[name] = model
                     if prepared and name == "ours":
-                        import copy
-
                         variants["ours-prepared"] = copy.deepcopy(model).prepare_for_inference()
                 else:
                     del model

@@ -11,20 +11,21 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
-_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None
 _EXECUTOR_LOCK = threading.Lock()
 # Below this many boxes per chunk, a thread hand-off costs more than it saves.
 _MIN_BOXES_PER_CHUNK = 32
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
+    """One process-wide pool, rebuilt when `torch.set_num_threads` changed the thread count."""
     global _EXECUTOR
     with _EXECUTOR_LOCK:
-        if _EXECUTOR is None or _EXECUTOR._max_workers != workers:
+        if _EXECUTOR is None or _EXECUTOR[0] != workers:
             if _EXECUTOR is not None:
-                _EXECUTOR.shutdown(wait=False)
-            _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_pool")
-        return _EXECUTOR
+                _EXECUTOR[1].shutdown(wait=False)
+            _EXECUTOR = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_pool"))
+        return _EXECUTOR[1]
 
 
 class RoIPooler(nn.Module):
@@ -73,17 +74,10 @@ class RoIPooler(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (rois.requires_grad or any(f.requires_grad for f in feats)))
 
-    def _forward_cpu_threads(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
+    def _pool_threaded(self, groups: list[tuple[Tensor, Tensor, Tensor, float]]) -> list[tuple[Tensor, Tensor]]:
+        """`_pool` of every group, in chunks of boxes spread over `torch.get_num_threads()` threads."""
         workers = torch.get_num_threads()
-        # Layout conversions (channels_last -> contiguous) run here, on every core, not in one worker.
-        feats = [f.contiguous() for f in feats]
-        if len(feats) == 1:
-            groups = [(feats[0], rois, torch.arange(rois.shape[0]), self.scales[0])]
-        else:
-            levels = self.level_of(rois[:, 1:])
-            order = levels.argsort(stable=True)
-            counts = torch.bincount(levels, minlength=len(feats)).tolist()
-            groups = list(zip(feats, rois[order].split(counts), order.split(counts), self.scales))
+        pool_threads = _executor(workers)
         inference = torch.is_inference_mode_enabled()
 
         def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
@@ -95,12 +89,8 @@ class RoIPooler(nn.Module):
             n_chunks = max(1, min(workers, r.shape[0] // _MIN_BOXES_PER_CHUNK))
             for rc, ic in zip(r.tensor_split(n_chunks), idx.tensor_split(n_chunks)):
                 if rc.shape[0]:
-                    jobs.append((ic, _executor(workers).submit(pool, x, rc, scale)))
-        s = self.output_size
-        out = feats[0].new_empty((rois.shape[0], feats[0].shape[1], s, s))
-        for idx, job in jobs:
-            out.index_copy_(0, idx, job.result())
-        return out
+                    jobs.append((ic, pool_threads.submit(pool, x, rc, scale)))
+        return [(idx, job.result()) for idx, job in jobs]
 
     def _pool(self, x: Tensor, rois: Tensor, scale: float) -> Tensor:
         if self.pooler_type == "roi_pool":
@@ -116,17 +106,25 @@ class RoIPooler(nn.Module):
         """
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
         feats = [f.float() for f in features]
-        if self._use_cpu_threads(feats, rois):
-            return self._forward_cpu_threads(feats, rois)
-        if len(feats) == 1:
+        threaded = self._use_cpu_threads(feats, rois)
+        if len(feats) == 1 and not threaded:
             return self._pool(feats[0], rois, self.scales[0])
-        levels = self.level_of(rois[:, 1:])
-        # Group the boxes by level: the group sizes are data-dependent, so they are read back once (one
-        # host sync for all levels), the price of not pooling every box from every level.
-        order = levels.argsort(stable=True)
-        counts = torch.bincount(levels, minlength=len(feats)).tolist()
-        pooled = [self._pool(f, r, scale) for f, r, scale in zip(feats, rois[order].split(counts), self.scales)]
-        out = pooled[0].new_empty((rois.shape[0], *pooled[0].shape[1:]))
-        for idx, p in zip(order.split(counts), pooled):  # scattered straight into place, no concatenation
+        if threaded:  # layout conversions (channels_last -> contiguous) here, on every core, not in one worker
+            feats = [f.contiguous() for f in feats]
+        if len(feats) == 1:
+            groups = [(feats[0], rois, torch.arange(rois.shape[0], device=rois.device), self.scales[0])]
+        else:
+            # Group the boxes by level: the group sizes are data-dependent, so they are read back once (one
+            # host sync for all levels), the price of not pooling every box from every level.
+            levels = self.level_of(rois[:, 1:])
+            order = levels.argsort(stable=True)
+            counts = torch.bincount(levels, minlength=len(feats)).tolist()
+            groups = list(zip(feats, rois[order].split(counts), order.split(counts), self.scales))
+        if threaded:
+            pooled = self._pool_threaded(groups)
+        else:
+            pooled = [(idx, self._pool(x, r, scale)) for x, r, idx, scale in groups]
+        out = pooled[0][1].new_empty((rois.shape[0], *pooled[0][1].shape[1:]))
+        for idx, p in pooled:  # scattered straight into place, no concatenation
             out.index_copy_(0, idx, p)
         return out

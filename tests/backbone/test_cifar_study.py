@@ -66,14 +66,14 @@ def test_augment_is_a_padded_crop_with_optional_flip() -> None:
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
 
 
-def test_augment_flips_some_and_not_others() -> None:
-    x = torch.rand(64, 3, 32, 32)
+def test_augment_mirrors_some_images_and_not_others() -> None:
+    # Columns numbered 1..32: an unmirrored crop increases left to right, a mirrored one decreases.
+    x = torch.arange(1, 33, dtype=torch.float32).expand(64, 3, 32, 32).clone()
     out = augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    g = torch.Generator().manual_seed(0)
-    torch.randint(0, 9, (64,), generator=g), torch.randint(0, 9, (64,), generator=g)
-    flips = (torch.rand(64, generator=g) < 0.5).sum()
-    assert 0 < flips < 64
+    row = out[:, 0, 16, 12:20]  # columns every crop offset keeps inside the image
+    rising, falling = (row.diff(dim=1) > 0).all(1), (row.diff(dim=1) < 0).all(1)
+    assert bool((rising | falling).all()) and 0 < int(falling.sum()) < 64
 
 
 def test_schedule_milestones_and_warmup_for_110_layers() -> None:
@@ -156,6 +156,12 @@ def test_study_end_to_end_writes_reports_and_skips_finished_nets(one_thread: Non
     monkeypatch.setattr(cifar, "train_one", lambda *a, **k: pytest.fail("retrained a finished net"))
     again = run_degradation_study("synthetic", _tiny_cfg(depths=(8, 14)), tmp_path, device="cpu", progress=False)
     assert json.loads((tmp_path / "study.json").read_text()) == again
+
+
+def test_batch_larger_than_the_dataset_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cifar, "synthetic_cifar", lambda seed=0: synthetic_cifar(16, 8, seed=seed))
+    with pytest.raises(ValueError, match="batch_size=32 is larger than the 16 training images"):
+        run_degradation_study("synthetic", _tiny_cfg(batch_size=32), tmp_path, device="cpu", progress=False)
 
 
 def test_paper_row_is_attached_to_resnet20() -> None:
