@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
+TINY_COCO = REPO / "tests" / "data" / "tiny_coco"
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,8 @@ def tiny_coco_src() -> Path:
     """The read-only tiny COCO folder (16 real train2017 images)."""
     if not (TINY_COCO / "annotations.json").is_file():
         raise FileNotFoundError(
-            f"tiny COCO data not found at {TINY_COCO}; the tests expect ../shared/data/tiny_coco "
-            "beside the repository"
+            f"tiny COCO data not found at {TINY_COCO}; it is part of the repository "
+            "(tests/data/tiny_coco): restore it with git checkout"
         )
     return TINY_COCO
 
