@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resnet_det.common import atomic_write, autocast
+
 from .applications import ImageClassifier
 from .resnet import CifarResNet
 
@@ -187,23 +189,15 @@ def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, mean: Tensor, *, batc
         xb = x[i:i + batch_size].to(dev).float().div_(255).sub_(mean)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, amp):
+        with autocast(dev, amp):
             pred = model(xb).argmax(1)
         wrong += int((pred != y[i:i + batch_size].to(dev)).sum())
     model.train()
     return 100.0 * wrong / max(len(x), 1)
 
 
-def _autocast(device: torch.device, amp: str) -> Any:
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_one(kind: str, depth: int, data: dict[str, tuple[Tensor, Tensor]], cfg: StudyConfig, out_dir: Path,
@@ -251,7 +245,7 @@ def train_one(kind: str, depth: int, data: dict[str, tuple[Tensor, Tensor]], cfg
         lr = lr_at(cfg, depth, it)
         for group in opt.param_groups:
             group["lr"] = lr
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         if not torch.isfinite(loss):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from resnet_det.common import atomic_write
+
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("fc.", "head_norm.", "fc_head.")
@@ -269,11 +271,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[s
     if path.suffix != ".safetensors":
         raise ValueError(f"path {str(path)!r} must end with .safetensors")
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(sd, str(tmp), metadata=metadata or {})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata or {}))
 
 
 # ---------------------------------------------------------------------------------------- ImageNet

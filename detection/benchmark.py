@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnet_det.common import autocast
+
 ARCHS = {"R50-FPN": "resnet50", "R101-FPN": "resnet101", "R18-FPN": "resnet18"}
 
 
@@ -81,9 +83,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return autocast(device, "off" if dtype == "fp32" else dtype)
 
 
 def _peak_reset(device: torch.device) -> int:

@@ -29,7 +29,6 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from resnet_det.common import atomic_write
 
 __all__ = [
     "Config",
@@ -830,8 +831,8 @@ _ConfigDumper.add_representer(list, _represent_list)
 def dump_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Writes the resolved config as YAML that :func:`load_config` reads back to an equal object.
 
-    The file is written to a temporary file first and then renamed, so a reader never sees half a
-    config.
+    The file is written atomically (:func:`resnet_det.common.atomic_write`), with normal
+    permissions, so a reader never sees half a config.
 
     Args:
         cfg: A config dataclass instance.
@@ -845,12 +846,4 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     text = "# Resolved config: every value in force for this run.\n" + yaml.dump(
         config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=100
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, text)

@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from resnet_det.common import autocast
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -51,9 +53,7 @@ def predict(model: nn.Module, paths: Sequence[Path], *, device: torch.device, ba
         chunk = paths[start:start + batch_size]
         arrays = [load_image(p) for p in chunk]
         images = [torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays]
-        ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-               if amp != "off" else torch.autocast(device.type, enabled=False))
-        with ctx:
+        with autocast(device, amp):
             outputs = model(images)
         for p, a, o in zip(chunk, arrays, outputs):
             yield p, a, {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}

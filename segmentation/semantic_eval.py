@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from resnet_det.common import get_world_size, is_main_process
+
 __all__ = ["CONFUSION_MATRIX_FILENAME", "SEM_SEG_METRICS_FILENAME", "SemSegEvaluator"]
 
 CONFUSION_MATRIX_FILENAME = "confusion_matrix.png"
@@ -168,7 +170,7 @@ class SemSegEvaluator:
             self.confusion_matrix += counts.reshape(k, k).cpu()
 
     def _reduced_matrix(self) -> torch.Tensor:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if get_world_size() == 1:
             return self.confusion_matrix.clone()
         device = torch.device("cpu")
         if "nccl" in str(dist.get_backend()).lower():
@@ -190,8 +192,7 @@ class SemSegEvaluator:
         if not matrix.sum():
             warnings.warn("SemSegEvaluator: no (non-ignored) pixel was processed; all metrics are NaN",
                           UserWarning, stacklevel=2)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if rank == 0:
+        if is_main_process():
             print(self.format_table(metrics))
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from resnet_det.common import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,10 @@ def default_rank_world_size(rank: int | None = None, world_size: int | None = No
     Raises:
         ValueError: ``rank`` is not in ``[0, world_size)``.
     """
-    initialised = dist.is_available() and dist.is_initialized()
     if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
+        world_size = get_world_size()
     if rank is None:
-        rank = dist.get_rank() if initialised else 0
+        rank = get_rank()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)

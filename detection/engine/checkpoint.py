@@ -7,8 +7,8 @@ A checkpoint ``<name>`` is two files in the output folder:
   position and RNG states per rank), made only of dicts, lists, tuples, strings, numbers, None and
   tensors, so that ``torch.load(..., weights_only=True)`` reads it: no pickled objects.
 
-Each file is written to a temporary file in the same folder (a dot-name containing ``.tmp-``, which
-no checkpoint name can contain), flushed and fsync'ed, then renamed over the final name. Only when
+Each file is written by :func:`resnet_det.common.atomic_write` (a temporary dot-file containing
+``.tmp-``, which no checkpoint name can contain, flushed, fsync'ed, then renamed over the final name). Only when
 both files are in place is the ``last_checkpoint`` pointer replaced, the same way. A process killed
 at any moment therefore leaves ``last_checkpoint`` naming a complete, loadable checkpoint (or no
 pointer at all before the first save completes).
@@ -19,9 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,18 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .distributed import all_gather_object, get_rank, get_world_size, is_main_process, unwrap_model
-from .rng import get_rng_states, set_rng_states
+from resnet_det.common import (
+    TMP_MARK,
+    all_gather_object,
+    atomic_write,
+    get_rank,
+    get_rng_states,
+    get_world_size,
+    is_main_process,
+    set_rng_states,
+    temp_file_owner,
+    unwrap_model,
+)
 
 __all__ = [
     "POINTER_FILE",
@@ -48,8 +57,6 @@ POINTER_FILE = "last_checkpoint"
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
 FORMAT_VERSION = 1
-_TMP_MARK = ".tmp-"
-_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 _PERIODIC_NAME = re.compile(r"^model_(\d+)$")
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -63,34 +70,6 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Low-level file writing
 # --------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes renames in `folder` durable; some platforms cannot open folders, which is harmless."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(final: Path, write: Callable[[Path], None]) -> None:
-    """Writes through `write(tmp_path)`, fsyncs, then renames to `final` (never a partial `final`)."""
-    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _to_plain(obj: Any, where: str) -> Any:
@@ -280,10 +259,10 @@ class Checkpointer:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not isinstance(name, str) or not _VALID_NAME.match(name) or _TMP_MARK in name:
+        if not isinstance(name, str) or not _VALID_NAME.match(name) or TMP_MARK in name:
             raise ValueError(
                 f"checkpoint name {name!r} must be letters, digits, '_', '-', '.' (not starting with '.', "
-                f"without '{_TMP_MARK}'), e.g. 'model_0005000'"
+                f"without '{TMP_MARK}'), e.g. 'model_0005000'"
             )
         if name.endswith((WEIGHTS_SUFFIX, STATE_SUFFIX)):
             raise ValueError(f"checkpoint name {name!r} must not include a suffix; give 'model_0005000'")
@@ -361,13 +340,10 @@ class Checkpointer:
         # `.tmpXXXXXX` file of its own, which a kill would leave behind with no owner to clean it.
         payload = safetensors_bytes(tensors, metadata=metadata)
         del tensors
-        _atomic_write(weights_path, lambda tmp: tmp.write_bytes(payload))
-        _atomic_write(state_path, lambda tmp: torch.save(plain_state, tmp))
-        _fsync_dir(self.output_dir)
+        atomic_write(weights_path, payload)
+        atomic_write(state_path, lambda tmp: torch.save(plain_state, tmp))
         # The pointer moves only now, when both files of `name` are complete and durable.
-        pointer = self.output_dir / POINTER_FILE
-        _atomic_write(pointer, lambda tmp: tmp.write_text(name + "\n", encoding="utf-8"))
-        _fsync_dir(self.output_dir)
+        atomic_write(self.output_dir / POINTER_FILE, name + "\n")
         self._prune()
         return weights_path
 
@@ -388,11 +364,10 @@ class Checkpointer:
 
     def _remove_stale_temp_files(self) -> None:
         """Deletes temporary files left by writers that were killed (their process is gone)."""
-        for p in self.output_dir.glob(f".*{_TMP_MARK}*"):
-            m = _TMP_NAME.match(p.name)
-            if not m:
+        for p in self.output_dir.glob(f".*{TMP_MARK}*"):
+            pid = temp_file_owner(p.name)
+            if pid is None:
                 continue
-            pid = int(m.group(1))
             if pid != os.getpid() and not _process_alive(pid):
                 p.unlink(missing_ok=True)
 

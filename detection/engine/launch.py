@@ -6,7 +6,6 @@ tasks by `segmentation` when it is imported, so the dependency arrows stay one-w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -19,10 +18,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from resnet_det.common import (
+    autocast,
+    cleanup,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    resolve_device,
+    seed_everything,
+)
+
 from ..build import build_detector
 from ..config import Config, ModelConfig
-from .distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process, resolve_device
-from .rng import seed_everything
 from .trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -135,12 +143,6 @@ def load_detector_weights(model: nn.Module, path: str) -> None:
                            f"unexpected {result.unexpected_keys[:6]}")
 
 
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 # --------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device, amp: str = "off",
@@ -168,7 +170,7 @@ def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device
         sem_eval = SemSegEvaluator(len(dataset.class_names), class_names=dataset.class_names, output_dir=output_dir)
     bar = tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False)
     for images, targets in bar:
-        with autocast_context(device, amp):
+        with autocast(device, amp):
             outputs = model([img.to(device, non_blocking=True) for img in images])
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         if coco_eval is not None:

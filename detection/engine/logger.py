@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .distributed import is_main_process
+from resnet_det.common import is_main_process
 
 __all__ = ["MetricsLogger", "flatten_metrics", "plot_curves", "read_metrics"]
 

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from resnet_det.common import is_main_process
+
 from ..config import load_config
-from .distributed import is_main_process
 
 PAPER = {"vgg16": {"AP": 0.212, "AP50": 0.415}, "resnet101": {"AP": 0.272, "AP50": 0.484}}
 CONFIGS = ("configs/paper/faster_rcnn_VGG16_C4.yaml", "configs/paper/faster_rcnn_R_101_C4.yaml")

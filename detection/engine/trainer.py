@@ -30,19 +30,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..config import Config, dump_config
-from .checkpoint import Checkpointer, make_trainer_state
-from .distributed import (
+from resnet_det.common import (
+    AMP_DTYPES,
     all_gather_object,
+    autocast,
     barrier,
+    check_autocast,
     get_world_size,
     is_main_process,
+    preserve_rng_states,
     resolve_device,
     unwrap_model,
     wrap_ddp,
 )
+
+from ..config import Config, dump_config
+from .checkpoint import Checkpointer, make_trainer_state
 from .logger import MetricsLogger, flatten_metrics
-from .rng import preserve_rng_states
 from .solver import build_lr_scheduler, build_optimizer
 
 __all__ = ["AMP_DTYPES", "EvalFn", "Trainer", "build_trainer"]
@@ -51,38 +55,7 @@ EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 """``eval_fn(model, iteration) -> results``: called on every process with the unwrapped model in
 eval mode; returns (possibly nested) metrics on the main process ({} elsewhere is fine)."""
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
 _SCHEDULER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-
-
-def _check_autocast(device: torch.device, dtype: torch.dtype | None, amp: str) -> None:
-    """Fails early and clearly when this torch/device cannot autocast to `dtype`."""
-    if dtype is None:
-        return
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"train.amp={amp}: this GPU ({torch.cuda.get_device_name(device)}) does not support bfloat16; "
-            "use train.amp=fp16 or off"
-        )
-    try:
-        with warnings.catch_warnings():
-            # torch warns and silently disables autocast for unsupported dtypes; the probe below
-            # turns that into an error instead.
-            warnings.simplefilter("ignore")
-            a = torch.ones(2, 2, device=device)
-            with torch.autocast(device_type=device.type, dtype=dtype):
-                out = torch.mm(a, a)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"train.amp={amp} is not supported on {device.type} with torch {torch.__version__}: {err}. "
-            "Use train.amp=bf16 or train.amp=off."
-        ) from err
-    if out.dtype != dtype:
-        raise ValueError(
-            f"train.amp={amp}: torch {torch.__version__} does not autocast to {dtype} on {device.type}. "
-            "Use train.amp=bf16 (CPU and recent GPUs) or train.amp=off."
-        )
 
 
 def _as_scalar_losses(loss_dict: Any) -> dict[str, Tensor]:
@@ -188,7 +161,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.amp = amp
         self.amp_dtype = AMP_DTYPES[amp]
-        _check_autocast(self.device, self.amp_dtype, amp)
+        check_autocast(self.device, amp)
         self.clip_grad_norm = clip_grad_norm
         self.checkpoint_period = checkpoint_period
         self.eval_fn = eval_fn
@@ -267,11 +240,6 @@ class Trainer:
     # One iteration
     # ----------------------------------------------------------------------------------------------
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def _to_device(self, images: Any, targets: Sequence[Mapping[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
         if isinstance(images, Tensor):
             images = images.to(self.device, non_blocking=True)
@@ -314,7 +282,7 @@ class Trainer:
             self._bad_seen = torch.zeros((), dtype=torch.bool, device=self.device)
         images, targets = self._next_batch()
         images, targets = self._to_device(images, targets)
-        with self._autocast():
+        with autocast(self.device, self.amp):
             loss_dict = _as_scalar_losses(self.model(images, targets))
         keys = tuple(loss_dict)
         # Losses are summed in float32 even under autocast: a bf16 sum of several terms loses digits.

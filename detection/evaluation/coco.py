@@ -59,10 +59,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from resnet_det.common import all_gather_object, get_world_size, is_main_process
 
 __all__ = [
     "IOU_TYPES",
@@ -821,11 +822,10 @@ class COCOEvaluator:
 
     def _gather(self) -> dict[int, list[dict[str, Any]]] | None:
         """All ranks' predictions on rank 0 (None on the other ranks), de-duplicated by image id."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if get_world_size() == 1:
             return dict(self._predictions)
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._predictions)
-        if dist.get_rank() != 0:
+        parts = all_gather_object(self._predictions)
+        if not is_main_process():
             return None
         merged: dict[int, list[dict[str, Any]]] = {}
         for part in parts:

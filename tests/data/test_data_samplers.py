@@ -83,10 +83,12 @@ def test_ranks_get_disjoint_parts_of_each_epoch() -> None:
 
 
 def test_rank_and_world_size_default_from_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(samplers_mod.dist, "is_available", lambda: True)
-    monkeypatch.setattr(samplers_mod.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(samplers_mod.dist, "get_rank", lambda: 2)
-    monkeypatch.setattr(samplers_mod.dist, "get_world_size", lambda: 4)
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
     s = GroupedBatchSampler(ratios(), 2)
     assert (s.rank, s.world_size) == (2, 4)
     inf = InferenceSampler(10)

@@ -138,13 +138,11 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
     from pathlib import Path
 
     from detection.config import SolverConfig
-    from detection.engine import (
-        Trainer,
+    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.common import (
         all_gather_object,
         all_reduce_dict,
         barrier,
-        build_lr_scheduler,
-        build_optimizer,
         cleanup,
         get_rank,
         get_world_size,

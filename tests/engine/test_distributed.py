@@ -8,13 +8,11 @@ from engine_fakes import FakeDetector, FixedBatchLoader, ddp_worker, make_batch
 from torch import nn
 
 from detection.config import SolverConfig
-from detection.engine import (
-    Trainer,
+from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+from resnet_det.common import (
     all_gather_object,
     all_reduce_dict,
     barrier,
-    build_lr_scheduler,
-    build_optimizer,
     get_rank,
     get_world_size,
     init_distributed,

@@ -1,0 +1,56 @@
+"""The bottom layer: helpers every package uses, importing nothing else of this project.
+
+- :mod:`.amp`: one autocast helper (``autocast(device, "bf16" | "fp16" | "off")``) and its checks;
+- :mod:`.io`: one atomic file writer (temporary file, fsync, rename);
+- :mod:`.dist`: process-group helpers that are no-ops without ``torch.distributed``;
+- :mod:`.rng`: seeding and RNG states as plain containers (``torch.load(weights_only=True)``-safe);
+- :mod:`.checks`: the ``ValueError`` helper of the typed specs and configs.
+"""
+
+from .amp import AMP_DTYPES, autocast, check_autocast
+from .checks import check
+from .dist import (
+    all_gather_object,
+    all_reduce_dict,
+    barrier,
+    cleanup,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    resolve_device,
+    unwrap_model,
+    wrap_ddp,
+)
+from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
+from .rng import get_rng_states, preserve_rng_states, seed_everything, set_rng_states
+
+__all__ = [
+    "AMP_DTYPES",
+    "TMP_MARK",
+    "all_gather_object",
+    "all_reduce_dict",
+    "atomic_write",
+    "autocast",
+    "barrier",
+    "check",
+    "check_autocast",
+    "cleanup",
+    "fsync_dir",
+    "get_local_rank",
+    "get_rank",
+    "get_rng_states",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "preserve_rng_states",
+    "resolve_device",
+    "seed_everything",
+    "set_rng_states",
+    "temp_file_owner",
+    "unwrap_model",
+    "wrap_ddp",
+]
