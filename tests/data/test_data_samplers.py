@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-import detection.data.samplers as samplers_mod
 from detection.data.samplers import GroupedBatchSampler, InferenceSampler
 
 
