@@ -73,3 +73,24 @@ def load_torchvision_detector(model: nn.Module, source: str | os.PathLike | dict
         raise WeightsError(f"torchvision checkpoint does not fit {type(model).__name__}: missing {missing[:6]}, "
                            f"unexpected {unexpected[:6]}, mismatched {mismatched[:6]}")
     model.load_state_dict({k: v for k, v in converted.items() if k in target}, strict=False)
+
+
+def load_detector_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Loads full-model weights: this project's ``.safetensors``/``.pth``, or a torchvision detection checkpoint.
+
+    torchvision checkpoints are recognised by their ``backbone.body.`` keys and converted with
+    :func:`load_torchvision_detector`; our own files load strictly (``num_batches_tracked`` aside).
+
+    Raises:
+        WeightsError: The file cannot be read, or its keys do not fit the model (the message names
+            the file and the first missing / unexpected keys).
+    """
+    sd = read_state_dict(path)
+    if any(k.startswith("backbone.body.") for k in sd):
+        load_torchvision_detector(model, sd)
+        return
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise WeightsError(f"weights {str(path)!r} do not fit the model: missing {missing[:6]}, "
+                           f"unexpected {result.unexpected_keys[:6]}")

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import segmentation  # noqa: F401  (registers the instance / semantic / panoptic tasks)
     from detection.config import load_config
-    from detection.engine.launch import get_task, load_detector_weights
+    from detection.convert import load_detector_weights
+    from detection.engine.launch import get_task
     from detection.inference import run_inference
     from resnet_det.common import resolve_device
 

@@ -31,6 +31,7 @@ from resnet_det.common import (
 
 from ..build import build_detector
 from ..config import Config, ModelConfig
+from ..convert import load_detector_weights
 from .trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -124,23 +125,6 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     if cfg.model.weights:
         load_detector_weights(model, cfg.model.weights)
     return model
-
-
-def load_detector_weights(model: nn.Module, path: str) -> None:
-    """Load full-model weights: this project's safetensors/.pth, or a torchvision detection checkpoint."""
-    from backbone.weights import WeightsError, read_state_dict
-
-    from ..convert import load_torchvision_detector
-
-    sd = read_state_dict(path)
-    if any(k.startswith("backbone.body.") for k in sd):
-        load_torchvision_detector(model, sd)
-        return
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise WeightsError(f"model.weights={path!r} does not fit the model: missing {missing[:6]}, "
-                           f"unexpected {result.unexpected_keys[:6]}")
 
 
 # --------------------------------------------------------------------------------------- evaluation
