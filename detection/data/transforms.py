@@ -155,49 +155,78 @@ def _check_sample(image: np.ndarray, target: Target) -> None:
 MASKS_AS_MASK_TARGETS: bool = int(A.__version__.split(".")[0]) < 2
 
 
-def _apply_albu(ops: list[A.BasicTransform], image: np.ndarray, target: Target) -> tuple[np.ndarray, Target]:
-    """Runs deterministic albumentations ``ops`` on image, boxes, masks and sem_seg together."""
-    boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)
-    labels = np.asarray(target["labels"], dtype=np.int64)
-    k = len(boxes)
-    data: dict[str, Any] = {
-        "image": image,
-        "bboxes": boxes.tolist(),
-        "labels": labels.tolist(),
-        "idx": list(range(k)),
-    }
-    masks = target.get("masks")
-    extra: dict[str, str] = {}
-    if masks is not None and k > 0:
-        if MASKS_AS_MASK_TARGETS:
-            extra = {f"instance_mask_{i}": "mask" for i in range(k)}
-            data.update(zip(extra, np.asarray(masks)))
-        else:
-            data["masks"] = list(np.asarray(masks))
-    if target.get("sem_seg") is not None:
-        data["mask"] = np.asarray(target["sem_seg"])
-    compose = A.Compose(
-        ops,
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "idx"]),
-        additional_targets=extra or None,
-    )
-    out = compose(**data)
-    new_image = out["image"]
-    h, w = new_image.shape[:2]
-    keep = np.asarray(out["idx"], dtype=np.int64).reshape(-1)
-    result = dict(target)
-    result["boxes"] = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-    result["labels"] = labels[keep]
-    if masks is not None:
-        if k > 0:
-            outs = [out[name] for name in extra] if extra else out["masks"]
-            all_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in outs])
-            result["masks"] = np.ascontiguousarray(all_masks[keep])
-        else:
-            result["masks"] = np.zeros((0, h, w), dtype=np.uint8)
-    if "mask" in data:
-        result["sem_seg"] = np.ascontiguousarray(out["mask"])
-    return new_image, result
+class _AlbuPipeline:
+    """Deterministic albumentations ``ops`` applied to image, boxes, masks and sem_seg together.
+
+    The ``A.Compose`` is built once per pipeline (per dataset transform, per worker process), not per
+    sample: building one costs about as much as a flip itself. Ops whose parameters change per
+    sample (resize size, crop window) are updated in place before each call by the owning
+    transform; the pipeline is private to that transform, so nothing else sees the change.
+    """
+
+    def __init__(self, *ops: A.BasicTransform) -> None:
+        self.ops = list(ops)
+        # One Compose per set of additional targets: always one on albumentations >= 2; on 1.x the
+        # instance masks are extra "mask" targets, whose number varies with the instance count.
+        self._composes: dict[int, A.Compose] = {}
+
+    def _compose(self, num_extra: int) -> A.Compose:
+        compose = self._composes.get(num_extra)
+        if compose is None:
+            extra = {f"instance_mask_{i}": "mask" for i in range(num_extra)}
+            compose = A.Compose(
+                self.ops,
+                bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "idx"]),
+                additional_targets=extra or None,
+            )
+            self._composes[num_extra] = compose
+        return compose
+
+    def __call__(self, image: np.ndarray, target: Target) -> tuple[np.ndarray, Target]:
+        boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(target["labels"], dtype=np.int64)
+        k = len(boxes)
+        data: dict[str, Any] = {
+            "image": image,
+            "bboxes": boxes.tolist(),
+            "labels": labels.tolist(),
+            "idx": list(range(k)),
+        }
+        masks = target.get("masks")
+        extra: list[str] = []
+        if masks is not None and k > 0:
+            if MASKS_AS_MASK_TARGETS:
+                extra = [f"instance_mask_{i}" for i in range(k)]
+                data.update(zip(extra, np.asarray(masks)))
+            else:
+                data["masks"] = list(np.asarray(masks))
+        if target.get("sem_seg") is not None:
+            data["mask"] = np.asarray(target["sem_seg"])
+        out = self._compose(len(extra))(**data)
+        new_image = out["image"]
+        h, w = new_image.shape[:2]
+        keep = np.asarray(out["idx"], dtype=np.int64).reshape(-1)
+        result = dict(target)
+        result["boxes"] = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        result["labels"] = labels[keep]
+        if masks is not None:
+            if k > 0:
+                outs = [out[name] for name in extra] if extra else out["masks"]
+                all_masks = np.stack([np.asarray(m, dtype=np.uint8) for m in outs])
+                result["masks"] = np.ascontiguousarray(all_masks[keep])
+            else:
+                result["masks"] = np.zeros((0, h, w), dtype=np.uint8)
+        if "mask" in data:
+            result["sem_seg"] = np.ascontiguousarray(out["mask"])
+        return new_image, result
+
+
+def _resize_op() -> A.Resize:
+    return A.Resize(1, 1, interpolation=cv2.INTER_LINEAR)
+
+
+def _set_resize(op: A.Resize, height: int, width: int) -> None:
+    op.height, op.width = height, width
 
 
 def _filter_small(target: Target, min_box_size: float) -> tuple[Target, int]:
@@ -224,10 +253,11 @@ class RandomHorizontalFlip:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p!r}")
         self.p = p
+        self._flip = _AlbuPipeline(A.HorizontalFlip(p=1.0))
 
     def __call__(self, image: np.ndarray, target: Target, rng: np.random.Generator) -> tuple[np.ndarray, Target]:
         if self.p > 0 and rng.random() < self.p:
-            return _apply_albu([A.HorizontalFlip(p=1.0)], image, target)
+            return self._flip(image, target)
         return image, target
 
     def __repr__(self) -> str:
@@ -254,6 +284,7 @@ class ShorterSideResize:
             raise ValueError(f"ShorterSideResize: max_size must be a positive int, got {max_size!r}")
         self.min_sizes = tuple(int(s) for s in sizes)
         self.max_size = int(max_size)
+        self._resize = _AlbuPipeline(_resize_op())
 
     def get_size(self, h: int, w: int, rng: np.random.Generator | None = None) -> tuple[int, int]:
         """Output ``(new_h, new_w)``; draws the scale from ``rng`` when multi-scale."""
@@ -272,7 +303,8 @@ class ShorterSideResize:
         nh, nw = self.get_size(h, w, rng)
         if (nh, nw) == (h, w):
             return image, target
-        return _apply_albu([A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR)], image, target)
+        _set_resize(self._resize.ops[0], nh, nw)
+        return self._resize(image, target)
 
     def __repr__(self) -> str:
         return f"ShorterSideResize(min_size={self.min_sizes}, max_size={self.max_size})"
@@ -309,6 +341,13 @@ class LargeScaleJitter:
         self.pad = pad
         self.pad_value = pad_value
         self.min_box_size = min_box_size
+        # The three op sequences an LSJ sample can need, each composed once.
+        crop = A.Crop(x_min=0, y_min=0, x_max=1, y_max=1)
+        self._pipelines = {
+            (True, False): _AlbuPipeline(_resize_op()),
+            (False, True): _AlbuPipeline(crop),
+            (True, True): _AlbuPipeline(_resize_op(), A.Crop(x_min=0, y_min=0, x_max=1, y_max=1)),
+        }
 
     def __call__(self, image: np.ndarray, target: Target, rng: np.random.Generator) -> tuple[np.ndarray, Target]:
         h, w = image.shape[:2]
@@ -318,13 +357,15 @@ class LargeScaleJitter:
         ch, cw = min(self.size, nh), min(self.size, nw)
         u = rng.uniform(0.0, 1.0, size=2)
         y0, x0 = round((nh - ch) * u[0]), round((nw - cw) * u[1])
-        ops: list[A.BasicTransform] = []
-        if (nh, nw) != (h, w):
-            ops.append(A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR))
-        if (ch, cw) != (nh, nw):
-            ops.append(A.Crop(x_min=x0, y_min=y0, x_max=x0 + cw, y_max=y0 + ch))
-        if ops:
-            image, target = _apply_albu(ops, image, target)
+        key = ((nh, nw) != (h, w), (ch, cw) != (nh, nw))
+        if any(key):
+            pipeline = self._pipelines[key]
+            for op in pipeline.ops:
+                if isinstance(op, A.Resize):
+                    _set_resize(op, nh, nw)
+                else:
+                    op.x_min, op.y_min, op.x_max, op.y_max = x0, y0, x0 + cw, y0 + ch
+            image, target = pipeline(image, target)
         if "masks" in target:
             target["boxes"] = boxes_from_masks(target["masks"])
         target, removed = _filter_small(target, self.min_box_size)

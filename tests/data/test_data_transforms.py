@@ -268,3 +268,62 @@ def test_per_instance_mask_targets_match_masks_path(monkeypatch: pytest.MonkeyPa
         np.testing.assert_array_equal(ta["masks"], tb["masks"])
         np.testing.assert_array_equal(ta["labels"], tb["labels"])
         np.testing.assert_array_equal(ta["boxes"], tb["boxes"])
+
+
+# ------------------------------------------------------------------------ compose once, not per sample
+def _fresh_compose_reference(ops: list, image: np.ndarray, target: dict) -> tuple[np.ndarray, dict]:
+    """What the transforms did before: a new A.Compose around freshly built ops for every sample."""
+    import albumentations as A
+
+    k = len(target["boxes"])
+    out = A.Compose(ops, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "idx"]))(
+        image=image, bboxes=target["boxes"].tolist(), labels=target["labels"].tolist(), idx=list(range(k)),
+        masks=list(target["masks"]), mask=target["sem_seg"])
+    keep = np.asarray(out["idx"], dtype=np.int64)
+    return out["image"], {"boxes": np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4),
+                          "labels": target["labels"][keep], "masks": np.stack(out["masks"])[keep],
+                          "sem_seg": out["mask"]}
+
+
+def test_resize_and_lsj_compose_once_and_equal_freshly_built_ops() -> None:
+    import albumentations as A
+
+    from detection.data.transforms import _filter_small
+
+    resize = ShorterSideResize((64, 80, 96), max_size=200)
+    lsj = LargeScaleJitter(96, (0.3, 1.5))
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    for seed in range(12):
+        image, target = synthetic_sample(seed, h=100 + 7 * seed, w=150 - 3 * seed)
+        # Shorter-side resize: the same draw, then a fresh Resize op as the reference.
+        nh, nw = resize.get_size(*image.shape[:2], rng_b)
+        got_img, got = resize(image, target, rng_a)
+        ref_img, ref = _fresh_compose_reference([A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR)], image, target)
+        np.testing.assert_array_equal(got_img, ref_img)
+        for key in ("boxes", "labels", "masks", "sem_seg"):
+            np.testing.assert_array_equal(got[key], ref[key])
+        # LSJ: replay its draws to build the reference ops.
+        lsj_rng = np.random.default_rng(seed)
+        got_img, got = lsj(image, target, lsj_rng)
+        replay = np.random.default_rng(seed)
+        h, w = image.shape[:2]
+        s = replay.uniform(*lsj.scale)
+        r = min(lsj.size * s / h, lsj.size * s / w)
+        nh, nw = max(round(h * r), 1), max(round(w * r), 1)
+        ch, cw = min(lsj.size, nh), min(lsj.size, nw)
+        u = replay.uniform(0.0, 1.0, size=2)
+        y0, x0 = round((nh - ch) * u[0]), round((nw - cw) * u[1])
+        ops = []
+        if (nh, nw) != (h, w):
+            ops.append(A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR))
+        if (ch, cw) != (nh, nw):
+            ops.append(A.Crop(x_min=x0, y_min=y0, x_max=x0 + cw, y_max=y0 + ch))
+        ref_img, ref = _fresh_compose_reference(ops, image, target)
+        ref["boxes"] = boxes_from_masks(ref["masks"])
+        ref, _ = _filter_small(ref, lsj.min_box_size)
+        np.testing.assert_array_equal(got_img, ref_img)
+        for key in ("boxes", "labels", "masks", "sem_seg"):
+            np.testing.assert_array_equal(got[key], ref[key])
+    # Twelve samples of different sizes: still one Compose per op sequence.
+    assert len(resize._resize._composes) == 1
+    assert all(len(p._composes) <= 1 for p in lsj._pipelines.values())
