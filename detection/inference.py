@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,10 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from resnet_det.common import autocast
+
+from .visualize import draw_instances, to_pil
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -80,40 +81,11 @@ def to_coco_results(image_id: int, output: Mapping[str, torch.Tensor],
     return results
 
 
-def _colour(label: int) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.75, 1.0)
-    return int(255 * r), int(255 * g), int(255 * b)
-
-
 def render(image: np.ndarray, output: Mapping[str, torch.Tensor], *, class_names: Sequence[str] | None = None,
            score_thresh: float = 0.5) -> Image.Image:
-    """Draw detections (score >= score_thresh) on an HxWx3 uint8 image: masks blended, boxes, labels."""
-    canvas = image.astype(np.float32).copy()
-    keep = output["scores"] >= score_thresh
-    labels = output["labels"][keep].tolist()
-    if "masks" in output and keep.any():
-        masks = output["masks"][keep]
-        masks = (masks[:, 0] if masks.dim() == 4 else masks) > 0.5
-        for m, lab in zip(masks.numpy(), labels):
-            canvas[m] = 0.5 * canvas[m] + 0.5 * np.array(_colour(lab), dtype=np.float32)
-    if "sem_seg" in output:
-        seg = output["sem_seg"].numpy()
-        for lab in np.unique(seg):
-            if lab in (0, 255):
-                continue
-            canvas[seg == lab] = 0.6 * canvas[seg == lab] + 0.4 * np.array(_colour(int(lab)), dtype=np.float32)
-    img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for box, score, lab in zip(output["boxes"][keep].tolist() if "boxes" in output else [],
-                               output["scores"][keep].tolist() if "scores" in output else [], labels):
-        colour = _colour(lab)
-        draw.rectangle(box, outline=colour, width=2)
-        name = class_names[lab] if class_names and 0 <= lab < len(class_names) else str(lab)
-        text = f"{name} {score:.2f}"
-        x, y = box[0], max(0, box[1] - 11)
-        draw.rectangle([x, y, x + 6 * len(text) + 2, y + 11], fill=colour)
-        draw.text((x + 1, y), text, fill=(0, 0, 0))
-    return img
+    """Draw detections (score >= score_thresh) on an HxWx3 uint8 image: masks blended, boxes, labels
+    (through :func:`detection.visualize.draw_instances`, i.e. torchvision's drawing utilities)."""
+    return to_pil(draw_instances(image, output, class_names=class_names, score_thresh=score_thresh))
 
 
 def run_inference(model: nn.Module, inputs: Sequence[str | Path], output_dir: str | Path, *,
