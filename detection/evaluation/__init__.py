@@ -10,6 +10,7 @@ from .coco import (
     encode_masks,
     evaluate_results_json,
     format_category_table,
+    instances_to_coco_json,
     load_coco_gt,
     load_results_json,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "encode_masks",
     "evaluate_results_json",
     "format_category_table",
+    "instances_to_coco_json",
     "load_coco_gt",
     "load_results_json",
 ]

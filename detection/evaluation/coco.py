@@ -53,7 +53,7 @@ import json
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ __all__ = [
     "encode_masks",
     "evaluate_results_json",
     "format_category_table",
+    "instances_to_coco_json",
     "load_coco_gt",
     "load_results_json",
 ]
@@ -612,6 +613,143 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def instances_to_coco_json(
+    image_id: int,
+    output: Mapping[str, Any],
+    label_to_cat_id: Mapping[int, int] | None = None,
+    *,
+    iou_types: Iterable[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    cat_ids: Collection[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Converts one image's detections (torchvision convention) to COCO result dicts.
+
+    The one converter of this project: :class:`COCOEvaluator` uses it, and so does anything that
+    writes a COCO results JSON. Boxes go from ``xyxy`` to ``xywh`` (absolute pixels), labels through
+    ``label_to_cat_id``, and masks to compressed RLE (floating-point masks are foreground where
+    ``> 0.5``, torchvision's rule; bool/integer masks where non-zero).
+
+    Example::
+
+        >>> out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]),
+        ...        "labels": torch.tensor([2])}
+        >>> instances_to_coco_json(5, out, {1: 10, 2: 20})
+        [{'image_id': 5, 'category_id': 20, 'score': 0.5, 'bbox': [1.0, 2.0, 10.0, 20.0]}]
+
+    Args:
+        image_id: The COCO image id of these detections.
+        output: ``scores`` ``[N]``, ``labels`` ``[N]`` (integers), ``boxes`` ``[N, 4]`` xyxy in the
+            original image's pixels and/or ``masks`` ``[N, 1, H, W]`` probabilities or
+            ``[N, H, W]`` bool/uint8 at the original image size. Tensors may live on any device.
+        label_to_cat_id: Contiguous model label -> COCO category id; ``None``: the labels already
+            are category ids.
+        iou_types: What to convert: ``"bbox"`` (adds ``bbox``) and/or ``"segm"`` (adds
+            ``segmentation``). ``None``: bbox if ``output`` has ``boxes``, segm if it has ``masks``.
+        image_size: ``(height, width)`` of the image; when given, masks must have that size.
+        cat_ids: The valid category ids; when given (and no ``label_to_cat_id``), labels outside
+            them are refused.
+
+    Returns:
+        One dict per detection: ``{"image_id", "category_id", "score", "bbox": [x, y, w, h],
+        "segmentation": {"size": [H, W], "counts": str}}`` (the keys the iou types ask for),
+        JSON-serialisable.
+
+    Raises:
+        ValueError: A key is missing, shapes or lengths disagree, labels are not integers, a label
+            has no category, a box or score is NaN/inf, a box has x2 < x1 or y2 < y1 (xywh passed
+            as xyxy), or a mask does not have the image's size. The message names the image.
+    """
+    image_id = _as_int(image_id, "image id")
+    where = f"outputs for image {image_id}"
+    if not isinstance(output, Mapping):
+        raise ValueError(f"{where}: expected a dict with boxes/scores/labels, got {type(output).__name__}")
+    if iou_types is None:
+        types = tuple(t for t, key in (("bbox", "boxes"), ("segm", "masks")) if key in output)
+        if not types:
+            raise ValueError(f"{where} have neither 'boxes' nor 'masks' (keys: {sorted(output)}); "
+                             "there is nothing to convert to COCO results")
+    else:
+        types = _check_iou_types(iou_types)
+
+    def get(key: str) -> torch.Tensor:
+        if key not in output:
+            raise ValueError(f"{where} have no '{key}' (keys: {sorted(output)}); COCO "
+                             f"{'/'.join(types)} results need it")
+        value = output[key]
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu()
+        return torch.as_tensor(np.asarray(value))
+
+    scores = get("scores").reshape(-1)
+    n = scores.numel()
+    labels = get("labels").reshape(-1)
+    if labels.numel() != n:
+        raise ValueError(f"{where}: {labels.numel()} labels for {n} scores")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+    scores = scores.double()
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{where}: scores contain NaN or inf; the model produced invalid scores")
+    if n == 0:
+        return []
+
+    if label_to_cat_id is not None:
+        unmapped = sorted({int(v) for v in labels.tolist()} - set(label_to_cat_id))
+        if unmapped:
+            raise ValueError(
+                f"{where}: labels {_few(unmapped)} are not keys of label_to_cat_id "
+                f"(keys {min(label_to_cat_id, default=None)}..{max(label_to_cat_id, default=None)})"
+            )
+        categories = [int(label_to_cat_id[int(v)]) for v in labels.tolist()]
+    else:
+        categories = [int(v) for v in labels.tolist()]
+        if cat_ids is not None:
+            bad = [c for c in categories if c not in cat_ids]
+            if bad:
+                raise ValueError(
+                    f"{where}: category ids {_few(bad)} are not in the annotations' categories "
+                    f"{_few(cat_ids)}; if the model predicts contiguous labels 1..K pass label_to_cat_id"
+                )
+
+    results = [{"image_id": image_id, "category_id": c, "score": float(s)}
+               for c, s in zip(categories, scores.tolist())]
+    if "bbox" in types:
+        boxes = get("boxes")
+        if boxes.dim() != 2 or boxes.shape != (n, 4):
+            raise ValueError(f"{where}: boxes have shape {list(boxes.shape)}, expected [{n}, 4] (xyxy)")
+        boxes = boxes.double()
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"{where}: boxes contain NaN or inf; the model produced invalid boxes")
+        wh = boxes[:, 2:] - boxes[:, :2]
+        if (wh < 0).any():
+            raise ValueError(
+                f"{where}: boxes with x2 < x1 or y2 < y1; boxes must be xyxy (x1, y1, x2, y2) in "
+                "pixels of the original image (xywh boxes passed as xyxy look like this)"
+            )
+        for r, b in zip(results, torch.cat([boxes[:, :2], wh], dim=1).tolist()):
+            r["bbox"] = b
+    if "segm" in types:
+        raw = output.get("masks")
+        if raw is None:
+            get("masks")  # raises: no masks
+        if isinstance(raw, torch.Tensor) and raw.is_floating_point():
+            raw = raw.detach() > MASK_THRESHOLD  # binarise on the device: copy 1/4 of the bytes
+        masks = raw.cpu() if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
+        shape = list(masks.shape)
+        if masks.dim() == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        size_ok = image_size is None or tuple(masks.shape[1:]) == tuple(image_size)
+        if masks.dim() != 3 or masks.shape[0] != n or not size_ok:
+            h, w = image_size if image_size is not None else ("H", "W")
+            raise ValueError(
+                f"{where}: masks have shape {shape}, expected [{n}, 1, {h}, {w}] or [{n}, {h}, {w}] "
+                "(masks pasted at the original image size)"
+            )
+        for r, rle in zip(results, encode_masks(masks)):
+            r["segmentation"] = rle
+    return results
+
+
 class COCOEvaluator:
     """Accumulates model outputs and evaluates them with pycocotools (bbox and/or segm).
 
@@ -733,92 +871,13 @@ class COCOEvaluator:
                 f"({len(self._img_sizes)} images, e.g. {_few(self._img_sizes)}); pass the dataset's "
                 "COCO image ids (target['image_id']), not batch indices"
             )
-        converted = [self._convert(img_id, out) for img_id, out in zip(ids, outputs)]
+        converted = [
+            instances_to_coco_json(img_id, out, self.label_to_cat_id, iou_types=self.iou_types,
+                                   image_size=self._img_sizes[img_id], cat_ids=self._cat_ids)
+            for img_id, out in zip(ids, outputs)
+        ]
         for img_id, results in zip(ids, converted):
             self._predictions.setdefault(img_id, results)  # an image seen twice keeps its first results
-
-    def _convert(self, img_id: int, out: Mapping[str, Any]) -> list[dict[str, Any]]:
-        where = f"outputs for image {img_id}"
-        if not isinstance(out, Mapping):
-            raise ValueError(f"{where}: expected a dict with boxes/scores/labels, got {type(out).__name__}")
-
-        def get(key: str) -> torch.Tensor:
-            if key not in out:
-                raise ValueError(f"{where} have no '{key}' (keys: {sorted(out)}); COCO "
-                                 f"{'/'.join(self.iou_types)} evaluation needs it")
-            value = out[key]
-            if isinstance(value, torch.Tensor):
-                return value.detach().cpu()
-            return torch.as_tensor(np.asarray(value))
-
-        scores = get("scores").reshape(-1)
-        n = scores.numel()
-        labels = get("labels").reshape(-1)
-        if labels.numel() != n:
-            raise ValueError(f"{where}: {labels.numel()} labels for {n} scores")
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-            raise ValueError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
-        scores = scores.double()
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"{where}: scores contain NaN or inf; the model produced invalid scores")
-        if n == 0:
-            return []
-
-        if self.label_to_cat_id is not None:
-            unmapped = sorted({int(v) for v in labels.tolist()} - set(self.label_to_cat_id))
-            if unmapped:
-                raise ValueError(
-                    f"{where}: labels {_few(unmapped)} are not keys of label_to_cat_id "
-                    f"(keys {min(self.label_to_cat_id)}..{max(self.label_to_cat_id)})"
-                )
-            cat_ids = [self.label_to_cat_id[int(v)] for v in labels.tolist()]
-        else:
-            cat_ids = [int(v) for v in labels.tolist()]
-            bad = [c for c in cat_ids if c not in self._cat_ids]
-            if bad:
-                raise ValueError(
-                    f"{where}: category ids {_few(bad)} are not in the annotations' categories "
-                    f"{_few(self._cat_ids)}; if the model predicts contiguous labels 1..K pass "
-                    "label_to_cat_id"
-                )
-
-        results = [{"image_id": img_id, "category_id": c, "score": float(s)}
-                   for c, s in zip(cat_ids, scores.tolist())]
-        if "bbox" in self.iou_types:
-            boxes = get("boxes")
-            if boxes.dim() != 2 or boxes.shape != (n, 4):
-                raise ValueError(f"{where}: boxes have shape {list(boxes.shape)}, expected [{n}, 4] (xyxy)")
-            boxes = boxes.double()
-            if not torch.isfinite(boxes).all():
-                raise ValueError(f"{where}: boxes contain NaN or inf; the model produced invalid boxes")
-            wh = boxes[:, 2:] - boxes[:, :2]
-            if (wh < 0).any():
-                raise ValueError(
-                    f"{where}: boxes with x2 < x1 or y2 < y1; boxes must be xyxy (x1, y1, x2, y2) in "
-                    "pixels of the original image (xywh boxes passed as xyxy look like this)"
-                )
-            xywh = torch.cat([boxes[:, :2], wh], dim=1).tolist()
-            for r, b in zip(results, xywh):
-                r["bbox"] = b
-        if "segm" in self.iou_types:
-            raw = out.get("masks")
-            if isinstance(raw, torch.Tensor) and raw.is_floating_point():
-                raw = raw.detach() > MASK_THRESHOLD  # binarise on the device: copy 1/4 of the bytes
-            if raw is None:
-                get("masks")  # raises: no masks
-            masks = raw.cpu() if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
-            shape = list(masks.shape)
-            if masks.dim() == 4 and masks.shape[1] == 1:
-                masks = masks[:, 0]
-            height, width = self._img_sizes[img_id]
-            if masks.dim() != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (height, width):
-                raise ValueError(
-                    f"{where}: masks have shape {shape}, expected [{n}, 1, {height}, "
-                    f"{width}] or [{n}, {height}, {width}] (masks pasted at the original image size)"
-                )
-            for r, rle in zip(results, encode_masks(masks)):
-                r["segmentation"] = rle
-        return results
 
     def _gather(self) -> dict[int, list[dict[str, Any]]] | None:
         """All ranks' predictions on rank 0 (None on the other ranks), de-duplicated by image id."""

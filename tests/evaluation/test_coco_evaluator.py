@@ -18,6 +18,7 @@ from detection.evaluation import (
     COCOEvalWarning,
     encode_masks,
     evaluate_results_json,
+    instances_to_coco_json,
 )
 
 # pycocotools' mask.decode (used here by COCO.annToMask to make test masks) warns under numpy 2
@@ -343,3 +344,27 @@ def test_class_names_forms(gt_path, gt, synthetic):
     assert "AP-PERSON" in ev.evaluate()["bbox"]
     with pytest.raises(ValueError, match="class_names has 3 names for 80 categories"):
         COCOEvaluator(gt_path, class_names=["a", "b", "c"])
+
+
+def test_instances_to_coco_json_is_the_evaluators_converter(gt_path, synthetic):
+    ids, outs, l2c = synthetic
+    ev = COCOEvaluator(gt_path, iou_types=("bbox", "segm"), label_to_cat_id=l2c)
+    ev.process(ids[:3], outs[:3])
+    for img_id, out in zip(ids[:3], outs[:3]):
+        # What the evaluator stored is exactly what the public converter gives (boxes and masks inferred).
+        assert ev._predictions[img_id] == instances_to_coco_json(img_id, out, l2c)
+    out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([2]), "masks": torch.tensor([[[0.2, 0.7], [0.9, 0.5]]])[:, None]}
+    (r,) = instances_to_coco_json(5, out, {1: 10, 2: 20})
+    assert (r["image_id"], r["category_id"], r["score"], r["bbox"]) == (5, 20, 0.5, [1.0, 2.0, 10.0, 20.0])
+    # RLE of the mask thresholded at 0.5 (0.5 itself is background), column-major.
+    decoded = mask_util.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+    assert decoded.tolist() == [[0, 1], [1, 0]]
+    assert instances_to_coco_json(5, {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+                                      "boxes": torch.zeros(0, 4)}) == []
+    with pytest.raises(ValueError, match=r"image 5: labels \[3\] are not keys of label_to_cat_id"):
+        instances_to_coco_json(5, {**out, "labels": torch.tensor([3])}, {1: 10, 2: 20})
+    with pytest.raises(ValueError, match="neither 'boxes' nor 'masks'"):
+        instances_to_coco_json(5, {"scores": torch.tensor([0.5]), "labels": torch.tensor([1])})
+    with pytest.raises(ValueError, match=r"masks have shape \[1, 1, 2, 2\], expected \[1, 1, 3, 3\]"):
+        instances_to_coco_json(5, out, iou_types=("segm",), image_size=(3, 3))
