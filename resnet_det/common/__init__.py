@@ -4,7 +4,8 @@
 - :mod:`.io`: one atomic file writer (temporary file, fsync, rename);
 - :mod:`.dist`: process-group helpers that are no-ops without ``torch.distributed``;
 - :mod:`.rng`: seeding and RNG states as plain containers (``torch.load(weights_only=True)``-safe);
-- :mod:`.checks`: the ``ValueError`` helper of the typed specs and configs.
+- :mod:`.checks`: the ``ValueError`` helper of the typed specs and configs;
+- :mod:`.logs`: the one logging setup (console + rank-0 ``log.txt``), progress bars that keep out of files.
 """
 
 from .amp import AMP_DTYPES, autocast, check_autocast
@@ -25,10 +26,21 @@ from .dist import (
     wrap_ddp,
 )
 from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
+from .logs import (
+    LOG_FILENAME,
+    PROJECT_LOGGERS,
+    log_report,
+    logging_scope,
+    progress_bar,
+    setup_logger,
+    stderr_is_terminal,
+)
 from .rng import get_rng_states, preserve_rng_states, seed_everything, set_rng_states
 
 __all__ = [
     "AMP_DTYPES",
+    "LOG_FILENAME",
+    "PROJECT_LOGGERS",
     "TMP_MARK",
     "all_gather_object",
     "all_reduce_dict",
@@ -46,10 +58,15 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "log_report",
+    "logging_scope",
     "preserve_rng_states",
+    "progress_bar",
     "resolve_device",
     "seed_everything",
     "set_rng_states",
+    "setup_logger",
+    "stderr_is_terminal",
     "temp_file_owner",
     "unwrap_model",
     "wrap_ddp",
