@@ -46,7 +46,7 @@ class Result:
 
 
 def build_ours(arch: str, num_classes: int = 91) -> nn.Module:
-    from .models import build_faster_rcnn
+    from detection.models import build_faster_rcnn
 
     # torchvision's configuration: frozen BN, 3 trainable stages (freeze stem + res2).
     return build_faster_rcnn(backbone=ARCHS[arch], num_classes=num_classes, norm="FrozenBN", freeze_at=2,

@@ -4,7 +4,7 @@ Plain nets get *worse* with depth (plain-56 has a higher training error than pla
 same depths get better. `run_degradation_study` trains the CIFAR-style nets of `backbone.resnet` with the
 paper's recipe (SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at 32k and 48k of 64k
 iterations, 4-pixel pad + random crop + flip, per-pixel mean subtraction) and writes the curves and a
-table next to the paper's figures. CLI: `tools/degradation_study.py`.
+table next to the paper's figures. CLI: `resnet-det degradation-study` (`tools/degradation_study.py`).
 
 Data: CIFAR-10 from a local folder (`cifar-10-batches-bin/`, read without pickle, or the python
 `cifar-10-batches-py/`), never downloaded here; or `synthetic`, a small deterministic 10-class set for
@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbone.applications import ImageClassifier
+from backbone.resnet import CifarResNet
 from resnet_det.common import atomic_write, autocast
-
-from .applications import ImageClassifier
-from .resnet import CifarResNet
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""tools/benchmark.py's engine on CPU: every row it promises, and inference calls taken in turn."""
+"""The harness of `resnet-det benchmark` (resnet_det.studies.benchmark) on CPU: every row it promises, and
+inference calls taken in turn."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import detection.benchmark as bm
+import resnet_det.studies.benchmark as bm
 
 
 class _Recorder(nn.Module):

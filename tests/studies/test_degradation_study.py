@@ -1,4 +1,5 @@
-"""The CIFAR-10 degradation study: data reading, augmentation, schedule, resume, reports (tiny, CPU)."""
+"""The CIFAR-10 degradation study (resnet_det.studies.degradation): data reading, augmentation, schedule,
+resume, reports (tiny, CPU)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import backbone.cifar as cifar
-from backbone.cifar import StudyConfig, augment, load_cifar10, lr_at, run_degradation_study, synthetic_cifar, train_one
+import resnet_det.studies.degradation as cifar
+from resnet_det.studies.degradation import (
+    StudyConfig,
+    augment,
+    load_cifar10,
+    lr_at,
+    run_degradation_study,
+    synthetic_cifar,
+    train_one,
+)
 
 
 def _write_bin(path: Path, labels: list[int], seed: int) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""``resnet-det infer``: run a trained model on images or folders: a COCO results JSON and rendered images.
+
+    resnet-det infer CONFIG --checkpoint model_final.safetensors --input img.jpg folder/ --output out/
+
+CONFIG is the model's config (the ``config.yaml`` written next to the checkpoint works, or a shipped
+config's name). Writes ``OUT/results.json`` (every detection) and ``OUT/vis/`` (those above
+``--score-thresh`` drawn).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import _library
+from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+
+HELP = "run a model on images or folders: COCO results JSON and rendered images"
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """The parser of ``infer``."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--checkpoint", help="weights: ours (.safetensors/.pth) or torchvision's (required)")
+    p.add_argument("--input", nargs="+", help="image files and/or folders (required)")
+    p.add_argument("--output", help="folder for results.json and vis/ (required)")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="drawing threshold (results keep all)")
+    p.add_argument("--num-classes", type=int, help="foreground classes, if the config has none and no dataset")
+    p.add_argument("--class-names", help="JSON list of names (background first) or a COCO annotations file")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Runs the model over the inputs; returns 0, or raises :class:`CommandError` for bad input."""
+    cfg = load_config_arg(args.config, args.overrides)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--input", args.input),
+                                        ("--output", args.output)) if not value]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    from detection.inference import run_inference
+    from resnet_det.common import resolve_device
+
+    try:
+        names, label_to_cat = _library.read_class_names(args.class_names) if args.class_names else (None, None)
+        model, names, label_to_cat = _library.inference_model(cfg, args.checkpoint, num_classes=args.num_classes,
+                                                              class_names=names, label_to_cat_id=label_to_cat)
+        device = resolve_device(cfg.train.device)
+        model.to(device)
+        path = run_inference(model, args.input, args.output, device=device, class_names=names,
+                             label_to_cat_id=label_to_cat, score_thresh=args.score_thresh,
+                             batch_size=args.batch_size, amp=cfg.train.amp, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise CommandError(one_line(e)) from None
+    print(f"wrote {path} and {Path(args.output) / 'vis'}")
+    return 0

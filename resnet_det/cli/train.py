@@ -1,0 +1,52 @@
+"""``resnet-det train``: train and evaluate a model from a config.
+
+    resnet-det train shapes/faster_rcnn_R_50_FPN [key.sub=value ...] [--resume] [--no-progress]
+    resnet-det train coco/faster_rcnn_R_50_FPN_1x data.root=/data/coco
+    torchrun --nproc_per_node 8 -m resnet_det train coco/faster_rcnn_R_50_FPN_1x data.root=/data/coco
+
+Writes the resolved ``config.yaml``, checkpoints, ``metrics.jsonl``, ``log.txt`` and ``curves.png``
+into ``train.output_dir`` and ends with a ``final: bbox/AP ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from . import _library
+from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+
+HELP = "train and evaluate a model from a config (CPU, GPU, torchrun)"
+SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """The parser of ``train``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Trains; returns 0, or raises :class:`CommandError` for a bad config, path, dataset or weights."""
+    cfg = load_config_arg(args.config, args.overrides)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backbone.weights import WeightsError
+    from detection.data.coco import DatasetError
+
+    try:
+        result = _library.train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, DatasetError, WeightsError) as e:  # bad paths, data or weights: no traceback
+        raise CommandError(one_line(e)) from None
+    ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
+    shown = [f"{k} {v:.3f}" for k, v in ev.items() if k in SHOWN and isinstance(v, float | int)]
+    if shown:
+        print(f"final: {', '.join(shown)} ({result.get('iteration')} iterations, "
+              f"{result.get('train_minutes', 0):.1f} min)")
+    return 0
