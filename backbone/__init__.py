@@ -31,6 +31,7 @@ from .layers import Conv2d, FrozenBatchNorm2d, fold_frozen_batchnorm, get_norm
 from .registry import BACKBONES, NECKS, build_backbone, build_neck, register_backbone, register_neck
 from .resnet import CifarResNet, ResNet, count_trainable
 from .shape_spec import ShapeSpec
+from .timm_plugin import TimmClassifier, register_timm_models, timm_name
 from .vgg import VGG, VGGFCHead
 from .weights import (
     LoadReport,
@@ -60,6 +61,7 @@ __all__ = [
     "ResNet",
     "ShapeSpec",
     "TimmBackbone",
+    "TimmClassifier",
     "TorchvisionBackbone",
     "VGGFCHead",
     "WeightsError",
@@ -73,6 +75,7 @@ __all__ = [
     "read_state_dict",
     "register_backbone",
     "register_neck",
+    "register_timm_models",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -83,6 +86,11 @@ __all__ = [
     "resnet152v2",
     "resolve_imagenet_weights",
     "save_safetensors",
+    "timm_name",
     "vgg16",
     "vgg16_bn",
 ]
+
+# The one import-time effect: our backbones become timm models named "resnetdet_<name>", so code that
+# asks timm for a backbone by name (smp "tu-", transformers, effdet) can use them. Idempotent.
+register_timm_models()
