@@ -16,10 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from resnet_det.common import (
-    autocast,
     cleanup,
     get_rank,
     get_world_size,
@@ -128,48 +126,29 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device, amp: str = "off",
              output_dir: str | Path | None = None, batch_size: int = 4, num_workers: int = 2,
              progress: bool = True) -> dict[str, Any]:
     """Run `model` over `dataset` (sharded over processes) and compute the task's metrics.
 
-    Every process must call this (the evaluators gather across processes); the main process gets the
-    metrics, the others `{}`.
+    The task's evaluators (COCO for `task.iou_types`, mean IoU for `task.semantic`) run as one
+    `DatasetEvaluators` fed by `inference_on_dataset`. Every process must call this (the evaluators
+    gather across processes); the main process gets the metrics, the others `{}`.
     """
     from ..data.build import build_test_loader
-    from ..evaluation import COCOEvaluator
+    from ..evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators, SemSegEvaluator, inference_on_dataset
 
-    was_training = model.training
-    model.eval()
-    loader = build_test_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    coco_eval = None
+    evaluators: list[DatasetEvaluator] = []
     if task.iou_types:
-        coco_eval = COCOEvaluator(dataset.ann_file, iou_types=task.iou_types, label_to_cat_id=dataset.label_to_cat_id,
-                                  output_dir=output_dir, class_names=dataset.class_names)
-    sem_eval = None
+        evaluators.append(COCOEvaluator(dataset.ann_file, iou_types=task.iou_types,
+                                        label_to_cat_id=dataset.label_to_cat_id, output_dir=output_dir,
+                                        class_names=dataset.class_names))
     if task.semantic:
-        from segmentation.semantic_eval import SemSegEvaluator  # registered semantic tasks imply segmentation
-
-        sem_eval = SemSegEvaluator(len(dataset.class_names), class_names=dataset.class_names, output_dir=output_dir)
-    bar = tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False)
-    for images, targets in bar:
-        with autocast(device, amp):
-            outputs = model([img.to(device, non_blocking=True) for img in images])
-        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
-        if coco_eval is not None:
-            coco_eval.process([int(t["image_id"]) for t in targets], outputs)
-        if sem_eval is not None:
-            sem_eval.process([o["sem_seg"] for o in outputs], [t["sem_seg"] for t in targets])
-    metrics: dict[str, Any] = {}
-    if coco_eval is not None:
-        metrics.update(coco_eval.evaluate())
-    if sem_eval is not None:
-        sem = sem_eval.evaluate()
-        if is_main_process():
-            metrics["sem_seg"] = sem
-    model.train(was_training)
-    return metrics if is_main_process() else {}
+        evaluators.append(SemSegEvaluator(len(dataset.class_names), class_names=dataset.class_names,
+                                          output_dir=output_dir))
+    loader = build_test_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return inference_on_dataset(model, loader, DatasetEvaluators(evaluators), device=device, amp=amp,
+                                progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -3,8 +3,8 @@
 The numbers are pycocotools' own: :class:`COCOEvaluator` and :func:`evaluate_results_json` build the
 standard COCO results list, hand it to ``COCO.loadRes`` and run ``COCOeval`` with its default
 parameters (10 IoU thresholds 0.50:0.95, 101 recall points, maxDets 1/10/100, the three area
-ranges). Nothing is re-implemented; the 12-line summary table printed here is the text that
-``COCOeval.summarize()`` printed, captured and re-printed unchanged.
+ranges). Nothing is re-implemented; the 12-line summary table reported here is the text that
+``COCOeval.summarize()`` printed, captured and logged unchanged.
 
 Metrics are **fractions** in [0, 1] (the numbers of pycocotools' table, not percent). The 12 summary
 metrics are returned under detectron2's names, in pycocotools' order::
@@ -41,7 +41,10 @@ Pitfalls handled (all seen on the pycocotools / detectron2 / torchvision issue t
   ``COCO`` object.
 
 Warnings go through :func:`warnings.warn` with the category :class:`COCOEvalWarning` (a
-``UserWarning``, shown by default); the tables are printed to stdout, as pycocotools prints them.
+``UserWarning``, shown by default). The tables (pycocotools' summary, captured, and the per-category
+table) go through ``logging`` (logger ``detection.evaluation.coco``, INFO), so a run's console and
+``log.txt`` get them; when INFO logging is off (nothing set up) they are printed to stdout, as
+pycocotools prints them (:func:`resnet_det.common.log_report`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import numbers
 import warnings
@@ -63,7 +67,9 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from resnet_det.common import all_gather_object, get_world_size, is_main_process
+from resnet_det.common import all_gather_object, get_world_size, is_main_process, log_report
+
+from .evaluator import DatasetEvaluator
 
 __all__ = [
     "IOU_TYPES",
@@ -94,6 +100,7 @@ MASK_THRESHOLD = 0.5
 """Floating-point masks are foreground where ``mask > MASK_THRESHOLD`` (torchvision's rule)."""
 
 _MAX_LISTED = 5  # how many offending ids an error message lists
+_log = logging.getLogger(__name__)
 
 
 class COCOEvalWarning(UserWarning):
@@ -574,11 +581,13 @@ def _evaluate_results(
         per_cat_named = {f"AP-{names.get(c, str(c))}": ap for c, ap in per_cat.items()}
         metrics[iou_type] = {**named, **per_cat_named}
 
-        print(f"COCO evaluation ({iou_type}), {n_images} images, {len(results)} detections:")
-        print("\n".join(lines))
-        print(f"Per-category {iou_type} AP (IoU=0.50:0.95, area=all, maxDets=100), "
-              f"{len(per_cat)} categories with ground truth:")
-        print(format_category_table({names.get(c, str(c)): ap for c, ap in per_cat.items()}))
+        log_report(_log, "\n".join([
+            f"COCO evaluation ({iou_type}), {n_images} images, {len(results)} detections:",
+            *lines,
+            f"Per-category {iou_type} AP (IoU=0.50:0.95, area=all, maxDets=100), "
+            f"{len(per_cat)} categories with ground truth:",
+            format_category_table({names.get(c, str(c)): ap for c, ap in per_cat.items()}),
+        ]))
 
         report[iou_type] = {
             "summary": named,
@@ -750,23 +759,24 @@ def instances_to_coco_json(
     return results
 
 
-class COCOEvaluator:
+class COCOEvaluator(DatasetEvaluator):
     """Accumulates model outputs and evaluates them with pycocotools (bbox and/or segm).
 
-    Typical use (one evaluator per validation set; ``reset()`` before each evaluation)::
+    A :class:`~detection.evaluation.DatasetEvaluator`; typical use (one evaluator per validation
+    set; ``reset()`` before each evaluation, or let :func:`~detection.evaluation.inference_on_dataset`
+    drive it)::
 
         evaluator = COCOEvaluator(val_set.coco, iou_types=("bbox", "segm"),
                                   label_to_cat_id=val_set.label_to_cat_id, output_dir="out/eval")
         evaluator.reset()
         for images, targets in loader:
-            outputs = model(images)
-            evaluator.process([t["image_id"] for t in targets], outputs)
+            evaluator.process(targets, model(images))   # targets[i]["image_id"]
         metrics = evaluator.evaluate()   # {"bbox": {"AP": 0.37, ...}, "segm": {...}}
 
     Distributed: when ``torch.distributed`` is initialised (world size > 1), **every rank must call
     ``evaluate()``** (it is a collective: ``all_gather_object``). Each rank processes its own share
     of the images; rank 0 gathers all ranks' results, de-duplicates them by image id (a padding
-    sampler such as ``DistributedSampler`` repeats images; the first copy is kept), computes, prints
+    sampler such as ``DistributedSampler`` repeats images; the first copy is kept), computes, logs
     and writes the outputs and returns the metrics; the other ranks return ``{}``. With NCCL,
     ``all_gather_object`` uses the current CUDA device: call ``torch.cuda.set_device(local_rank)``
     first (as every DDP script does).
@@ -842,11 +852,16 @@ class COCOEvaluator:
         """Forgets everything processed so far (call before each evaluation)."""
         self._predictions: dict[int, list[dict[str, Any]]] = {}
 
-    def process(self, image_ids: Sequence[int] | torch.Tensor, outputs: Sequence[Mapping[str, Any]]) -> None:
+    def process(
+        self,
+        inputs: Sequence[Mapping[str, Any]] | Sequence[int] | torch.Tensor,
+        outputs: Sequence[Mapping[str, Any]],
+    ) -> None:
         """Converts one batch of model outputs to COCO results and stores them.
 
         Args:
-            image_ids: The COCO image id of each output.
+            inputs: The batch's targets (dicts with the COCO ``image_id``), or directly the image
+                ids (a list or a tensor), one per output.
             outputs: torchvision-style dicts, one per image: ``boxes`` ``[N, 4]`` xyxy in original
                 image pixels, ``scores`` ``[N]``, ``labels`` ``[N]`` (contiguous labels if
                 ``label_to_cat_id`` was given, else COCO category ids) and, for segm, ``masks``
@@ -854,12 +869,22 @@ class COCOEvaluator:
                 Tensors may live on any device.
 
         Raises:
-            ValueError: Lengths differ, an image id or category is not in the annotations, a key is
-                missing, shapes disagree, a box or score is NaN/inf, a box has x2 < x1 or y2 < y1,
-                or a mask does not have the image's size. The message names the image.
+            ValueError: Lengths differ, a target has no ``image_id``, an image id or category is not
+                in the annotations, a key is missing, shapes disagree, a box or score is NaN/inf, a
+                box has x2 < x1 or y2 < y1, or a mask does not have the image's size. The message
+                names the image.
         """
-        if isinstance(image_ids, torch.Tensor):
-            image_ids = image_ids.reshape(-1).tolist()
+        if isinstance(inputs, torch.Tensor):
+            image_ids: list[Any] = inputs.reshape(-1).tolist()
+        else:
+            image_ids = []
+            for i, item in enumerate(inputs):
+                if isinstance(item, Mapping):
+                    if "image_id" not in item:
+                        raise ValueError(f"process(): inputs[{i}] has no 'image_id' (keys: {sorted(item)}); "
+                                         "pass the dataset's targets or the COCO image ids")
+                    item = item["image_id"]
+                image_ids.append(item)
         if len(image_ids) != len(outputs):
             raise ValueError(f"process() got {len(image_ids)} image ids but {len(outputs)} outputs; "
                              "pass one image id per output dict")

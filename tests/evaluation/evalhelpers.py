@@ -193,8 +193,7 @@ def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str, gt_pat
     """One rank of the gloo test: half of the images (one image on both ranks) and its own seg batch."""
     import torch.distributed as dist
 
-    from detection.evaluation import COCOEvaluator
-    from segmentation.semantic_eval import SemSegEvaluator
+    from detection.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -208,9 +207,17 @@ def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str, gt_pat
         coco_metrics = evaluator.evaluate()
 
         sem = SemSegEvaluator(5)
-        sem.process(*semseg_batch(seed=rank))
+        pred, target = semseg_batch(seed=rank)
+        sem.process([{"sem_seg": t} for t in target], [{"sem_seg": p} for p in pred])
         sem_metrics = sem.evaluate()
-        report = {"coco": coco_metrics, "sem": sem_metrics, "local_cm": sem.confusion_matrix.tolist()}
+
+        # Both through the list evaluator: inputs are the targets (image_id and sem_seg), in one call.
+        both = DatasetEvaluators([COCOEvaluator(gt_path, label_to_cat_id=label_maps(gt)[0]), SemSegEvaluator(5)])
+        inputs = [{"image_id": ids[i], "sem_seg": t} for i, t in zip(sel, target)]
+        outputs = [{**outs[i], "sem_seg": p} for i, p in zip(sel, pred)]
+        both.process(inputs, outputs)
+        report = {"coco": coco_metrics, "sem": sem_metrics, "local_cm": sem.confusion_matrix.tolist(),
+                  "both_keys": sorted(both.evaluate())}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()

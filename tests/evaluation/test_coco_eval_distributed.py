@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from detection.evaluation import COCOEvaluator
-from segmentation.semantic_eval import SemSegEvaluator
+from detection.evaluation import COCOEvaluator, SemSegEvaluator
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -42,16 +41,20 @@ def test_two_gloo_ranks_give_rank0_the_single_process_metrics(gt_path, gt, tmp_p
     assert rank0["coco"] == expected  # exact: same detections, de-duplicated image, same COCOeval
     assert rank1["coco"] == {}
 
-    # semantic segmentation: the confusion matrices are summed; every rank gets the same metrics
+    # semantic segmentation: the confusion matrices are summed; rank 0 gets the metrics, rank 1 {}
     sem = SemSegEvaluator(5)
     for rank in (0, 1):
-        sem.process(*H.semseg_batch(seed=rank))
-    sem_expected = sem.evaluate()
+        pred, target = H.semseg_batch(seed=rank)
+        sem.process([{"sem_seg": t} for t in target], [{"sem_seg": p} for p in pred])
+    sem_expected = sem.evaluate()["sem_seg"]
     assert rank0["local_cm"] != rank1["local_cm"]  # each rank really saw different pixels
-    for got in (rank0["sem"], rank1["sem"]):
-        assert got.keys() == sem_expected.keys()
-        for k, v in sem_expected.items():
-            assert (math.isnan(v) and math.isnan(got[k])) or got[k] == pytest.approx(v, abs=1e-12), k
+    got = rank0["sem"]["sem_seg"]
+    assert got.keys() == sem_expected.keys()
+    for k, v in sem_expected.items():
+        assert (math.isnan(v) and math.isnan(got[k])) or got[k] == pytest.approx(v, abs=1e-12), k
+    assert rank1["sem"] == {}
+    # the list evaluator: every rank calls every evaluator (they gather); rank 0 gets both keys, rank 1 none
+    assert rank0["both_keys"] == ["bbox", "sem_seg"] and rank1["both_keys"] == []
     assert torch.equal(
         torch.tensor(rank0["local_cm"]) + torch.tensor(rank1["local_cm"]), sem.confusion_matrix
     )

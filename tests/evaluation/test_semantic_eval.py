@@ -1,4 +1,4 @@
-"""SemSegEvaluator: confusion matrix, mIoU / pAcc / mAcc arithmetic, ignore index, errors, PNG."""
+"""SemSegEvaluator: confusion matrix, mIoU / pAcc / mAcc arithmetic, ignore index, errors, PNG, the protocol."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation.semantic_eval import SemSegEvaluator
+from detection.evaluation import SemSegEvaluator
+
+
+def _feed(ev: SemSegEvaluator, preds, targets) -> None:
+    """process() as the evaluation loop calls it: targets as inputs, predictions as outputs."""
+    ev.process([{"sem_seg": t} for t in targets], [{"sem_seg": p} for p in preds])
+
+
+def _metrics(ev: SemSegEvaluator) -> dict[str, float]:
+    results = ev.evaluate()
+    assert list(results) == ["sem_seg"]
+    return results["sem_seg"]
 
 
 def test_perfect_prediction_gives_miou_one(capsys):
@@ -18,8 +29,8 @@ def test_perfect_prediction_gives_miou_one(capsys):
     pred = target.clone()
     pred[pred == 255] = 0  # whatever is predicted on ignored pixels does not matter
     ev = SemSegEvaluator(5)
-    ev.process(pred, target)
-    m = ev.evaluate()
+    _feed(ev, pred, target)
+    m = _metrics(ev)
     assert m["mIoU"] == 1.0 and m["pAcc"] == 1.0 and m["mAcc"] == 1.0 and m["fwIoU"] == 1.0
     assert all(m[f"IoU-{c}"] == 1.0 for c in range(5))
     assert "mIoU=1.0000" in capsys.readouterr().out
@@ -34,11 +45,11 @@ def test_constant_prediction_matches_hand_arithmetic():
                            [2, 2, 255, 255]])  # fmt: skip
     pred = torch.zeros_like(target)
     ev = SemSegEvaluator(4, class_names=["a", "b", "c", "d"])
-    ev.process([pred], [target])
+    _feed(ev, [pred], [target])
     # confusion (rows = GT, cols = pred), ignored pixels left out:
     #   a: [8, 0, 0, 0]   b: [4, 0, 0, 0]   c: [2, 0, 0, 0]   d: [0, 0, 0, 0]
     assert ev.confusion_matrix.tolist() == [[8, 0, 0, 0], [4, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]
-    m = ev.evaluate()
+    m = _metrics(ev)
     # IoU_a = TP / (GT + PRED - TP) = 8 / (8 + 14 - 8) = 8/14 = 4/7
     # IoU_b = 0 / (4 + 0 - 0) = 0;  IoU_c = 0 / (2 + 0 - 0) = 0
     # IoU_d: absent from GT and prediction -> NaN, not in the mean
@@ -60,30 +71,30 @@ def test_ignore_index_is_excluded():
     pred, target = H.semseg_batch(seed=0, num_classes=5)
     assert (target == 255).sum() > 0
     a = SemSegEvaluator(5)
-    a.process(pred, target)
+    _feed(a, pred, target)
     other = pred.clone()
     other[target == 255] = (other[target == 255] + 1) % 5  # change predictions only on ignored pixels
     b = SemSegEvaluator(5)
-    b.process(other, target)
+    _feed(b, other, target)
     assert torch.equal(a.confusion_matrix, b.confusion_matrix)
     assert a.confusion_matrix.sum() == (target != 255).sum()
     # a custom ignore index is honoured too
     c = SemSegEvaluator(5, ignore_index=-1)
-    c.process(pred, torch.where(target == 255, -1, target))
+    _feed(c, pred, torch.where(target == 255, -1, target))
     assert torch.equal(a.confusion_matrix, c.confusion_matrix)
 
 
 def test_bincount_matrix_equals_a_plain_count_and_lists_equal_batches():
     pred, target = H.semseg_batch(seed=7, num_classes=5, n=4)
     ev = SemSegEvaluator(5)
-    ev.process(pred, target)
+    _feed(ev, pred, target)
     expected = np.zeros((5, 5), np.int64)
     t, p = target.numpy().ravel(), pred.numpy().ravel()
     keep = t != 255
     np.add.at(expected, (t[keep], p[keep]), 1)
     assert ev.confusion_matrix.numpy().tolist() == expected.tolist()
     as_list = SemSegEvaluator(5)
-    as_list.process(list(pred), [x.numpy() for x in target])
+    _feed(as_list, list(pred), [x.numpy() for x in target])
     assert torch.equal(as_list.confusion_matrix, ev.confusion_matrix)
     ev.reset()
     assert ev.confusion_matrix.sum() == 0
@@ -96,20 +107,27 @@ def test_shape_mismatch_raises_naming_index_and_shapes():
     with pytest.raises(
         ValueError, match=r"prediction 1 has shape \[4, 6\] but its target has shape \[4, 5\]"
     ):
-        ev.process(preds, targets)
+        _feed(ev, preds, targets)
 
 
 def test_labels_out_of_range_raise_and_logits_are_refused():
     ev = SemSegEvaluator(3)
     ok = torch.zeros(1, 2, 2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"target 0 has labels \[7\] outside \[0, 3\)"):
-        ev.process(ok, torch.tensor([[[0, 7], [255, 1]]]))
+        _feed(ev, ok, torch.tensor([[[0, 7], [255, 1]]]))
     with pytest.raises(ValueError, match=r"prediction 0 has labels \[3\] outside \[0, 3\)"):
-        ev.process(torch.tensor([[[0, 3], [1, 1]]]), ok)
+        _feed(ev, torch.tensor([[[0, 3], [1, 1]]]), ok)
     with pytest.raises(ValueError, match="argmax"):
-        ev.process(torch.zeros(1, 3, 2, 2), ok)
+        _feed(ev, torch.zeros(1, 3, 2, 2), ok)
     with pytest.raises(ValueError, match="integer class labels"):
-        ev.process(ok.float(), ok)
+        _feed(ev, ok.float(), ok)
+    with pytest.raises(ValueError, match=r"inputs\[0\] has no 'sem_seg'.*with_semantic=True"):
+        ev.process([{"image_id": 1}], [{"sem_seg": ok[0]}])
+    with pytest.raises(ValueError, match="1 inputs .* but 2 outputs"):
+        ev.process([{"sem_seg": ok[0]}], [{"sem_seg": ok[0]}] * 2)
+    # a batch whose second image is bad counts nothing, not even its first image
+    with pytest.raises(ValueError, match="target 1"):
+        _feed(ev, torch.zeros(2, 2, 2, dtype=torch.long), torch.tensor([[[0, 1], [1, 0]], [[0, 9], [0, 0]]]))
     with pytest.raises(ValueError, match="ignore_index 1 is a class label"):
         SemSegEvaluator(3, ignore_index=1)
     assert ev.confusion_matrix.sum() == 0  # nothing was counted from the rejected batches
@@ -119,8 +137,8 @@ def test_png_and_json_written(tmp_path):
     pred, target = H.semseg_batch(seed=1, num_classes=5)
     names = ["road", "car", "sky", "tree", "person"]
     ev = SemSegEvaluator(5, class_names=names, output_dir=tmp_path / "out")
-    ev.process(pred, target)
-    m = ev.evaluate()
+    _feed(ev, pred, target)
+    m = _metrics(ev)
     png = tmp_path / "out" / "confusion_matrix.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     report = json.loads((tmp_path / "out" / "sem_seg_metrics.json").read_text())
@@ -132,5 +150,5 @@ def test_png_and_json_written(tmp_path):
 def test_nothing_processed_gives_nan_and_a_warning():
     ev = SemSegEvaluator(3)
     with pytest.warns(UserWarning, match="no \\(non-ignored\\) pixel"):
-        m = ev.evaluate()
+        m = _metrics(ev)
     assert math.isnan(m["mIoU"]) and math.isnan(m["pAcc"])

@@ -13,8 +13,8 @@ from torch import nn
 from detection.config import load_config
 from detection.data.coco import CocoDetection
 from detection.engine.launch import build_model, evaluate, get_task
+from detection.evaluation import CONFUSION_MATRIX_FILENAME
 from segmentation import MaskRCNN, PanopticFPN, SemanticFPN
-from segmentation.semantic_eval import CONFUSION_MATRIX_FILENAME
 
 REPO = Path(__file__).resolve().parents[2]
 

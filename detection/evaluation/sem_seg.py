@@ -14,14 +14,19 @@ are left out. From it, per class ``c`` (``TP = C[c, c]``, ``GT = C[c, :].sum()``
 * ``fwIoU = sum_c (GT_c / C.sum()) * IoU_c`` over classes with a defined IoU.
 
 This is detectron2's ``SemSegEvaluator`` arithmetic. Metrics are **fractions** in [0, 1].
+
+:class:`SemSegEvaluator` follows the :class:`~detection.evaluation.DatasetEvaluator` protocol: it
+reads ``inputs[i]["sem_seg"]`` (the ground truth of the dataset's targets) and
+``outputs[i]["sem_seg"]`` (the model's prediction) and reports ``{"sem_seg": {...}}``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +34,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resnet_det.common import get_world_size, is_main_process
+from resnet_det.common import get_world_size, is_main_process, log_report
+
+from .evaluator import DatasetEvaluator
 
 __all__ = ["CONFUSION_MATRIX_FILENAME", "SEM_SEG_METRICS_FILENAME", "SemSegEvaluator"]
 
 CONFUSION_MATRIX_FILENAME = "confusion_matrix.png"
 SEM_SEG_METRICS_FILENAME = "sem_seg_metrics.json"
 
-
-def _as_list(x: torch.Tensor | Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
-    """``[N, H, W]`` tensor or sequence of ``[H, W]`` tensors -> list of ``[H, W]`` tensors."""
-    if isinstance(x, torch.Tensor):
-        if x.dim() == 2:
-            raise ValueError(f"{what} is a single [H, W] map; pass [N, H, W] or a list of [H, W] maps")
-        if x.dim() != 3:
-            hint = " (logits? pass logits.argmax(1))" if x.dim() == 4 else ""
-            raise ValueError(f"{what} must be [N, H, W], got shape {list(x.shape)}{hint}")
-        return list(x.unbind(0))
-    out = []
-    for i, item in enumerate(x):
-        t = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
-        if t.dim() != 2:
-            hint = " (logits? pass logits.argmax(0))" if t.dim() == 3 else ""
-            raise ValueError(f"{what}[{i}] must be [H, W], got shape {list(t.shape)}{hint}")
-        out.append(t)
-    return out
+_log = logging.getLogger(__name__)
 
 
-class SemSegEvaluator:
+def _sem_seg_map(item: Any, what: str) -> torch.Tensor:
+    """``item["sem_seg"]`` as an ``[H, W]`` tensor, or a ``ValueError`` that says what is wrong."""
+    if not isinstance(item, Mapping) or "sem_seg" not in item:
+        keys = sorted(item) if isinstance(item, Mapping) else type(item).__name__
+        source = ("the dataset must provide semantic targets (with_semantic=True)" if what.startswith("input")
+                  else "the model must return a semantic prediction per image")
+        raise ValueError(f"{what} has no 'sem_seg' (got {keys}); {source}")
+    value = item["sem_seg"]
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if t.dim() != 2:
+        hint = " (logits? pass logits.argmax(0))" if t.dim() == 3 else ""
+        raise ValueError(f"{what}['sem_seg'] must be an [H, W] label map, got shape {list(t.shape)}{hint}")
+    return t
+
+
+class SemSegEvaluator(DatasetEvaluator):
     """Accumulates a confusion matrix over batches and computes mIoU / pAcc / mAcc.
 
     Usage::
@@ -64,14 +69,14 @@ class SemSegEvaluator:
         evaluator = SemSegEvaluator(num_classes=19, class_names=names, output_dir="out/eval")
         evaluator.reset()
         for images, targets in loader:
-            evaluator.process(model(images).argmax(1), targets)
-        metrics = evaluator.evaluate()   # {"mIoU": 0.71, "pAcc": ..., "IoU-road": ..., ...}
+            evaluator.process(targets, model(images))   # targets[i]["sem_seg"], outputs[i]["sem_seg"]
+        metrics = evaluator.evaluate()   # {"sem_seg": {"mIoU": 0.71, "pAcc": ..., "IoU-road": ..., ...}}
 
     Distributed: when ``torch.distributed`` is initialised, ``evaluate()`` sums the confusion
-    matrices of all ranks with ``all_reduce`` (**every rank must call it**); every rank then returns
-    the same metrics, and only rank 0 writes files. An all-reduce cannot tell repeated images
-    apart: use a sampler that does not pad (a padding ``DistributedSampler`` counts the repeated
-    images twice).
+    matrices of all ranks with ``all_reduce`` (**every rank must call it**); rank 0 then logs the
+    table, writes the files and returns the metrics, the other ranks return ``{}``. An all-reduce
+    cannot tell repeated images apart: use a sampler that does not pad (a padding
+    ``DistributedSampler`` counts the repeated images twice).
 
     Attributes:
         num_classes: Number of classes ``K``; labels are ``0..K-1``.
@@ -124,25 +129,28 @@ class SemSegEvaluator:
         """Clears the confusion matrix."""
         self.confusion_matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
-    def process(self, preds: torch.Tensor | Sequence[torch.Tensor],
-                targets: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
         """Adds a batch to the confusion matrix.
 
         Args:
-            preds: Predicted labels, integer ``[N, H, W]`` or a list of ``[H, W]`` (not logits).
-            targets: Ground-truth labels, same shapes; ``ignore_index`` pixels are skipped.
+            inputs: The batch's targets: ``inputs[i]["sem_seg"]`` is the ground-truth ``[H, W]``
+                integer map of image ``i``; ``ignore_index`` pixels are skipped.
+            outputs: The model's outputs: ``outputs[i]["sem_seg"]`` is the predicted ``[H, W]``
+                integer map (labels, not logits) at the same size.
 
         Raises:
-            ValueError: Different numbers of maps, a shape mismatch (naming the index and both
-                shapes), a non-integer map, or a label outside ``[0, num_classes)`` (other than
-                ``ignore_index`` in a target).
+            ValueError: Different numbers of inputs and outputs, a missing ``sem_seg``, a shape
+                mismatch (naming the index and both shapes), a non-integer map, or a label outside
+                ``[0, num_classes)`` (other than ``ignore_index`` in a target). Nothing of a batch
+                that fails is counted.
         """
-        pred_list = _as_list(preds, "preds")
-        target_list = _as_list(targets, "targets")
-        if len(pred_list) != len(target_list):
-            raise ValueError(f"process() got {len(pred_list)} predictions but {len(target_list)} targets")
+        if len(inputs) != len(outputs):
+            raise ValueError(f"process() got {len(inputs)} inputs (targets) but {len(outputs)} outputs")
         k = self.num_classes
-        for i, (p, t) in enumerate(zip(pred_list, target_list)):
+        batch = torch.zeros(k * k, dtype=torch.int64)
+        for i, (inp, out) in enumerate(zip(inputs, outputs)):
+            t = _sem_seg_map(inp, f"inputs[{i}]")
+            p = _sem_seg_map(out, f"outputs[{i}]")
             if p.shape != t.shape:
                 raise ValueError(
                     f"prediction {i} has shape {list(p.shape)} but its target has shape {list(t.shape)}; "
@@ -166,8 +174,8 @@ class SemSegEvaluator:
             if bad_p.any():
                 vals = torch.unique(p[bad_p])[:5].tolist()
                 raise ValueError(f"prediction {i} has labels {vals} outside [0, {k})")
-            counts = torch.bincount(t[valid] * k + p, minlength=k * k)
-            self.confusion_matrix += counts.reshape(k, k).cpu()
+            batch += torch.bincount(t[valid] * k + p, minlength=k * k).cpu()
+        self.confusion_matrix += batch.reshape(k, k)
 
     def _reduced_matrix(self) -> torch.Tensor:
         if get_world_size() == 1:
@@ -179,35 +187,37 @@ class SemSegEvaluator:
         dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
         return matrix.cpu()
 
-    def evaluate(self) -> dict[str, float]:
-        """Computes the metrics (all ranks; see the class docstring).
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Computes the metrics (every rank must call it; see the class docstring).
 
         Returns:
-            ``{"mIoU", "fwIoU", "mAcc", "pAcc", "IoU-<name>"..., "Acc-<name>"...}`` as fractions;
-            per-class values are NaN for undefined classes (see the module docstring). Everything
-            is NaN, with a warning, when no pixel was counted.
+            ``{"sem_seg": {"mIoU", "fwIoU", "mAcc", "pAcc", "IoU-<name>"..., "Acc-<name>"...}}`` as
+            fractions, on rank 0 (``{}`` on the other ranks); per-class values are NaN for
+            undefined classes (see the module docstring). Everything is NaN, with a warning, when
+            no pixel was counted.
         """
         matrix = self._reduced_matrix().double().numpy()
+        if not is_main_process():
+            return {}
         metrics = self.compute_metrics(matrix, self.class_names)
         if not matrix.sum():
             warnings.warn("SemSegEvaluator: no (non-ignored) pixel was processed; all metrics are NaN",
                           UserWarning, stacklevel=2)
-        if is_main_process():
-            print(self.format_table(metrics))
-            if self.output_dir is not None:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                self.plot_confusion_matrix(
-                    matrix, self.class_names, self.output_dir / CONFUSION_MATRIX_FILENAME
-                )
-                report: dict[str, Any] = {
-                    "units": "fraction",
-                    "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
-                    "confusion_matrix": matrix.astype(np.int64).tolist(),
-                    "class_names": self.class_names,
-                    "ignore_index": self.ignore_index,
-                }
-                (self.output_dir / SEM_SEG_METRICS_FILENAME).write_text(json.dumps(report, indent=1))
-        return metrics
+        log_report(_log, self.format_table(metrics))
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.plot_confusion_matrix(
+                matrix, self.class_names, self.output_dir / CONFUSION_MATRIX_FILENAME
+            )
+            report: dict[str, Any] = {
+                "units": "fraction",
+                "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+                "confusion_matrix": matrix.astype(np.int64).tolist(),
+                "class_names": self.class_names,
+                "ignore_index": self.ignore_index,
+            }
+            (self.output_dir / SEM_SEG_METRICS_FILENAME).write_text(json.dumps(report, indent=1))
+        return {"sem_seg": metrics}
 
     @staticmethod
     def compute_metrics(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
