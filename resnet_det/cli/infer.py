@@ -35,9 +35,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs the model over the inputs; returns 0, or raises :class:`CommandError` for bad input."""
-    cfg = load_config_arg(args.config, args.overrides)
     if args.print_config:
-        print_config(cfg)
+        print_config(load_config_arg(args.config, args.overrides))
         return 0
     missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--input", args.input),
                                         ("--output", args.output)) if not value]
@@ -45,6 +44,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    cfg = load_config_arg(args.config, args.overrides)
     from detection.inference import run_inference
     from resnet_det.common import resolve_device
 
