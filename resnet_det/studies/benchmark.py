@@ -46,6 +46,7 @@ class Result:
 
 
 def build_ours(arch: str, num_classes: int = 91) -> nn.Module:
+    """Our Faster R-CNN of `arch` (a key of `ARCHS`) in torchvision's setting, random weights."""
     from detection.models import build_faster_rcnn
 
     # torchvision's configuration: frozen BN, 3 trainable stages (freeze stem + res2).
@@ -54,6 +55,7 @@ def build_ours(arch: str, num_classes: int = 91) -> nn.Module:
 
 
 def build_torchvision(arch: str, num_classes: int = 91) -> nn.Module:
+    """torchvision's Faster R-CNN of `arch` (a key of `ARCHS`), random weights, 3 trainable stages."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -65,6 +67,7 @@ def build_torchvision(arch: str, num_classes: int = 91) -> nn.Module:
 
 def make_inputs(batch: int, height: int, width: int, device: torch.device, boxes_per_image: int = 10,
                 num_classes: int = 91, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Seeded random images `[3, H, W]` and targets (`boxes` xyxy absolute pixels, `labels`) on `device`."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(batch):
@@ -116,6 +119,7 @@ def _time(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int) 
 
 
 def prepare(model: nn.Module, *, device: torch.device, channels_last: bool, compile_backbone: bool) -> nn.Module:
+    """Moves `model` to `device`, optionally channels_last and with its backbone compiled; returns it."""
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -128,6 +132,7 @@ def prepare(model: nn.Module, *, device: torch.device, channels_last: bool, comp
 
 def bench_train(model: nn.Module, images, targets, *, device: torch.device, dtype: str, iters: int,
                 warmup: int) -> tuple[float, float | None]:
+    """Median ms of a training step (forward, backward, SGD at lr 0) and the peak memory in GiB."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # lr 0: the optimizer does all of its arithmetic, but random-weight models cannot diverge into NaN
@@ -234,6 +239,7 @@ HEADER = (f"{'model':<12} {'arch':<9} {'mode':<6} {'dtype':<5} {'batch':>5} {'si
 
 
 def format_row(r: Result) -> str:
+    """One table row under `HEADER`."""
     mem = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "n/a"
     return (f"{r.model:<12} {r.arch:<9} {r.mode:<6} {r.dtype:<5} {r.batch:>5} {f'{r.height}x{r.width}':>10} "
             f"{'y' if r.channels_last else 'n':>3} {'y' if r.compile else 'n':>4} {r.ms_per_iter:>9.1f} "
@@ -253,6 +259,7 @@ def speedups(results: list[Result]) -> list[str]:
 
 
 def environment(device: str) -> dict[str, str]:
+    """Versions and hardware the numbers were measured on (GPU name, or CPU threads)."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "device": device}
     try:
@@ -269,6 +276,7 @@ def environment(device: str) -> dict[str, str]:
 
 
 def write_json(results: list[Result], path: str | Path, env: dict[str, str]) -> Path:
+    """Writes the environment, the rows and the speed-ups as JSON; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results],

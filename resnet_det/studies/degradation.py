@@ -171,6 +171,7 @@ def build_cifar_classifier(kind: str, depth: int) -> ImageClassifier:
 
 
 def lr_at(cfg: StudyConfig, depth: int, it: int) -> float:
+    """Learning rate at iteration `it`: the warm-up for the deepest nets, then / 10 at each milestone."""
     if depth >= cfg.warmup_min_depth and it < cfg.warmup_iters:
         return cfg.warmup_lr
     drops = sum(it >= round(m * cfg.iterations) for m in cfg.milestones)
@@ -304,6 +305,7 @@ def summarize(results: Sequence[dict[str, Any]], *, with_paper: bool = True) -> 
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table (with the paper's Table 6 test errors) and its verdict lines."""
     lines = ["| net | params | train error (%) | test error (%) | paper test error (%) |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
         paper = f"{r['paper_test_error']:.2f}" if r.get("paper_test_error") is not None else "-"

@@ -34,7 +34,7 @@ def test_train_two_iterations_then_resume(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     tool = _tool()
-    assert tool.main([CONFIG, *_tiny(out, 2), "--no-progress"]) == 0
+    assert tool.main(["--no-progress", CONFIG, *_tiny(out, 2)]) == 0  # options before the config, too
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     for name in ("config.yaml", "metrics.jsonl", "log.txt", "curves.png", "model_final.safetensors", "summary.json",

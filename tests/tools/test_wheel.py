@@ -49,7 +49,8 @@ def _run(args: list[str], *, cwd: Path, env: dict[str, str], timeout: int = 600)
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # pip builds and installs from local files only: no index, no version check over the network.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     dist = tmp_path / "dist"
     _run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path / "src")), "--no-deps",
           "--no-build-isolation", "--no-cache-dir", "-q", "-w", str(dist)], cwd=tmp_path, env=env)
