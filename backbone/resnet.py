@@ -197,18 +197,34 @@ class _StagedBackbone(Backbone):
                 outputs[name] = x
         return outputs
 
-    def pop_last_stage(self) -> tuple[str, nn.Module]:
-        """Remove the last built stage and return `(name, module)`; the new last stage becomes the only
-        output. A C4 detector uses this to run res5 per RoI (after loading the full trunk's weights)."""
+    def split_last_stage(self) -> tuple[_StagedBackbone, nn.Module]:
+        """Hand the last stage over to a per-RoI head: the ResNet paper's C4 detector runs res5 on each
+        pooled RoI instead of on the whole image.
+
+        Returns `(trunk, stage)`: `trunk` is this backbone, now ending at the stage before (its only
+        output, e.g. `res4` at stride 16), and `stage` the detached `nn.Sequential` (e.g. `res5`).
+        Parameters are neither copied nor re-initialised, and state-dict keys keep their names
+        (`res2..res4.*` here, `res5.*` under whatever module takes the stage), so build the full trunk,
+        load its weights, then split.
+
+        Example::
+
+            >>> trunk = ResNet(50, out_features=("res4", "res5"))
+            >>> trunk, res5 = trunk.split_last_stage()
+            >>> trunk.output_shape()
+            {'res4': ShapeSpec(channels=1024, stride=16)}
+
+        Raises:
+            ValueError: the backbone has no stage left to split off.
+        """
         if not self.stage_names:
-            raise ValueError("this backbone has no stage to pop")
+            raise ValueError(f"{type(self).__name__} has no stage to split off (it ends at the stem)")
         name = self.stage_names[-1]
-        module = getattr(self, name)
+        stage = getattr(self, name)
         delattr(self, name)
         self.stage_names = self.stage_names[:-1]
-        prev = self.stage_names[-1] if self.stage_names else "stem"
-        self._out_features = (prev,)
-        return name, module
+        self._out_features = (self.stage_names[-1] if self.stage_names else "stem",)
+        return self, stage
 
     def freeze(self, freeze_at: int) -> None:
         """Freeze the stem (1) and stages res2..res_k (k): no gradients, BN turned into frozen BN."""

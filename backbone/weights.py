@@ -8,11 +8,13 @@ missing, unexpected or mis-shaped key raises a `ValueError` carrying the full re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -274,23 +276,41 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[s
     return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata or {}))
 
 
-# ---------------------------------------------------------------------------------------- ImageNet
-# Arch -> (provider, file name, URL or hub repo). torchvision's V1 weights are the ones its detection
-# models start from; the V2 file is accepted too when it is the one in the cache.
-IMAGENET_WEIGHTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "resnet18": ("torchvision", ("resnet18-f37072fd.pth",), "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
-    "resnet34": ("torchvision", ("resnet34-b627a593.pth",), "https://download.pytorch.org/models/resnet34-b627a593.pth"),
-    "resnet50": ("torchvision", ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
-                 "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
-    "resnet101": ("torchvision", ("resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"),
-                  "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
-    "resnet152": ("torchvision", ("resnet152-394f9c45.pth", "resnet152-f82ba261.pth"),
-                  "https://download.pytorch.org/models/resnet152-394f9c45.pth"),
-    "vgg16": ("torchvision", ("vgg16-397923af.pth",), "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "vgg16_bn": ("torchvision", ("vgg16_bn-6c64b313.pth",), "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"),
-    "resnet50v2": ("timm", ("model.safetensors",), "timm/resnetv2_50.a1h_in1k"),
-    "resnet101v2": ("timm", ("model.safetensors",), "timm/resnetv2_101.a1h_in1k"),
+# ------------------------------------------------------------------------------------ cached files
+# Our ImageNet arch -> torchvision's model name (its weight enum gives URL, file name and hash), or the
+# Hugging Face repo and file of timm's weights. torchvision's V1 weights are the ones its detection models
+# start from; a newer IMAGENET1K file (V2) is accepted when it is the one in the cache.
+TORCHVISION_IMAGENET: dict[str, str] = {
+    "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50", "resnet101": "resnet101",
+    "resnet152": "resnet152", "vgg16": "vgg16", "vgg16_bn": "vgg16_bn",
 }
+HF_IMAGENET: dict[str, tuple[str, str]] = {
+    "resnet50v2": ("timm/resnetv2_50.a1h_in1k", "model.safetensors"),
+    "resnet101v2": ("timm/resnetv2_101.a1h_in1k", "model.safetensors"),
+}
+_IMAGENET_ENTRY = re.compile(r"IMAGENET1K_V\d+")
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def imagenet_weights_table() -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """Arch -> (provider, cached file names, URL or hub repo), derived from torchvision's weight enums and
+    `HF_IMAGENET` (e.g. for `pretrained_cfg` URLs). Also available as the module attribute `IMAGENET_WEIGHTS`."""
+    from torchvision.models import get_model_weights
+
+    table: dict[str, tuple[str, tuple[str, ...], str]] = {}
+    for arch, tv_name in TORCHVISION_IMAGENET.items():
+        entries = [w for w in get_model_weights(tv_name) if _IMAGENET_ENTRY.fullmatch(w.name)]
+        table[arch] = ("torchvision", tuple(os.path.basename(w.url) for w in entries), entries[0].url)
+    for arch, (repo, filename) in HF_IMAGENET.items():
+        table[arch] = ("timm", (filename,), repo)
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    if name == "IMAGENET_WEIGHTS":  # computed on first use: it imports torchvision's model registry
+        globals()[name] = imagenet_weights_table()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def offline() -> bool:
@@ -299,55 +319,182 @@ def offline() -> bool:
 
 
 def torch_hub_checkpoint_dir() -> Path:
+    """torch.hub's checkpoint folder (`$TORCH_HOME/hub/checkpoints`, `torch.hub.get_dir()/checkpoints`)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def hf_hub_cache_dir() -> Path:
-    if "HF_HUB_CACHE" in os.environ:
+    """The Hugging Face hub cache, read from the environment at call time (`HF_HUB_CACHE`, `HF_HOME/hub`)."""
+    if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (remembered per path, size and modification time)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def check_hash_prefix(path: str | os.PathLike, url: str = "") -> None:
+    """Verify a torch.hub file against the SHA-256 prefix in its name (`resnet50-0676ba61.pth`), as
+    `torch.hub`'s `check_hash` does; a name without one is not checked.
+
+    Raises:
+        WeightsError: the digest differs (the message names the file and how to replace it).
+    """
+    path = Path(path)
+    m = torch.hub.HASH_REGEX.search(path.name)
+    prefix = m.group(1) if m else ""
+    if not prefix:
+        return
+    digest = sha256_of(path)
+    if not digest.startswith(prefix):
+        again = f"download {url} again into {path.parent}" if url else "replace it with the published file"
+        raise WeightsError(f"weights file {path} is damaged or not the published file: its SHA-256 starts with "
+                           f"{digest[:len(prefix)]}, its name says {prefix}. Delete it and {again}")
+
+
+def torchvision_weights_entry(model_name: str, weights: Any) -> Any:
+    """torchvision's weight enum member for `model_name` from a name ("DEFAULT", "COCO_V1",
+    "FasterRCNN_ResNet50_FPN_Weights.COCO_V1") or the member itself.
+
+    Raises:
+        ValueError: an unknown model or weight name (the message lists the valid names).
+    """
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(model_name)
+    except ValueError as e:
+        raise ValueError(f"torchvision has no model {model_name!r} with weights: {e}") from None
+    valid = ", ".join(["DEFAULT", *enum.__members__])
+    if isinstance(weights, str) and "." in weights and not weights.startswith(enum.__name__ + "."):
+        raise ValueError(f"weights={weights!r} are not {model_name}'s ({enum.__name__}); use one of {valid}")
+    try:
+        return enum.verify(weights)
+    except (KeyError, TypeError):
+        raise ValueError(f"weights={weights!r} is not a weight of torchvision's {model_name}; use one of {valid}, "
+                         "an enum member, or a checkpoint path") from None
+
+
+def resolve_torchvision_weights(entry: Any) -> Path:
+    """The file of a torchvision weight enum member in torch's hub cache, its hash prefix verified.
+
+    When the file is not there it is downloaded (hash checked by torch.hub), unless downloads are disabled
+    (`RESNET_DET_OFFLINE=1` / `HF_HUB_OFFLINE=1`) or fail: then a `WeightsError` names the file, the folder
+    to put it in and the URL.
+    """
+    url: str = entry.url
+    name = os.path.basename(url)
+    folder = torch_hub_checkpoint_dir()
+    target = folder / name
+    if target.is_file():
+        check_hash_prefix(target, url)
+        return target
+    how = f"download {url} and place it at {target}"
+    if offline():
+        raise WeightsError(f"{entry} not found: expected file {name} in folder {folder} (downloads are disabled by "
+                           f"RESNET_DET_OFFLINE / HF_HUB_OFFLINE); {how}")
+    m = torch.hub.HASH_REGEX.search(name)
+    try:  # pragma: no cover - needs the network
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=m.group(1) if m else None, progress=True)
+    except Exception as e:  # pragma: no cover - needs the network
+        raise WeightsError(f"{entry} is not in the cache and the download failed ({type(e).__name__}: {e}); "
+                           f"{how}") from e
+    return target  # pragma: no cover - needs the network
+
+
+def resolve_hf_file(repo_id: str, filename: str) -> Path:
+    """A file of a Hugging Face model repo from the hub cache (huggingface_hub's cache API), downloaded when
+    absent unless downloads are disabled; a blob stored under its SHA-256 (LFS files) is verified.
+
+    The `main` revision is preferred; otherwise the most recently modified cached revision holding the file.
+
+    Raises:
+        WeightsError: not cached and not downloadable (the message names the file, the folder and the URL),
+            or a blob whose content does not match its name.
+    """
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    cache = hf_hub_cache_dir()
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+    path = Path(found) if isinstance(found, str) else None
+    if path is None and cache.is_dir():
+        try:
+            info = scan_cache_dir(cache)
+        except Exception:  # a damaged cache folder: report the file as missing below
+            info = None
+        revisions = [rev for repo in (info.repos if info else ()) if repo.repo_id == repo_id and
+                     repo.repo_type == "model" for rev in repo.revisions
+                     if any(f.file_name == filename for f in rev.files)]
+        if revisions:
+            latest = max(revisions, key=lambda r: r.last_modified)
+            path = next(f.file_path for f in latest.files if f.file_name == filename)
+    if path is not None:
+        _check_hf_blob(path)
+        return path
+    url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    how = (f"download {url} into the Hugging Face cache {cache} (huggingface_hub.hf_hub_download({repo_id!r}, "
+           f"{filename!r}) on a machine online, then copy {folder}), or pass weights=<path>")
+    if offline():
+        raise WeightsError(f"{filename} of {repo_id} not found in the Hugging Face cache: expected it under folder "
+                           f"{folder} (downloads are disabled by RESNET_DET_OFFLINE / HF_HUB_OFFLINE); {how}")
+    try:  # pragma: no cover - needs the network
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache))
+    except Exception as e:  # pragma: no cover - needs the network
+        raise WeightsError(f"{filename} of {repo_id} is not in the cache and the download failed "
+                           f"({type(e).__name__}: {e}); {how}") from e
+
+
+def _check_hf_blob(path: Path) -> None:
+    blob = path.resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and sha256_of(blob) != blob.name:
+        raise WeightsError(f"cached file {path} (blob {blob}) is damaged: its SHA-256 is not its blob name "
+                           f"{blob.name}; delete the blob and download it again")
 
 
 def resolve_imagenet_weights(arch: str) -> Path:
-    """Path to the ImageNet checkpoint of `arch` in the torchvision / Hugging Face (timm) cache.
+    """Path to the ImageNet checkpoint of `arch` in the torchvision or Hugging Face (timm) cache, verified.
 
-    When the file is not there it is downloaded, unless downloads are disabled or fail: then a
-    `WeightsError` names the file to place and the folder to place it in.
+    torchvision files come through torchvision's weight enums (e.g. `ResNet50_Weights.IMAGENET1K_V1`): the
+    first IMAGENET1K file in torch's hub cache is used, its SHA-256 prefix checked. timm files come from the
+    Hugging Face cache (`huggingface_hub.try_to_load_from_cache`). When no file is cached it is downloaded,
+    unless downloads are disabled or fail: then a `WeightsError` names the file, the folder and the URL.
     """
-    if arch not in IMAGENET_WEIGHTS:
-        raise WeightsError(f"no ImageNet weights are known for {arch!r}; available for {sorted(IMAGENET_WEIGHTS)}. "
-                           "Pass weights=<path to a .pth/.safetensors file> instead")
-    provider, names, where = IMAGENET_WEIGHTS[arch]
-    if provider == "torchvision":
-        folder = torch_hub_checkpoint_dir()
-        for name in names:
-            if (folder / name).is_file():
-                return folder / name
-        target = folder / names[0]
-        how = f"download {where} and place it at {target}"
-        if not offline():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(where, str(target), progress=True)
-                return target
-            except Exception as e:
-                raise WeightsError(f"ImageNet weights for {arch} are not in the cache and the download failed "
-                                   f"({type(e).__name__}: {e}); {how}") from e
-        raise WeightsError(f"ImageNet weights for {arch} not found: expected file {names[0]} in folder {folder} "
-                           f"(downloads are disabled); {how}")
-    repo_dir = hf_hub_cache_dir() / ("models--" + where.replace("/", "--"))
-    found = sorted(repo_dir.glob("snapshots/*/model.safetensors"))
-    if found:
-        return found[-1]
-    how = (f"download model.safetensors of the Hugging Face repo {where} (timm) into {repo_dir}/snapshots/<rev>/, "
-           "e.g. with huggingface_hub.hf_hub_download, or pass weights=<path>")
-    if not offline():
-        try:
-            from huggingface_hub import hf_hub_download
+    if arch in TORCHVISION_IMAGENET:
+        from torchvision.models import get_model_weights
 
-            return Path(hf_hub_download(where, "model.safetensors"))
-        except Exception as e:
-            raise WeightsError(f"ImageNet weights for {arch} are not in the cache and the download failed "
-                               f"({type(e).__name__}: {e}); {how}") from e
-    raise WeightsError(f"ImageNet weights for {arch} not found: expected file model.safetensors under {repo_dir} "
-                       f"(downloads are disabled); {how}")
+        entries = [w for w in get_model_weights(TORCHVISION_IMAGENET[arch]) if _IMAGENET_ENTRY.fullmatch(w.name)]
+        folder = torch_hub_checkpoint_dir()
+        for entry in entries:
+            if (folder / os.path.basename(entry.url)).is_file():
+                return resolve_torchvision_weights(entry)
+        try:
+            return resolve_torchvision_weights(entries[0])
+        except WeightsError as e:
+            raise WeightsError(f"ImageNet weights for {arch}: {e}") from None
+    if arch in HF_IMAGENET:
+        try:
+            return resolve_hf_file(*HF_IMAGENET[arch])
+        except WeightsError as e:
+            raise WeightsError(f"ImageNet weights for {arch}: {e}") from None
+    known = sorted([*TORCHVISION_IMAGENET, *HF_IMAGENET])
+    raise WeightsError(f"no ImageNet weights are known for {arch!r}; available for {known}. "
+                       "Pass weights=<path to a .pth/.safetensors file> instead")

@@ -8,6 +8,10 @@ files (the deep chains of mmdetection configs are the counter-example). Command-
 ``key.sub=value`` are applied last; each value is parsed with ``yaml.safe_load``, so
 ``train.amp=bf16``, ``solver.steps=[100,200]`` and ``model.weights=null`` all work.
 
+The ``model`` section is :class:`detection.specs.ModelSpec` itself (nested: ``model.backbone.name``,
+``model.rpn.nms_thresh``, ``model.input.min_size``, ...): the builders read it as it is, with no copy
+into another schema.
+
 Every key and value is checked against the dataclass schema: an unknown key or a value of the wrong
 type raises an error that names the full dotted key, the value given and its type, the type
 expected, where it was set, and close matches for typos.
@@ -38,14 +42,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from resnet_det.common import atomic_write
+from resnet_det.common import atomic_write, check
+
+from .specs import ModelSpec
 
 __all__ = [
     "Config",
     "DataConfig",
-    "ModelConfig",
-    "ROIConfig",
-    "RPNConfig",
     "SolverConfig",
     "TrainConfig",
     "config_from_dict",
@@ -67,179 +70,7 @@ T = TypeVar("T")
 
 def _check(cond: bool, key: str, value: Any, requirement: str) -> None:
     """Raises a ValueError naming the dotted key when a value is out of its allowed range."""
-    if not cond:
-        raise ValueError(f"config key '{key}' = {value!r} is invalid: {requirement}")
-
-
-@dataclass
-class RPNConfig:
-    """Region proposal network (Faster R-CNN paper values, detectron2's FPN defaults)."""
-
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
-    """Anchor sizes in pixels, one tuple per feature level (one level for C4)."""
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """Anchor aspect ratios (height / width), shared by every level."""
-    pre_nms_topk_train: int = 2000
-    """Proposals kept per level (per image) before NMS during training."""
-    pre_nms_topk_test: int = 1000
-    """Proposals kept per level (per image) before NMS at test time."""
-    post_nms_topk_train: int = 2000
-    """Proposals kept per image after NMS during training."""
-    post_nms_topk_test: int = 1000
-    """Proposals kept per image after NMS at test time."""
-    nms_thresh: float = 0.7
-    """IoU threshold of the proposal NMS."""
-    batch_size_per_image: int = 256
-    """Anchors sampled per image for the RPN losses."""
-    positive_fraction: float = 0.5
-    """Largest fraction of positive anchors in that sample."""
-    fg_iou: float = 0.7
-    """Anchors with IoU >= this with a ground-truth box are positives."""
-    bg_iou: float = 0.3
-    """Anchors with IoU < this with every ground-truth box are negatives."""
-    conv_depth: int = 1
-    """3x3 convolutions of the RPN head (1 in the paper, 2 in torchvision's v2 models)."""
-
-    def __post_init__(self) -> None:
-        _check(len(self.anchor_sizes) > 0 and all(len(s) > 0 for s in self.anchor_sizes),
-               "model.rpn.anchor_sizes", self.anchor_sizes, "give at least one size per level")
-        _check(all(s > 0 for level in self.anchor_sizes for s in level), "model.rpn.anchor_sizes",
-               self.anchor_sizes, "sizes must be > 0")
-        _check(len(self.aspect_ratios) > 0 and all(r > 0 for r in self.aspect_ratios),
-               "model.rpn.aspect_ratios", self.aspect_ratios, "give at least one ratio, each > 0")
-        _check(0.0 < self.positive_fraction <= 1.0, "model.rpn.positive_fraction",
-               self.positive_fraction, "must be in (0, 1]")
-        _check(0.0 <= self.bg_iou <= self.fg_iou <= 1.0, "model.rpn.bg_iou/fg_iou",
-               (self.bg_iou, self.fg_iou), "need 0 <= bg_iou <= fg_iou <= 1")
-
-
-@dataclass
-class ROIConfig:
-    """Box head on RoI features (Fast R-CNN sampling, detectron2's FPN defaults)."""
-
-    batch_size_per_image: int = 512
-    """RoIs sampled per image for the box head losses."""
-    positive_fraction: float = 0.25
-    """Largest fraction of foreground RoIs in that sample."""
-    fg_iou: float = 0.5
-    """RoIs with IoU >= this with a ground-truth box are foreground."""
-    bg_iou: float = 0.5
-    """RoIs with IoU < this with every ground-truth box are background."""
-    box_head: Literal["2fc", "4conv1fc"] = "2fc"
-    """Box head layout: two fully connected layers, or four convs then one fc."""
-    fc_dim: int = 1024
-    """Width of the fully connected layers of the box head."""
-    conv_dim: int = 256
-    """Channels of the convolutions of the "4conv1fc" box head."""
-    num_convs: int = 4
-    """Convolutions of the "4conv1fc" box head."""
-    box_head_norm: str = "BN"
-    """Norm of the "4conv1fc" box head's convolutions (BN, GN, none)."""
-    pooler_resolution: int | None = None
-    """Output size of the RoI pooling; null: 7 (FPN, VGG C4) or 14 (ResNet C4, before res5 halves it)."""
-    pooler_type: Literal["roi_align", "roi_align_v2", "roi_pool"] = "roi_align"
-    """RoIAlign (torchvision), aligned RoIAlign (detectron2), or the paper's RoI max pooling."""
-    sampling_ratio: int = 2
-    """RoIAlign sampling points per bin (0 = adaptive)."""
-    score_thresh: float = 0.05
-    """Detections with a lower score are dropped at test time."""
-    nms_thresh: float = 0.5
-    """IoU threshold of the per-class NMS at test time."""
-    detections_per_img: int = 100
-    """Detections kept per image at test time (COCO evaluates 100)."""
-    bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-    """Weights (wx, wy, ww, wh) of the box regression coding."""
-
-    def __post_init__(self) -> None:
-        _check(0.0 < self.positive_fraction <= 1.0, "model.roi.positive_fraction",
-               self.positive_fraction, "must be in (0, 1]")
-        _check(0.0 <= self.bg_iou <= self.fg_iou <= 1.0, "model.roi.bg_iou/fg_iou",
-               (self.bg_iou, self.fg_iou), "need 0 <= bg_iou <= fg_iou <= 1")
-        _check(len(self.bbox_reg_weights) == 4, "model.roi.bbox_reg_weights", self.bbox_reg_weights,
-               "give four weights (wx, wy, ww, wh)")
-        _check(self.pooler_resolution is None or self.pooler_resolution > 0, "model.roi.pooler_resolution",
-               self.pooler_resolution, "must be > 0, or null for the architecture's default")
-
-
-@dataclass
-class ModelConfig:
-    """The detector: task, backbone, neck, heads and input sizes."""
-
-    # What is built.
-    task: Literal["detection", "instance", "semantic", "panoptic_fpn"] = "detection"
-    """Boxes (Faster R-CNN), boxes + masks (Mask R-CNN), semantic FPN, or both heads (panoptic FPN)."""
-    arch: Literal["fpn", "c4"] = "fpn"
-    """Feature pyramid on res2..res5, or the paper's C4 design (RoI head on res5)."""
-
-    # Backbone.
-    backbone: str = "resnet50"
-    """Backbone name in the backbone registry (resnet18/34/50/101/152, vgg16, ...)."""
-    backbone_weights: str | None = None
-    """None (random init), "imagenet" (from the local torchvision/timm cache), or a file path."""
-    norm: str = "FrozenBN"
-    """Normalisation of the backbone: FrozenBN, BN, SyncBN, GN."""
-    freeze_at: int = 2
-    """Freeze the stem (1) and stages up to res<freeze_at> (2 = stem + res2); 0 trains all."""
-    fpn_channels: int = 256
-    """Channels of the FPN outputs."""
-    fpn_norm: str = "none"
-    """Norm after the FPN convolutions (none in the paper, BN in torchvision's v2 models)."""
-    backbone_width: int | None = None
-    """Stem/first-stage width of the backbone; null = the paper's (64). Small values: cheap test models."""
-    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
-    """Box regression loss of the RPN and the box head."""
-
-    # Heads and weights.
-    num_classes: int | None = None
-    """Foreground classes; None takes the number from the dataset."""
-    weights: str | None = None
-    """Full detector weights (.safetensors/.pth) to start from, e.g. a COCO-trained model."""
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    """Region proposal network."""
-    roi: ROIConfig = field(default_factory=ROIConfig)
-    """Box head on RoI features."""
-    mask_head_convs: int = 4
-    """Convolutions of the mask head (instance / panoptic_fpn tasks)."""
-    semantic_loss_weight: float = 0.5
-    """Weight of the semantic segmentation loss (panoptic_fpn task)."""
-    semantic_ignore_index: int = 255
-    """Label ignored by the semantic segmentation loss."""
-    mask_head_conv_dim: int = 256
-    """Channels of the mask head's convolutions and transposed convolution (256 in the paper)."""
-    mask_head_norm: str = "none"
-    """Norm of the mask head's convolutions (none in the paper, BN in torchvision's v2, GN from scratch)."""
-    mask_pooler_resolution: int = 14
-    """RoIAlign output side for the mask head; the masks are twice that (28)."""
-    semantic_conv_dims: int = 128
-    """Channels of the semantic FPN head's 3x3 convolutions (128 in Panoptic FPN)."""
-    semantic_norm: str = "GN"
-    """Norm of the semantic FPN head's convolutions (GN in Panoptic FPN)."""
-
-    # Input sizes.
-    min_size: tuple[int, ...] = (800,)
-    """Shorter side during training, drawn from these values per image (multi-scale if several)."""
-    max_size: int = 1333
-    """Longest side cap during training."""
-    test_min_size: int = 800
-    """Shorter side at test time."""
-    test_max_size: int = 1333
-    """Longest side cap at test time."""
-
-    def __post_init__(self) -> None:
-        _check(0 <= self.freeze_at <= 5, "model.freeze_at", self.freeze_at, "must be in 0..5")
-        _check(self.fpn_channels > 0, "model.fpn_channels", self.fpn_channels, "must be > 0")
-        _check(self.num_classes is None or self.num_classes > 0, "model.num_classes",
-               self.num_classes, "must be > 0, or null to take it from the dataset")
-        _check(len(self.min_size) > 0 and all(s > 0 for s in self.min_size), "model.min_size",
-               self.min_size, "give at least one size, each > 0, e.g. [800]")
-        _check(self.max_size > 0 and self.test_min_size > 0 and self.test_max_size > 0,
-               "model.max_size/test_min_size/test_max_size",
-               (self.max_size, self.test_min_size, self.test_max_size), "must be > 0")
-        _check(self.mask_head_convs >= 0, "model.mask_head_convs", self.mask_head_convs, "must be >= 0")
-        _check(self.mask_head_conv_dim > 0 and self.mask_pooler_resolution > 0 and self.semantic_conv_dims > 0,
-               "model.mask_head_conv_dim/mask_pooler_resolution/semantic_conv_dims",
-               (self.mask_head_conv_dim, self.mask_pooler_resolution, self.semantic_conv_dims), "must be > 0")
-        _check(self.semantic_loss_weight >= 0, "model.semantic_loss_weight", self.semantic_loss_weight, "must be >= 0")
+    check(cond, key, value, requirement)
 
 
 @dataclass
@@ -396,12 +227,17 @@ class TrainConfig:
                self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
 
 
+# Transitional, not part of the API: detection/engine/launch.py (owned by the integrator) still imports this
+# name for a type annotation. Delete this line when launch.py annotates with `ModelSpec`.
+ModelConfig = ModelSpec
+
+
 @dataclass
 class Config:
     """A whole experiment."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The detector."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The model (detection.specs.ModelSpec: the builders read this section as it is)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Datasets and loading."""
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -491,6 +327,11 @@ def _unknown_key_message(key: str, name: str, cls: type, root: type, section: st
         # difflib misses short names with a suffix (`lr_rate` for `lr`): try prefixes too.
         close = [f for f in fields if len(f) >= 2 and (name.startswith(f) or f.startswith(name))]
     suggestions = [prefix + m for m in close]
+    # `<section>_<field>` for `<section>.<field>` (the flat spelling of ModelSpec.replace, and older configs).
+    for sub, tp in _field_types(cls).items():
+        rest = name[len(sub) + 1:] if name.startswith(sub + "_") else ""
+        if rest and dataclasses.is_dataclass(tp) and rest in _field_types(tp):
+            suggestions.insert(0, f"{prefix}{sub}.{rest}")
     # A right name in the wrong section (`train.lr` for `solver.lr`) is a common slip too.
     for other in _all_keys(root):
         if other.rsplit(".", 1)[-1] == name and other != key and other not in suggestions:
@@ -515,13 +356,24 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise _Mismatch(key, value, f"a mapping of {tp.__name__} fields")
+            names = list(_field_types(tp))
+            raise _Mismatch(key, value, f"a mapping of {tp.__name__} fields",
+                            f"'{key}' is a section: set one of its fields, e.g. {key}.{names[0]}=... "
+                            f"(fields: {', '.join(names)})")
         return _build_dataclass(tp, value, key, root)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in _UNION_TYPES:
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # `X | None`: an error inside X names the exact item (`key[1][0]`)
+            try:
+                return _convert(value, others[0], key, root)
+            except _Mismatch as err:
+                if err.key != key:
+                    raise
+                raise _Mismatch(key, value, _type_name(tp), err.hint) from None
         for arg in args:
             if arg is type(None):
                 continue
@@ -814,7 +666,10 @@ def load_config(
         source = _origin_of(err.key, origins)
         raise ValueError(f"{err} (set {source})" if source else str(err)) from None
     except ValueError as err:
-        raise ValueError(f"{err} (while loading {path})") from None
+        # A range check (`check`) names its dotted key: say which file or override set the value.
+        named = re.match(r"config key '([^'/]+)", str(err))
+        source = _origin_of(named.group(1), origins) if named else None
+        raise ValueError(f"{err} (set {source})" if source else f"{err} (while loading {path})") from None
 
 
 class _ConfigDumper(yaml.SafeDumper):

@@ -75,22 +75,32 @@ def load_torchvision_detector(model: nn.Module, source: str | os.PathLike | dict
     model.load_state_dict({k: v for k, v in converted.items() if k in target}, strict=False)
 
 
-def load_detector_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def load_detector_weights(model: nn.Module, source: str | os.PathLike | dict[str, Tensor]) -> None:
     """Loads full-model weights: this project's ``.safetensors``/``.pth``, or a torchvision detection checkpoint.
+
+    Args:
+        model: a detector (or segmentation model) of this project.
+        source: a file, or a state dict already read (e.g. with ``backbone.weights.read_state_dict``).
 
     torchvision checkpoints are recognised by their ``backbone.body.`` keys and converted with
     :func:`load_torchvision_detector`; our own files load strictly (``num_batches_tracked`` aside).
 
     Raises:
-        WeightsError: The file cannot be read, or its keys do not fit the model (the message names
-            the file and the first missing / unexpected keys).
+        WeightsError: The file cannot be read, or its keys or shapes do not fit the model (the message
+            names the file and the first missing / unexpected / mis-shaped keys).
     """
-    sd = read_state_dict(path)
+    where = "the state dict" if isinstance(source, dict) else f"weights {str(source)!r}"
+    sd = dict(source) if isinstance(source, dict) else read_state_dict(source)
     if any(k.startswith("backbone.body.") for k in sd):
         load_torchvision_detector(model, sd)
         return
+    target = model.state_dict()
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
+                  if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if mismatched:
+        raise WeightsError(f"{where} do not fit the model: mismatched shapes (file vs model) {mismatched[:6]}")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise WeightsError(f"weights {str(path)!r} do not fit the model: missing {missing[:6]}, "
+        raise WeightsError(f"{where} do not fit the model: missing {missing[:6]}, "
                            f"unexpected {result.unexpected_keys[:6]}")

@@ -1,236 +1,387 @@
-"""Builders for Faster R-CNN (FPN and C4) on any registered backbone, and torchvision presets.
+"""Faster R-CNN builders (FPN and C4) on any registered backbone, and torchvision's architectures.
 
-Variants are data: `build_faster_rcnn(backbone="resnet101", arch="c4")` and
-`build_faster_rcnn(backbone="vgg16", arch="c4")` differ in one argument, which is how the ResNet
-paper's VGG-16 -> ResNet-101 swap is made.
+Each part has a small builder that takes the `ModelSpec` and the `output_shape()` of what feeds it:
+in-channels, strides and levels come from the modules, never from the spec (detectron2's
+`from_config(cfg, input_shape)`). One short builder per model assembles them:
+
+- `build_faster_rcnn(spec, **overrides)`: backbone (+FPN), RPN, box branch, preprocessor;
+- `fasterrcnn_resnet50_fpn(weights=..., num_classes=...)` and `fasterrcnn_resnet50_fpn_v2`: torchvision's
+  architectures, with torchvision's class convention (background included) and weights from a file or
+  torchvision's weight enums (the file in torch's hub cache, its hash verified).
+
+Variants are data: `build_faster_rcnn(num_classes=80, backbone_name="resnet101", arch="c4")` and
+`backbone_name="vgg16"` differ in one value, which is how the ResNet paper's VGG-16 -> ResNet-101 swap
+is made.
+
+Parts are built in a fixed order (backbone, box head, RPN head, box predictor, then any extra head) so
+that seeded initialisations are reproducible from one version to the next.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from backbone import FPN, build_backbone
 from backbone.base import Backbone
-from backbone.layers import NormSpec, get_norm
+from backbone.layers import get_norm
 from backbone.resnet import ResNet
+from backbone.shape_spec import ShapeSpec
 from backbone.vgg import VGGFCHead
-from backbone.weights import load_weights, resolve_imagenet_weights
+from backbone.weights import (
+    WEIGHT_SUFFIXES,
+    load_weights,
+    read_state_dict,
+    resolve_imagenet_weights,
+    resolve_torchvision_weights,
+    to_classifier_layout,
+    torchvision_weights_entry,
+)
 
 from .anchors import AnchorGenerator
+from .convert import load_detector_weights
 from .faster_rcnn import FasterRCNN
 from .poolers import RoIPooler
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
-from .roi_heads import ConvFCHead, Res5Head, RoIHeads, TwoMLPHead
+from .preprocess import Preprocessor
+from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead
 from .rpn import RPN, RPNHead
+from .specs import C4_ANCHOR_SIZES, FPN_ANCHOR_SIZES, ModelSpec
 
-FPN_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
-C4_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
-
-
-@dataclass
-class FasterRCNNSpec:
-    """Every architectural and inference setting of a Faster R-CNN, with torchvision/Detectron defaults."""
-
-    backbone: str = "resnet50"
-    arch: str = "fpn"  # "fpn" or "c4"
-    num_classes: int = 91  # including background
-    norm: NormSpec = "FrozenBN"
-    freeze_at: int = 2
-    backbone_weights: str | None = None  # None, "imagenet" or a file
-    backbone_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 8} for tiny test models
-    fpn_channels: int = 256
-    fpn_norm: NormSpec = "none"
-    anchor_sizes: tuple[tuple[float, ...], ...] | None = None  # None: FPN or C4 default
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_conv_depth: int = 1
-    rpn_pre_nms_topk: tuple[int, int] = (2000, 1000)
-    rpn_post_nms_topk: tuple[int, int] = (2000, 1000)
-    rpn_nms_thresh: float = 0.7
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_batch_size_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    box_head: str = "2fc"  # "2fc", "4conv1fc" (FPN); C4 uses res5 or VGG fc6/fc7
-    fc_dim: int = 1024
-    conv_dim: int = 256
-    num_convs: int = 4
-    box_head_norm: NormSpec = "BN"
-    pooler_resolution: int | None = None  # None: 7 (FPN, VGG C4), 14 (ResNet C4)
-    pooler_type: str = "roi_align"
-    sampling_ratio: int = 2
-    roi_batch_size_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    roi_fg_iou: float = 0.5
-    roi_bg_iou: float = 0.5
-    bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    box_loss: str = "smooth_l1"
-    min_size: tuple[int, ...] = (800,)
-    max_size: int = 1333
-    test_min_size: int = 800
-    test_max_size: int = 1333
-    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
-    pixel_std: tuple[float, ...] = IMAGENET_STD
-    torchvision_anchor_strides: bool = False  # see AnchorGenerator; True in the torchvision presets
-
-    def replace(self, **kwargs) -> FasterRCNNSpec:
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"unknown Faster R-CNN setting(s) {unknown}; valid: {sorted(names)}")
-        return replace(self, **kwargs)
+__all__ = [
+    "TORCHVISION_DETECTORS",
+    "build_box_head",
+    "build_box_predictor",
+    "build_c4_trunk_and_head",
+    "build_faster_rcnn",
+    "build_fpn_backbone",
+    "build_preprocessor",
+    "build_roi_heads",
+    "build_rpn",
+    "build_trunk",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "load_model_weights",
+    "pooled_features",
+    "resolve_spec",
+    "torchvision_spec",
+]
 
 
-def _load_trunk_weights(trunk: Backbone, arch: str, weights: str | os.PathLike | None) -> None:
-    if weights is None:
-        return
-    path = resolve_imagenet_weights(arch) if weights == "imagenet" else weights
-    load_weights(trunk, path, strict=True)
+def resolve_spec(spec: ModelSpec | None, overrides: dict[str, Any]) -> ModelSpec:
+    """`spec` (default `ModelSpec()`) with `overrides` applied through `ModelSpec.replace`."""
+    if spec is not None and not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a detection.specs.ModelSpec, got {type(spec).__name__}; keyword settings go "
+                        "after it, e.g. build_faster_rcnn(spec, num_classes=3) or build_faster_rcnn(num_classes=3)")
+    spec = spec or ModelSpec()
+    return spec.replace(**overrides) if overrides else spec
 
 
-def _c4_feature(trunk: Backbone) -> str:
-    names = [n for n, s in trunk._out_feature_shapes.items() if s.stride == 16 and n != "stem"]
-    if not names:
-        raise ValueError(f"{type(trunk).__name__} has no stride-16 output for a C4 detector")
-    return names[-1]
+def _common_channels(shapes: dict[str, ShapeSpec], who: str) -> int:
+    channels = {s.channels for s in shapes.values()}
+    if len(channels) != 1:
+        raise ValueError(f"{who} needs inputs that share one channel count, got "
+                         f"{ {k: s.channels for k, s in shapes.items()} }; put an FPN (or another neck with equal "
+                         "widths) in front of it")
+    return channels.pop()
 
 
-def build_faster_rcnn(spec: FasterRCNNSpec | None = None, *, backbone_module: Backbone | None = None,
-                      **overrides) -> FasterRCNN:
-    """Build a Faster R-CNN from a spec (defaults: torchvision's R50-FPN), e.g.
-    `build_faster_rcnn(backbone="resnet101", arch="c4", num_classes=81)`.
+# ----------------------------------------------------------------------------------------- backbones
+def build_trunk(spec: ModelSpec, **kwargs: Any) -> Backbone:
+    """The registered backbone `spec.backbone.name` with its norm, freezing and width, weights loaded.
 
-    `backbone_module` puts any `Backbone` whose outputs share one channel count (an FPN of ours, a
-    `backbone.from_torchvision(...)` or `TimmBackbone` + FPN) under the FPN-style heads instead of
-    building one from `spec.backbone`; the heads read its `output_shape()`.
+    `kwargs` go to the backbone's constructor (e.g. `out_features`). `backbone.weights` is None, "imagenet"
+    (torchvision/timm cache, see `backbone.weights.resolve_imagenet_weights`) or a file.
     """
-    spec = (spec or FasterRCNNSpec()).replace(**overrides) if overrides else (spec or FasterRCNNSpec())
-    if spec.arch not in ("fpn", "c4"):
-        raise ValueError(f"arch={spec.arch!r}; use 'fpn' or 'c4'")
-    if spec.num_classes < 2:
-        raise ValueError(f"num_classes={spec.num_classes} must include the background (>= 2)")
-    is_vgg = spec.backbone.startswith("vgg")
-    kwargs = dict(norm="none" if is_vgg and spec.norm in ("FrozenBN", "BN") and spec.backbone == "vgg16" else spec.norm,
-                  freeze_at=spec.freeze_at, **spec.backbone_kwargs)
-    if spec.arch == "fpn":
-        if backbone_module is not None:
-            backbone: Backbone = backbone_module
-            channels = {s.channels for s in backbone.output_shape().values()}
-            if len(channels) != 1:
-                raise ValueError(f"backbone_module outputs must share one channel count for the FPN heads, got "
-                                 f"{ {k: s.channels for k, s in backbone.output_shape().items()} }")
-            in_ch = channels.pop()
-        else:
-            trunk = build_backbone(spec.backbone, **kwargs)
-            _load_trunk_weights(trunk, spec.backbone, spec.backbone_weights)
-            backbone = FPN(trunk, out_channels=spec.fpn_channels, norm=spec.fpn_norm, top_block="maxpool")
-            in_ch = spec.fpn_channels
-        shapes = backbone.output_shape()
-        rpn_features = tuple(shapes)
-        # RoIs are pooled from the first four levels (P2-P5); a fifth (P6) serves the RPN only.
-        roi_features = rpn_features[:4]
-        anchor_sizes = spec.anchor_sizes or FPN_ANCHOR_SIZES[: len(rpn_features)]
-        resolution = spec.pooler_resolution or 7
-        if spec.box_head == "2fc":
-            box_head: nn.Module = TwoMLPHead(in_ch, resolution, spec.fc_dim)
-        elif spec.box_head == "4conv1fc":
-            box_head = ConvFCHead(in_ch, resolution, num_convs=spec.num_convs, conv_dim=spec.conv_dim,
-                                  fc_dim=spec.fc_dim, norm=spec.box_head_norm)
-        else:
-            raise ValueError(f"box_head={spec.box_head!r}; use '2fc' or '4conv1fc' for FPN models")
+    b = spec.backbone
+    norm = b.norm
+    if b.name == "vgg16" and norm in ("FrozenBN", "BN"):
+        norm = "none"  # VGG-16 has no norm layers: the ResNet defaults FrozenBN / BN mean "as published"
+    if b.width:
+        kwargs["width"] = b.width
+    trunk = build_backbone(b.name, norm=norm, freeze_at=b.freeze_at, **kwargs)
+    if b.weights is not None:
+        load_weights(trunk, _imagenet_or_file(b.name, b.weights), strict=True)
+    return trunk
+
+
+def build_fpn_backbone(spec: ModelSpec, *, top_block: str = "maxpool") -> FPN:
+    """Trunk + FPN (`fpn.channels`, `fpn.norm`): P2..P6 with the default max-pool top block (Faster R-CNN),
+    P2..P5 with `top_block="none"` (the semantic FPN)."""
+    return FPN(build_trunk(spec), out_channels=spec.fpn.channels, norm=spec.fpn.norm, top_block=top_block)
+
+
+def build_c4_trunk_and_head(spec: ModelSpec) -> tuple[Backbone, nn.Module, int]:
+    """The C4 design: a trunk ending at stride 16 and the per-RoI head that continues it.
+
+    ResNet: the trunk up to res4, and res5 (+ global average pooling) per 14x14 RoI
+    (`ResNet.split_last_stage`). VGG-16: conv1..conv5_3, and fc6/fc7 per 7x7 RoI (loaded from the
+    ImageNet classifier's file when `backbone.weights` is given).
+
+    Returns:
+        `(trunk, box_head, pooler_resolution)`.
+    """
+    name, weights = spec.backbone.name, spec.backbone.weights
+    if name.startswith("vgg"):
+        trunk = build_trunk(spec, out_features=("conv5",))
+        channels = trunk.output_shape()["conv5"].channels
+        resolution = spec.roi.pooler_resolution or 7
+        head: nn.Module = VGGFCHead(channels, resolution, hidden=4096)
+        if weights is not None:
+            _load_classifier_part(head, "fc_head.", name, weights, strict=True)
+        return trunk, head, resolution
+    trunk = build_trunk(spec, out_features=("res4", "res5"))
+    if not isinstance(trunk, ResNet):
+        raise ValueError(f"backbone.name={name!r}: arch 'c4' needs a ResNet or VGG trunk (its last stage runs per "
+                         "RoI); use arch 'fpn' for other backbones")
+    out_channels = trunk.output_shape()["res5"].channels
+    trunk, res5 = trunk.split_last_stage()
+    head_norm = None
+    if trunk.preact:  # pre-activation nets end with BN + ReLU after the last stage
+        head_norm = get_norm(spec.backbone.norm, out_channels)
+        if weights is not None:
+            _load_classifier_part(head_norm, "head_norm.", name, weights, strict=False)
+    return trunk, Res5Head(res5, out_channels, head_norm), spec.roi.pooler_resolution or 14
+
+
+def _imagenet_or_file(arch: str, weights: str | os.PathLike) -> str | os.PathLike:
+    return resolve_imagenet_weights(arch) if weights == "imagenet" else weights
+
+
+def _load_classifier_part(module: nn.Module, prefix: str, arch: str, weights: str | os.PathLike, *,
+                          strict: bool) -> None:
+    """Load `prefix*` keys of an ImageNet classifier file (fc6/fc7 of VGG, the final norm of v2 nets)."""
+    sd = to_classifier_layout(read_state_dict(_imagenet_or_file(arch, weights)))[0]
+    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if sub:  # a trunk-only file leaves the part at its initialisation
+        module.load_state_dict(sub, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------- heads
+def pooled_features(input_shape: dict[str, ShapeSpec]) -> dict[str, ShapeSpec]:
+    """The levels RoIs are pooled from: the first four (P2..P5; a fifth, P6, serves the RPN only)."""
+    return dict(list(input_shape.items())[:4])
+
+
+def build_rpn(spec: ModelSpec, input_shape: dict[str, ShapeSpec]) -> RPN:
+    """RPN on every level of `input_shape` (their channels must be equal); anchors from `rpn.anchor_sizes`
+    or the architecture's default, one stride per level from the shapes."""
+    r = spec.rpn
+    channels = _common_channels(input_shape, "the RPN head")
+    if spec.arch == "c4":
+        sizes = r.anchor_sizes or C4_ANCHOR_SIZES
+        if len(sizes) > 1:  # one feature level in C4: per-level sizes become that level's sizes
+            sizes = (tuple(s for level in sizes for s in level),)
     else:
-        if is_vgg:
-            trunk = build_backbone(spec.backbone, out_features=("conv5",), **kwargs)
-            _load_trunk_weights(trunk, spec.backbone, spec.backbone_weights)
-            resolution = spec.pooler_resolution or 7
-            box_head = VGGFCHead(trunk.output_shape()["conv5"].channels, resolution, hidden=4096)
-            if spec.backbone_weights is not None:
-                _load_vgg_fc(box_head, spec.backbone, spec.backbone_weights)
-        else:
-            trunk = build_backbone(spec.backbone, out_features=("res4", "res5"), **kwargs)
-            if not isinstance(trunk, ResNet):
-                raise ValueError(f"C4 needs a ResNet or VGG trunk, got {spec.backbone!r}")
-            _load_trunk_weights(trunk, spec.backbone, spec.backbone_weights)
-            out_ch = trunk.output_shape()["res5"].channels
-            _, res5 = trunk.pop_last_stage()
-            head_norm = None
-            if trunk.preact:
-                head_norm = get_norm(spec.norm, out_ch)
-                if spec.backbone_weights is not None:
-                    _load_head_norm(head_norm, spec.backbone, spec.backbone_weights)
-            box_head = Res5Head(res5, out_ch, head_norm)
-            resolution = spec.pooler_resolution or 14
-        backbone = trunk
-        feature = _c4_feature(trunk)
-        rpn_features = roi_features = (feature,)
-        anchor_sizes = spec.anchor_sizes or C4_ANCHOR_SIZES
-        in_ch = trunk.output_shape()[feature].channels
-    shapes = backbone.output_shape()
-    anchors = AnchorGenerator(anchor_sizes, spec.aspect_ratios, [shapes[f].stride for f in rpn_features],
+        sizes = r.anchor_sizes or FPN_ANCHOR_SIZES[: len(input_shape)]
+    anchors = AnchorGenerator(sizes, r.aspect_ratios, [s.stride for s in input_shape.values()],
                               torchvision_strides=spec.torchvision_anchor_strides)
-    rpn = RPN(rpn_features, RPNHead(in_ch, anchors.num_anchors_per_location[0], spec.rpn_conv_depth), anchors,
-              pre_nms_topk=spec.rpn_pre_nms_topk, post_nms_topk=spec.rpn_post_nms_topk,
-              nms_thresh=spec.rpn_nms_thresh, fg_iou=spec.rpn_fg_iou, bg_iou=spec.rpn_bg_iou,
-              batch_size_per_image=spec.rpn_batch_size_per_image, positive_fraction=spec.rpn_positive_fraction,
-              box_loss=spec.box_loss)
-    pooler = RoIPooler([shapes[f].stride for f in roi_features], resolution, sampling_ratio=spec.sampling_ratio,
-                       pooler_type=spec.pooler_type)
-    roi_heads = RoIHeads(roi_features, pooler, box_head, spec.num_classes, fg_iou=spec.roi_fg_iou,
-                         bg_iou=spec.roi_bg_iou, batch_size_per_image=spec.roi_batch_size_per_image,
-                         positive_fraction=spec.roi_positive_fraction, bbox_reg_weights=spec.bbox_reg_weights,
-                         score_thresh=spec.score_thresh, nms_thresh=spec.nms_thresh,
-                         detections_per_img=spec.detections_per_img, box_loss=spec.box_loss)
-    preprocessor = Preprocessor(min_size=spec.min_size, max_size=spec.max_size, test_min_size=spec.test_min_size,
-                                test_max_size=spec.test_max_size, pixel_mean=spec.pixel_mean,
-                                pixel_std=spec.pixel_std, size_divisibility=max(32, backbone.size_divisibility))
-    model = FasterRCNN(backbone, rpn, roi_heads, preprocessor)
+    head = RPNHead(channels, anchors.num_anchors_per_location[0], r.conv_depth)
+    return RPN(tuple(input_shape), head, anchors, pre_nms_topk=r.pre_nms_topk, post_nms_topk=r.post_nms_topk,
+               nms_thresh=r.nms_thresh, fg_iou=r.fg_iou, bg_iou=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
+               positive_fraction=r.positive_fraction, box_loss=spec.box_loss)
+
+
+def build_box_head(spec: ModelSpec, input_shape: dict[str, ShapeSpec]) -> tuple[nn.Module, int]:
+    """The FPN box head (`roi.box_head`: "2fc" or "4conv1fc") on RoIs pooled from `input_shape`.
+
+    Returns:
+        `(box_head, pooler_resolution)`; the head maps `(K, C, R, R)` to `(K, out_channels)`.
+    """
+    roi = spec.roi
+    channels = _common_channels(input_shape, "the box head")
+    resolution = roi.pooler_resolution or 7
+    if roi.box_head == "2fc":
+        return TwoMLPHead(channels, resolution, roi.fc_dim), resolution
+    if roi.box_head == "4conv1fc":
+        return ConvFCHead(channels, resolution, num_convs=roi.num_convs, conv_dim=roi.conv_dim, fc_dim=roi.fc_dim,
+                          norm=roi.box_head_norm), resolution
+    raise ValueError(f"roi.box_head={roi.box_head!r}; use '2fc' or '4conv1fc' for FPN models")
+
+
+def build_box_predictor(spec: ModelSpec, box_head: nn.Module) -> FastRCNNPredictor:
+    """Class scores (`num_classes` + background) and class-specific box deltas on the box head's features."""
+    return FastRCNNPredictor(box_head.out_channels, spec.require_num_classes() + 1)
+
+
+def build_roi_heads(spec: ModelSpec, input_shape: dict[str, ShapeSpec], box_head: nn.Module, resolution: int, *,
+                    predictor: FastRCNNPredictor | None = None, cls: type[RoIHeads] = RoIHeads,
+                    **extra: Any) -> RoIHeads:
+    """The box branch on `input_shape`'s levels (pooler strides from the shapes), settings from `spec.roi`.
+
+    `cls` and `extra` build a subclass with more heads (e.g. `MaskRoIHeads(..., mask_pooler=, mask_head=)`);
+    `predictor` defaults to `build_box_predictor(spec, box_head)`.
+    """
+    roi = spec.roi
+    pooler = RoIPooler([s.stride for s in input_shape.values()], resolution, sampling_ratio=roi.sampling_ratio,
+                       pooler_type=roi.pooler_type)
+    return cls(tuple(input_shape), pooler, box_head, spec.require_num_classes() + 1, fg_iou=roi.fg_iou,
+               bg_iou=roi.bg_iou, batch_size_per_image=roi.batch_size_per_image,
+               positive_fraction=roi.positive_fraction, bbox_reg_weights=roi.bbox_reg_weights,
+               score_thresh=roi.score_thresh, nms_thresh=roi.nms_thresh, detections_per_img=roi.detections_per_img,
+               box_loss=spec.box_loss, predictor=predictor, **extra)
+
+
+def build_preprocessor(spec: ModelSpec, backbone: Backbone) -> Preprocessor:
+    """Resizing and normalisation from `spec.input`; padding to the backbone's `size_divisibility` (>= 32)."""
+    i = spec.input
+    return Preprocessor(min_size=i.min_size, max_size=i.max_size, test_min_size=i.test_min_size,
+                        test_max_size=i.test_max_size, pixel_mean=i.pixel_mean, pixel_std=i.pixel_std,
+                        size_divisibility=max(32, backbone.size_divisibility))
+
+
+def load_model_weights(model: nn.Module, spec: ModelSpec) -> None:
+    """Load `spec.weights` (ours or a torchvision detection checkpoint) into a built model, strictly."""
+    if spec.weights is not None:
+        load_detector_weights(model, spec.weights)
+
+
+# ---------------------------------------------------------------------------------------- Faster R-CNN
+def build_faster_rcnn(spec: ModelSpec | None = None, *, backbone_module: Backbone | None = None,
+                      **overrides: Any) -> FasterRCNN:
+    """Faster R-CNN from a spec (+ `overrides`, see `ModelSpec.replace`), e.g.
+    `build_faster_rcnn(num_classes=80, backbone_name="resnet101", arch="c4")`.
+
+    Args:
+        spec: the model (default `ModelSpec()`: R50-FPN, detectron2/torchvision settings);
+            `spec.num_classes` counts foreground classes and must be set.
+        backbone_module: any FPN-style `Backbone` whose outputs share one channel count (an FPN of ours,
+            `backbone.from_torchvision(...)`, a `TimmBackbone` + FPN) instead of building one from
+            `spec.backbone` / `spec.fpn`; the heads read its `output_shape()`.
+        **overrides: spec settings, e.g. `num_classes=3, backbone_width=8`.
+
+    Returns:
+        The model, eval outputs in torchvision's convention; `model.spec` is the spec it was built from.
+
+    Raises:
+        ValueError: `num_classes` unset, an unknown setting, or parts that do not fit (the message says which).
+    """
+    spec = resolve_spec(spec, overrides)
+    spec.require_num_classes()
+    if spec.arch == "c4":
+        if backbone_module is not None:
+            raise ValueError("backbone_module is for arch 'fpn' (FPN-style heads on its outputs); arch 'c4' builds "
+                             "its trunk and per-RoI head from spec.backbone")
+        backbone, box_head, resolution = build_c4_trunk_and_head(spec)
+        (name, shape), = backbone.output_shape().items()
+        if shape.stride != 16:
+            raise ValueError(f"the C4 trunk's output {name!r} has stride {shape.stride}; C4 pools RoIs at stride 16")
+        roi_shapes = backbone.output_shape()
+    else:
+        backbone = backbone_module if backbone_module is not None else build_fpn_backbone(spec)
+        roi_shapes = pooled_features(backbone.output_shape())
+        box_head, resolution = build_box_head(spec, roi_shapes)
+    rpn = build_rpn(spec, backbone.output_shape())
+    roi_heads = build_roi_heads(spec, roi_shapes, box_head, resolution)
+    model = FasterRCNN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone))
     model.spec = spec
+    load_model_weights(model, spec)
     return model
 
 
-def _classifier_state(arch: str, weights: str | os.PathLike) -> dict:
-    from backbone.weights import read_state_dict, to_classifier_layout
-
-    path = resolve_imagenet_weights(arch) if weights == "imagenet" else weights
-    return to_classifier_layout(read_state_dict(path))[0]
+# ------------------------------------------------------------------------------------- torchvision's
+TORCHVISION_DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
+                         "maskrcnn_resnet50_fpn_v2")
 
 
-def _load_vgg_fc(head: VGGFCHead, arch: str, weights: str | os.PathLike) -> None:
-    sd = _classifier_state(arch, weights)
-    sub = {k[len("fc_head."):]: v for k, v in sd.items() if k.startswith("fc_head.")}
-    if sub:  # fc6/fc7 exist in ImageNet classifiers; a trunk-only file leaves them random
-        head.load_state_dict(sub, strict=True)
+def torchvision_spec(name: str = "fasterrcnn_resnet50_fpn", *, num_classes: int = 91) -> ModelSpec:
+    """The spec of a torchvision detection architecture and its inference settings.
 
+    Args:
+        name: `fasterrcnn_resnet50_fpn` or `fasterrcnn_resnet50_fpn_v2` (and the `maskrcnn_*` twins, whose
+            mask branch `segmentation.torchvision_mask_spec` adds).
+        num_classes: torchvision's convention, background included (91 for COCO); the spec stores
+            `num_classes - 1` foreground classes.
 
-def _load_head_norm(norm: nn.Module, arch: str, weights: str | os.PathLike) -> None:
-    sd = _classifier_state(arch, weights)
-    sub = {k[len("head_norm."):]: v for k, v in sd.items() if k.startswith("head_norm.")}
-    if sub:
-        norm.load_state_dict(sub, strict=False)
-
-
-# ------------------------------------------------------------------------------------------ presets
-def torchvision_spec(name: str = "fasterrcnn_resnet50_fpn", *, num_classes: int = 91) -> FasterRCNNSpec:
-    """Spec reproducing a torchvision detection architecture and its inference settings.
-
-    Supported: `fasterrcnn_resnet50_fpn`, `fasterrcnn_resnet50_fpn_v2`. Load their weights with
-    `detection.convert.load_torchvision_detector`.
+    Load torchvision's weights with `detection.convert.load_torchvision_detector`, or use
+    `fasterrcnn_resnet50_fpn(weights=...)`, which does both.
     """
-    base = FasterRCNNSpec(backbone="resnet50", arch="fpn", num_classes=num_classes, norm="FrozenBN", freeze_at=0,
-                          torchvision_anchor_strides=True)
-    if name == "fasterrcnn_resnet50_fpn":
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} counts the background here (torchvision's convention): "
+                         "give an int >= 2, e.g. 91 for COCO")
+    base = ModelSpec(num_classes=num_classes - 1, torchvision_anchor_strides=True).replace(
+        backbone_name="resnet50", backbone_norm="FrozenBN", backbone_freeze_at=0)
+    if name in ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn"):
         return base
-    if name == "fasterrcnn_resnet50_fpn_v2":
-        return base.replace(norm="BN", fpn_norm="BN", rpn_conv_depth=2, box_head="4conv1fc", box_head_norm="BN")
-    raise ValueError(f"unknown torchvision preset {name!r}; use 'fasterrcnn_resnet50_fpn' or "
-                     "'fasterrcnn_resnet50_fpn_v2'")
+    if name in ("fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2"):
+        return base.replace(backbone_norm="BN", fpn_norm="BN", rpn_conv_depth=2, box_head="4conv1fc",
+                            box_head_norm="BN")
+    raise ValueError(f"unknown torchvision architecture {name!r}; use one of {', '.join(TORCHVISION_DETECTORS)}")
 
 
-def spec_from_sequence(values: Sequence) -> tuple:
-    return tuple(values)
+def _is_file_reference(weights: object) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    return isinstance(weights, str) and (os.sep in weights or "/" in weights or weights.endswith(WEIGHT_SUFFIXES)
+                                         or os.path.exists(weights))
+
+
+def _classes_in_state_dict(sd: dict[str, Tensor]) -> int | None:
+    for key in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.predictor.cls_score.weight"):
+        if key in sd:
+            return int(sd[key].shape[0])
+    return None
+
+
+def build_torchvision_detector(name: str, builder: Callable[..., nn.Module],
+                               spec_fn: Callable[..., ModelSpec], *, weights: object = None,
+                               num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    """Shared by the torchvision-named builders: resolve `weights`, settle `num_classes`, build, load.
+
+    `weights`: None; a checkpoint file (torchvision's or ours); or torchvision's weight name for `name`
+    ("DEFAULT", "COCO_V1", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" or the enum member), whose file is
+    taken from torch's hub cache (`torch.hub.get_dir()/checkpoints`, its hash prefix verified) or downloaded
+    when downloads are allowed. `num_classes` (background included) defaults to the weights' (91 without
+    weights); a different value raises. With weights, the stem and res2 are frozen by default, as
+    torchvision's `trainable_backbone_layers=3`.
+    """
+    state: dict[str, Tensor] | None = None
+    from_weights: int | None = None
+    source = ""
+    if weights is None:
+        pass
+    elif _is_file_reference(weights):
+        source = str(weights)
+        state = read_state_dict(weights)  # type: ignore[arg-type]
+        from_weights = _classes_in_state_dict(state)
+    else:
+        entry = torchvision_weights_entry(name, weights)
+        source = f"torchvision's {entry}"
+        from_weights = len(entry.meta["categories"])
+        state = read_state_dict(resolve_torchvision_weights(entry))
+    if num_classes is None:
+        num_classes = from_weights or 91
+    elif from_weights is not None and num_classes != from_weights:
+        raise ValueError(f"num_classes={num_classes} but the weights {source} have {from_weights} classes "
+                         f"(background included); omit num_classes or pass num_classes={from_weights}, or "
+                         "load the weights yourself with load_detector_weights after changing the predictor")
+    if state is not None:
+        overrides = {"backbone_freeze_at": 2, **overrides}
+    model = builder(spec_fn(name, num_classes=num_classes), **overrides)
+    if state is not None:
+        load_detector_weights(model, state)
+    return model
+
+
+def fasterrcnn_resnet50_fpn(*, weights: object = None, num_classes: int | None = None,
+                            **overrides: Any) -> FasterRCNN:
+    """torchvision's `fasterrcnn_resnet50_fpn` architecture as our `FasterRCNN` (see
+    `build_torchvision_detector` for `weights` and `num_classes`, background included).
+
+    Example::
+
+        model = fasterrcnn_resnet50_fpn(weights="COCO_V1").eval()   # the file from torch's hub cache
+        model = fasterrcnn_resnet50_fpn(weights="path/to/checkpoint.pth", test_min_size=600)
+    """
+    return build_torchvision_detector("fasterrcnn_resnet50_fpn", build_faster_rcnn, torchvision_spec,
+                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+
+
+def fasterrcnn_resnet50_fpn_v2(*, weights: object = None, num_classes: int | None = None,
+                               **overrides: Any) -> FasterRCNN:
+    """torchvision's `fasterrcnn_resnet50_fpn_v2` (BN trunk and FPN, 2-conv RPN head, 4conv1fc box head) as
+    our `FasterRCNN`; arguments as `fasterrcnn_resnet50_fpn`."""
+    return build_torchvision_detector("fasterrcnn_resnet50_fpn_v2", build_faster_rcnn, torchvision_spec,
+                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]

@@ -104,20 +104,27 @@ class RoIHeads(nn.Module):
         bbox_reg_weights: BoxCoder weights, (10, 10, 5, 5).
         score_thresh / nms_thresh / detections_per_img: inference post-processing.
         box_loss: "smooth_l1" (beta 1/9, torchvision) or "l1".
+        predictor: class scores and box deltas from the box head's `(K, D)` features; default a new
+            `FastRCNNPredictor(box_head.out_channels, num_classes)`. Builders pass one to fix the order in
+            which heads are initialised (seeded runs stay reproducible when a head is added after it).
     """
 
     def __init__(self, in_features: Sequence[str], pooler: RoIPooler, box_head: nn.Module, num_classes: int, *,
                  fg_iou: float = 0.5, bg_iou: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9, min_box_size: float = 1e-2) -> None:
+                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9, min_box_size: float = 1e-2,
+                 predictor: FastRCNNPredictor | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must count the background too (>= 2)")
+        if predictor is not None and predictor.cls_score.out_features != num_classes:
+            raise ValueError(f"the predictor scores {predictor.cls_score.out_features} classes but num_classes="
+                             f"{num_classes}; build it with FastRCNNPredictor(box_head.out_channels, {num_classes})")
         self.in_features = tuple(in_features)
         self.box_pooler = pooler
         self.box_head = box_head
-        self.predictor = FastRCNNPredictor(box_head.out_channels, num_classes)
+        self.predictor = predictor if predictor is not None else FastRCNNPredictor(box_head.out_channels, num_classes)
         self.num_classes = num_classes
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
         self.box_coder = BoxCoder(bbox_reg_weights)

@@ -7,37 +7,51 @@ with `detection.engine.launch`, so `tools/train.py` and `tools/eval.py` accept t
 
 from __future__ import annotations
 
+from detection.convert import load_detector_weights, load_torchvision_detector
 from detection.engine.launch import TASKS, Task, register_task
+from detection.specs import MaskSpec, ModelSpec, SemanticSpec
 
 from .build import build_instance_model, build_panoptic_model, build_semantic_model
 from .mask_head import MaskRCNNHead, MaskRoIHeads, crop_mask_targets, mask_loss, paste_masks_in_image
 from .models import (
-    MaskHeadSpec,
     MaskRCNN,
     PanopticFPN,
     SemanticFPN,
-    SemanticHeadSpec,
+    build_mask_head,
     build_mask_rcnn,
     build_panoptic_fpn,
     build_semantic_fpn,
+    build_semantic_head,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
     torchvision_mask_spec,
 )
 from .semantic_head import SemanticFPNHead, semantic_inference, semantic_loss
 
 __all__ = [
-    "MaskHeadSpec",
     "MaskRCNN",
     "MaskRCNNHead",
     "MaskRoIHeads",
+    "MaskSpec",
+    "ModelSpec",
     "PanopticFPN",
     "SemanticFPN",
     "SemanticFPNHead",
-    "SemanticHeadSpec",
+    "SemanticSpec",
+    "build_instance_model",
+    "build_mask_head",
     "build_mask_rcnn",
     "build_panoptic_fpn",
+    "build_panoptic_model",
     "build_semantic_fpn",
+    "build_semantic_head",
+    "build_semantic_model",
     "crop_mask_targets",
+    "load_detector_weights",
+    "load_torchvision_detector",
     "mask_loss",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
     "paste_masks_in_image",
     "semantic_inference",
     "semantic_loss",

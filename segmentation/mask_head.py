@@ -4,6 +4,7 @@ masks back into each image, batched over RoIs (no Python loop over RoIs)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -190,30 +191,20 @@ class MaskRoIHeads(RoIHeads):
     adds `masks` `(D, 1, M, M)` probabilities of each detection's predicted class to each image's
     detections (boxes still in the resized image; `MaskRCNN.postprocess` pastes them).
 
-    Build it with `from_box_heads(box_heads, mask_pooler, mask_head)`: the box branch is reused as
-    built for Faster R-CNN, so the two cannot drift apart.
-
-    Attributes:
-        mask_pooler: RoIAlign of the mask head (14x14 from the FPN levels).
-        mask_head: a `MaskRCNNHead`.
+    Args:
+        in_features / pooler / box_head / num_classes / **kwargs: the box branch, as in `RoIHeads`.
+        mask_pooler: RoIAlign of the mask head (14x14 from the same levels as the box pooler).
+        mask_head: a `MaskRCNNHead` predicting `num_classes` masks (background included).
     """
 
-    mask_pooler: RoIPooler
-    mask_head: MaskRCNNHead
-
-    @classmethod
-    def from_box_heads(cls, box_heads: RoIHeads, mask_pooler: RoIPooler, mask_head: MaskRCNNHead) -> MaskRoIHeads:
-        """A `MaskRoIHeads` sharing `box_heads`'s modules and settings, with the given mask branch."""
-        if mask_head.num_classes != box_heads.num_classes:
-            raise ValueError(f"mask_head predicts {mask_head.num_classes} classes but the box head "
-                             f"{box_heads.num_classes}; both count the background")
-        heads = cls.__new__(cls)
-        # Shallow copy of the module state (every dict copied, so adding the mask modules leaves
-        # `box_heads` untouched): the same submodules and settings, whatever RoIHeads.__init__ stores.
-        heads.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in box_heads.__dict__.items()})
-        heads.mask_pooler = mask_pooler
-        heads.mask_head = mask_head
-        return heads
+    def __init__(self, in_features: Sequence[str], pooler: RoIPooler, box_head: nn.Module, num_classes: int, *,
+                 mask_pooler: RoIPooler, mask_head: MaskRCNNHead, **kwargs: Any) -> None:
+        super().__init__(in_features, pooler, box_head, num_classes, **kwargs)
+        if mask_head.num_classes != num_classes:
+            raise ValueError(f"mask_head predicts {mask_head.num_classes} classes but the box head {num_classes}; "
+                             f"both count the background: build MaskRCNNHead(..., num_classes={num_classes})")
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
 
     def mask_logits(self, features: dict[str, Tensor], boxes: Tensor, image_index: Tensor) -> Tensor:
         """`(K, 4)` boxes of images `image_index` -> `(K, num_classes, M, M)` logits."""

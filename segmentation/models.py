@@ -7,24 +7,33 @@ every output is at the size of its input image.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Self
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from backbone import FPN, build_backbone
 from backbone.base import Backbone
-from backbone.layers import NormSpec
-from backbone.weights import load_weights, resolve_imagenet_weights
+from backbone.shape_spec import ShapeSpec
 from detection.faster_rcnn import FasterRCNN
-from detection.models import FasterRCNNSpec, build_faster_rcnn, torchvision_spec
+from detection.models import (
+    build_box_head,
+    build_box_predictor,
+    build_fpn_backbone,
+    build_preprocessor,
+    build_roi_heads,
+    build_rpn,
+    build_torchvision_detector,
+    load_model_weights,
+    pooled_features,
+    resolve_spec,
+    torchvision_spec,
+)
 from detection.poolers import RoIPooler
 from detection.preprocess import Preprocessor, check_images, check_targets
 from detection.roi_heads import RoIHeads
 from detection.rpn import RPN
+from detection.specs import MaskSpec, ModelSpec
 
 from .mask_head import MaskRCNNHead, MaskRoIHeads, paste_masks_in_image
 from .semantic_head import (
@@ -35,41 +44,9 @@ from .semantic_head import (
     semantic_loss,
 )
 
-__all__ = ["MaskHeadSpec", "MaskRCNN", "PanopticFPN", "SemanticFPN", "SemanticHeadSpec", "build_mask_rcnn",
-           "build_panoptic_fpn", "build_semantic_fpn", "torchvision_mask_spec"]
-
-
-class _Spec:
-    def replace(self, **kwargs: object) -> Self:
-        """A copy with `kwargs` changed; an unknown name raises `ValueError` listing the valid ones."""
-        names = {f.name for f in fields(self)}  # type: ignore[arg-type]
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"unknown {type(self).__name__} setting(s) {unknown}; valid: {sorted(names)}")
-        return replace(self, **kwargs)  # type: ignore[type-var]
-
-
-@dataclass
-class MaskHeadSpec(_Spec):
-    """Mask branch settings (the paper's / torchvision's defaults)."""
-
-    num_convs: int = 4
-    conv_dim: int = 256
-    norm: NormSpec = "none"  # "BN" in torchvision's v2
-    pooler_resolution: int = 14  # masks are twice this
-    sampling_ratio: int = 2
-
-
-@dataclass
-class SemanticHeadSpec(_Spec):
-    """Semantic FPN head settings (Panoptic FPN's defaults)."""
-
-    conv_dims: int = 128
-    norm: NormSpec = "GN"
-    common_stride: int = 4
-    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
-    ignore_index: int = 255
-    loss_weight: float = 1.0
+__all__ = ["MaskRCNN", "PanopticFPN", "SemanticFPN", "build_mask_head", "build_mask_rcnn", "build_panoptic_fpn",
+           "build_semantic_fpn", "build_semantic_head", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+           "torchvision_mask_spec"]
 
 
 def _check_masks_present(targets: Sequence[dict[str, Tensor]] | None) -> None:
@@ -203,94 +180,157 @@ class SemanticFPN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- builders
-def _mask_branch(model: FasterRCNN, spec: FasterRCNNSpec, mask: MaskHeadSpec) -> MaskRoIHeads:
+def _require_fpn(spec: ModelSpec, what: str) -> None:
     if spec.arch != "fpn":
-        raise ValueError(f"arch={spec.arch!r}: the mask head is built for FPN detectors; use arch='fpn'")
-    shapes = model.backbone.output_shape()
-    roi = model.roi_heads
-    pooler = RoIPooler([shapes[f].stride for f in roi.in_features], mask.pooler_resolution,
-                       sampling_ratio=mask.sampling_ratio, pooler_type=spec.pooler_type)
-    head = MaskRCNNHead(spec.fpn_channels, spec.num_classes, num_convs=mask.num_convs, conv_dim=mask.conv_dim,
-                        norm=mask.norm)
-    return MaskRoIHeads.from_box_heads(roi, pooler, head)
+        raise ValueError(f"arch={spec.arch!r}: the {what} is built on an FPN; use arch='fpn'")
 
 
-def build_mask_rcnn(detector: FasterRCNNSpec | None = None, mask: MaskHeadSpec | None = None,
-                    **overrides: object) -> MaskRCNN:
-    """Mask R-CNN: the Faster R-CNN of `detector` (+ `overrides`) with a mask branch, e.g.
-    `build_mask_rcnn(*torchvision_mask_spec("maskrcnn_resnet50_fpn"))` or
-    `build_mask_rcnn(num_classes=5, backbone_kwargs={"width": 8})`."""
-    spec = (detector or FasterRCNNSpec()).replace(**overrides) if overrides else (detector or FasterRCNNSpec())
-    base = build_faster_rcnn(spec)
-    model = MaskRCNN(base.backbone, base.rpn, _mask_branch(base, spec, mask or MaskHeadSpec()), base.preprocessor)
-    model.spec = spec
-    return model
+def build_mask_head(spec: ModelSpec, input_shape: dict[str, ShapeSpec]) -> tuple[RoIPooler, MaskRCNNHead]:
+    """The mask branch on the levels of `input_shape` (in-channels and pooler strides from the shapes):
+    RoIAlign at `mask.pooler_resolution` (`roi.sampling_ratio`, `roi.pooler_type`) and the conv tower."""
+    channels = {s.channels for s in input_shape.values()}
+    if len(channels) != 1:
+        raise ValueError(f"the mask head needs inputs that share one channel count, got "
+                         f"{ {k: s.channels for k, s in input_shape.items()} }")
+    m = spec.mask
+    pooler = RoIPooler([s.stride for s in input_shape.values()], m.pooler_resolution,
+                       sampling_ratio=spec.roi.sampling_ratio, pooler_type=spec.roi.pooler_type)
+    head = MaskRCNNHead(channels.pop(), spec.require_num_classes() + 1, num_convs=m.num_convs, conv_dim=m.conv_dim,
+                        norm=m.norm)
+    return pooler, head
 
 
-def _semantic_head(backbone: Backbone, in_channels: int, num_classes: int, semantic: SemanticHeadSpec
-                   ) -> SemanticFPNHead:
-    shapes = backbone.output_shape()
-    missing = [f for f in semantic.in_features if f not in shapes]
+def build_semantic_head(spec: ModelSpec, input_shape: dict[str, ShapeSpec]) -> SemanticFPNHead:
+    """Panoptic FPN's semantic head on `semantic.in_features` of `input_shape` (channels and strides from the
+    shapes), for `num_classes` + background classes."""
+    s = spec.semantic
+    missing = [f for f in s.in_features if f not in input_shape]
     if missing:
-        raise ValueError(f"the semantic head reads {list(semantic.in_features)} but the backbone gives "
-                         f"{list(shapes)}; set SemanticHeadSpec.in_features")
-    return SemanticFPNHead(semantic.in_features, [shapes[f].stride for f in semantic.in_features], in_channels,
-                           num_classes, conv_dims=semantic.conv_dims, common_stride=semantic.common_stride,
-                           norm=semantic.norm)
+        raise ValueError(f"the semantic head reads {list(s.in_features)} but the backbone gives {list(input_shape)}; "
+                         "set semantic.in_features")
+    shapes = {f: input_shape[f] for f in s.in_features}
+    channels = {v.channels for v in shapes.values()}
+    if len(channels) != 1:
+        raise ValueError(f"the semantic head needs inputs that share one channel count, got "
+                         f"{ {k: v.channels for k, v in shapes.items()} }")
+    return SemanticFPNHead(s.in_features, [v.stride for v in shapes.values()], channels.pop(),
+                           spec.require_num_classes() + 1, conv_dims=s.conv_dims, common_stride=s.common_stride,
+                           norm=s.norm)
 
 
-def build_panoptic_fpn(detector: FasterRCNNSpec | None = None, semantic: SemanticHeadSpec | None = None, *,
-                       mask: MaskHeadSpec | None = None, semantic_loss_weight: float = 0.5) -> PanopticFPN:
-    """Faster R-CNN (or Mask R-CNN when `mask` is given) + a semantic FPN head on the same FPN.
+def _rcnn_parts(spec: ModelSpec, *, with_masks: bool) -> tuple[Backbone, RPN, RoIHeads]:
+    """Backbone + FPN, RPN and the box branch (+ the mask branch), built in the seeded order: backbone,
+    box head, RPN head, box predictor, mask head."""
+    backbone = build_fpn_backbone(spec)
+    roi_shapes = pooled_features(backbone.output_shape())
+    box_head, resolution = build_box_head(spec, roi_shapes)
+    rpn = build_rpn(spec, backbone.output_shape())
+    if not with_masks:
+        return backbone, rpn, build_roi_heads(spec, roi_shapes, box_head, resolution)
+    predictor = build_box_predictor(spec, box_head)
+    mask_pooler, mask_head = build_mask_head(spec, roi_shapes)
+    roi_heads = build_roi_heads(spec, roi_shapes, box_head, resolution, predictor=predictor, cls=MaskRoIHeads,
+                                mask_pooler=mask_pooler, mask_head=mask_head)
+    return backbone, rpn, roi_heads
 
-    The semantic head predicts `detector.num_classes` classes (background + the detector's classes: the
-    labels a COCO-style dataset paints from its instances, or a semantic PNG with the same labels).
+
+def build_mask_rcnn(spec: ModelSpec | None = None, mask: MaskSpec | None = None, **overrides: Any) -> MaskRCNN:
+    """Mask R-CNN (FPN): the Faster R-CNN of `spec` with a mask branch, built directly.
+
+    Args:
+        spec: the model (default `ModelSpec()`); `num_classes` counts foreground classes and must be set.
+        mask: replaces `spec.mask` (e.g. the second value of `torchvision_mask_spec`).
+        **overrides: spec settings (`ModelSpec.replace`), e.g. `num_classes=5, backbone_width=8, mask_norm="GN"`.
+
+    Example::
+
+        model = build_mask_rcnn(*torchvision_mask_spec("maskrcnn_resnet50_fpn"))   # + load_torchvision_detector
+        model = build_mask_rcnn(num_classes=80, backbone_name="resnet101")
     """
-    spec = detector or FasterRCNNSpec()
-    semantic = semantic or SemanticHeadSpec()
-    base = build_faster_rcnn(spec)
-    roi_heads = _mask_branch(base, spec, mask) if mask is not None else base.roi_heads
-    head = _semantic_head(base.backbone, spec.fpn_channels, spec.num_classes, semantic)
-    model = PanopticFPN(base.backbone, base.rpn, roi_heads, base.preprocessor, head,
-                        semantic_loss_weight=semantic_loss_weight, ignore_index=semantic.ignore_index)
+    spec = resolve_spec(spec, overrides)
+    if mask is not None:
+        spec = spec.replace(mask=mask)
+    _require_fpn(spec, "mask head")
+    spec.require_num_classes()
+    backbone, rpn, roi_heads = _rcnn_parts(spec, with_masks=True)
+    model = MaskRCNN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone))
     model.spec = spec
+    load_model_weights(model, spec)
     return model
 
 
-def _load_trunk(trunk: Backbone, arch: str, weights: str | os.PathLike | None) -> None:
-    if weights is not None:
-        load_weights(trunk, resolve_imagenet_weights(arch) if weights == "imagenet" else weights, strict=True)
+def build_panoptic_fpn(spec: ModelSpec | None = None, *, with_masks: bool = False, **overrides: Any) -> PanopticFPN:
+    """Faster R-CNN (Mask R-CNN with `with_masks`) + the semantic head on the same FPN.
 
-
-def build_semantic_fpn(spec: FasterRCNNSpec | None = None, semantic: SemanticHeadSpec | None = None) -> SemanticFPN:
-    """Backbone + FPN + semantic head. The backbone, FPN and input-size fields of `spec` are used (the
-    detector heads' are not); `spec.num_classes` counts the semantic classes, background included."""
-    spec = spec or FasterRCNNSpec()
-    semantic = semantic or SemanticHeadSpec()
-    if spec.num_classes < 2:
-        raise ValueError(f"num_classes={spec.num_classes} must count the background too (>= 2)")
-    trunk = build_backbone(spec.backbone, norm=spec.norm, freeze_at=spec.freeze_at, **spec.backbone_kwargs)
-    _load_trunk(trunk, spec.backbone, spec.backbone_weights)
-    # No P6: the semantic head reads P2..P5 only (a parameter-free max pool would be wasted work).
-    backbone = FPN(trunk, out_channels=spec.fpn_channels, norm=spec.fpn_norm, top_block="none")
-    head = _semantic_head(backbone, spec.fpn_channels, spec.num_classes, semantic)
-    preprocessor = Preprocessor(min_size=spec.min_size, max_size=spec.max_size, test_min_size=spec.test_min_size,
-                                test_max_size=spec.test_max_size, pixel_mean=spec.pixel_mean,
-                                pixel_std=spec.pixel_std, size_divisibility=max(32, backbone.size_divisibility))
-    model = SemanticFPN(backbone, head, preprocessor, loss_weight=semantic.loss_weight,
-                        ignore_index=semantic.ignore_index)
+    The semantic head predicts `num_classes` + background classes (the labels a COCO-style dataset paints
+    from its instances, or a semantic PNG with the same labels); its loss is weighted by
+    `semantic.loss_weight` (0.5 in Panoptic FPN).
+    """
+    spec = resolve_spec(spec, overrides)
+    _require_fpn(spec, "panoptic FPN")
+    spec.require_num_classes()
+    backbone, rpn, roi_heads = _rcnn_parts(spec, with_masks=with_masks)
+    head = build_semantic_head(spec, backbone.output_shape())
+    model = PanopticFPN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone), head,
+                        semantic_loss_weight=spec.semantic.loss_weight, ignore_index=spec.semantic.ignore_index)
     model.spec = spec
+    load_model_weights(model, spec)
     return model
 
 
+def build_semantic_fpn(spec: ModelSpec | None = None, **overrides: Any) -> SemanticFPN:
+    """Backbone + FPN (P2..P5, no P6: the head reads P2..P5 only) + semantic head, from `spec.backbone`,
+    `spec.fpn`, `spec.semantic` and `spec.input`; `num_classes` + background classes (detector sections
+    are not used)."""
+    spec = resolve_spec(spec, overrides)
+    _require_fpn(spec, "semantic FPN")
+    spec.require_num_classes()
+    backbone = build_fpn_backbone(spec, top_block="none")
+    head = build_semantic_head(spec, backbone.output_shape())
+    model = SemanticFPN(backbone, head, build_preprocessor(spec, backbone), loss_weight=spec.semantic.loss_weight,
+                        ignore_index=spec.semantic.ignore_index)
+    model.spec = spec
+    load_model_weights(model, spec)
+    return model
+
+
+# ------------------------------------------------------------------------------------- torchvision's
 def torchvision_mask_spec(name: str = "maskrcnn_resnet50_fpn", *, num_classes: int = 91
-                          ) -> tuple[FasterRCNNSpec, MaskHeadSpec]:
-    """Specs reproducing torchvision's `maskrcnn_resnet50_fpn` or `maskrcnn_resnet50_fpn_v2` (load their
-    weights with `detection.convert.load_torchvision_detector`): `build_mask_rcnn(*torchvision_mask_spec(name))`.
+                          ) -> tuple[ModelSpec, MaskSpec]:
+    """The spec of torchvision's `maskrcnn_resnet50_fpn` or `maskrcnn_resnet50_fpn_v2` and its mask head
+    (`num_classes` background included, torchvision's convention): `build_mask_rcnn(*torchvision_mask_spec(name))`,
+    then `detection.convert.load_torchvision_detector`, or `maskrcnn_resnet50_fpn(weights=...)` for both.
+
+    Returns:
+        `(spec, spec.mask)`: the mask settings are in the spec too; the pair keeps
+        `build_mask_rcnn(spec.replace(...), mask)` working.
     """
     if name == "maskrcnn_resnet50_fpn":
-        return torchvision_spec("fasterrcnn_resnet50_fpn", num_classes=num_classes), MaskHeadSpec()
-    if name == "maskrcnn_resnet50_fpn_v2":
-        return torchvision_spec("fasterrcnn_resnet50_fpn_v2", num_classes=num_classes), MaskHeadSpec(norm="BN")
-    raise ValueError(f"unknown torchvision preset {name!r}; use 'maskrcnn_resnet50_fpn' or "
-                     "'maskrcnn_resnet50_fpn_v2'")
+        mask = MaskSpec()
+    elif name == "maskrcnn_resnet50_fpn_v2":
+        mask = MaskSpec(norm="BN")
+    else:
+        raise ValueError(f"unknown torchvision preset {name!r}; use 'maskrcnn_resnet50_fpn' or "
+                         "'maskrcnn_resnet50_fpn_v2'")
+    spec = torchvision_spec(name, num_classes=num_classes).replace(task="instance", mask=mask)
+    return spec, mask
+
+
+def _torchvision_mask_model_spec(name: str, *, num_classes: int) -> ModelSpec:
+    return torchvision_mask_spec(name, num_classes=num_classes)[0]
+
+
+def maskrcnn_resnet50_fpn(*, weights: object = None, num_classes: int | None = None, **overrides: Any) -> MaskRCNN:
+    """torchvision's `maskrcnn_resnet50_fpn` as our `MaskRCNN`: `weights` None, a checkpoint file, or
+    torchvision's weight name ("DEFAULT", "COCO_V1", ...; the file from torch's hub cache, verified);
+    `num_classes` background included, default the weights' (91). See
+    `detection.models.build_torchvision_detector`."""
+    return build_torchvision_detector("maskrcnn_resnet50_fpn", build_mask_rcnn, _torchvision_mask_model_spec,
+                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+
+
+def maskrcnn_resnet50_fpn_v2(*, weights: object = None, num_classes: int | None = None,
+                             **overrides: Any) -> MaskRCNN:
+    """torchvision's `maskrcnn_resnet50_fpn_v2` as our `MaskRCNN`; arguments as `maskrcnn_resnet50_fpn`."""
+    return build_torchvision_detector("maskrcnn_resnet50_fpn_v2", build_mask_rcnn, _torchvision_mask_model_spec,
+                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]

@@ -15,9 +15,9 @@ from detection.models import build_faster_rcnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-NUM_CLASSES = 4  # background + 3
+NUM_CLASSES = 4  # background + 3: what the model predicts (the spec counts the 3 foreground classes)
 
-TINY = dict(backbone="resnet18", backbone_kwargs={"width": 8}, num_classes=NUM_CLASSES, norm="BN", freeze_at=0,
+TINY = dict(backbone_name="resnet18", backbone_width=8, num_classes=NUM_CLASSES - 1, backbone_norm="BN", freeze_at=0,
             fpn_channels=32, fc_dim=64, min_size=(128,), max_size=160, test_min_size=128, test_max_size=160,
             rpn_batch_size_per_image=64, roi_batch_size_per_image=64, rpn_pre_nms_topk=(600, 300),
             rpn_post_nms_topk=(300, 150))
@@ -308,8 +308,8 @@ def test_seeded_losses_are_reproducible_and_match_reference() -> None:
 # ---------------------------------------------------------------------------------- mixed precision
 ARCHS = {
     "fpn": {},
-    "c4_resnet": {"arch": "c4", "pooler_resolution": 7},
-    "c4_vgg16": {"backbone": "vgg16", "arch": "c4"},
+    "c4_resnet": {"arch": "c4", "roi_pooler_resolution": 7},
+    "c4_vgg16": {"backbone_name": "vgg16", "arch": "c4"},
 }
 
 
@@ -344,7 +344,7 @@ def test_bf16_autocast_train_step_and_eval(arch: str) -> None:
 
 def test_fp32_train_step_c4_resnet() -> None:
     torch.manual_seed(0)
-    model = tiny_model(arch="c4", pooler_resolution=7)
+    model = tiny_model(arch="c4", roi_pooler_resolution=7)
     images, targets = images_and_targets()
     train_step(model, images, targets)
 
@@ -353,7 +353,7 @@ def test_fp32_train_step_c4_resnet() -> None:
 def test_prepare_for_inference_keeps_detections() -> None:
     """Folding frozen BN into the convolutions and switching to channels-last changes no detection."""
     torch.manual_seed(0)
-    model = tiny_model(norm="FrozenBN")
+    model = tiny_model(backbone_norm="FrozenBN")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial statistics, so that folding has something to fold
         for m in model.modules():

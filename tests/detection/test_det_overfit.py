@@ -44,7 +44,7 @@ def test_tiny_model_overfits_two_images() -> None:
     images, targets = [d[0] for d in data], [d[1] for d in data]
     # From scratch, so GroupNorm (FrozenBN would leave a random deep net unnormalised; GN behaves the same in
     # train and eval mode, unlike BN on a batch of two).
-    model = build_faster_rcnn(backbone="resnet18", backbone_kwargs={"width": 8}, num_classes=3, norm="GN",
+    model = build_faster_rcnn(backbone_name="resnet18", backbone_width=8, num_classes=2, backbone_norm="GN",
                               freeze_at=0, fpn_channels=32, fc_dim=64, min_size=(128,), max_size=160,
                               test_min_size=128, test_max_size=160, rpn_batch_size_per_image=64,
                               roi_batch_size_per_image=64, rpn_pre_nms_topk=(600, 300), rpn_post_nms_topk=(300, 100))

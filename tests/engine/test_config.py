@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ import yaml
 
 from detection.config import (
     Config,
-    ModelConfig,
     SolverConfig,
     config_from_dict,
     config_to_dict,
@@ -18,6 +18,7 @@ from detection.config import (
     load_config,
     parse_overrides,
 )
+from detection.specs import FPN_ANCHOR_SIZES, ModelSpec
 
 
 def _write(path: Path, data: dict | str) -> Path:
@@ -28,7 +29,8 @@ def _write(path: Path, data: dict | str) -> Path:
 
 def test_defaults_are_the_papers_values():
     cfg = Config()
-    assert cfg.model.rpn.anchor_sizes == ((32,), (64,), (128,), (256,), (512,))
+    assert isinstance(cfg.model, ModelSpec)  # the model section is the builders' schema itself
+    assert cfg.model.rpn.anchor_sizes is None and FPN_ANCHOR_SIZES == ((32,), (64,), (128,), (256,), (512,))
     assert cfg.model.roi.bbox_reg_weights == (10.0, 10.0, 5.0, 5.0)
     assert (cfg.solver.lr, cfg.solver.ims_per_batch, cfg.solver.steps) == (0.02, 16, (60000, 80000))
     assert cfg.train.amp == "off" and cfg.data.root is None
@@ -36,7 +38,7 @@ def test_defaults_are_the_papers_values():
 
 def test_base_is_merged_recursively_relative_to_the_file(tmp_path, monkeypatch):
     _write(tmp_path / "cfgs" / "base" / "common.yaml", {
-        "model": {"backbone": "resnet101", "rpn": {"nms_thresh": 0.6, "fg_iou": 0.75}},
+        "model": {"backbone": {"name": "resnet101"}, "rpn": {"nms_thresh": 0.6, "fg_iou": 0.75}},
         "solver": {"lr": 0.01, "steps": [10, 20, 30]},
     })
     child = _write(tmp_path / "cfgs" / "child.yaml", {
@@ -46,7 +48,7 @@ def test_base_is_merged_recursively_relative_to_the_file(tmp_path, monkeypatch):
     })
     monkeypatch.chdir(tmp_path)  # the base path must resolve against the file, not the cwd
     cfg = load_config(child)
-    assert cfg.model.backbone == "resnet101"  # from the base
+    assert cfg.model.backbone.name == "resnet101"  # from the base
     assert cfg.model.rpn.nms_thresh == 0.6  # base value inside a merged sub-mapping
     assert cfg.model.rpn.fg_iou == 0.8  # child wins
     assert cfg.solver.lr == 0.005
@@ -77,14 +79,15 @@ def test_overrides_of_each_type(tmp_path):
         "solver.momentum=1",  # int accepted for float
         "solver.weight_decay=1e-4",  # YAML 1.1 reads this as a string; float fields accept it
         "train.channels_last=true",  # bool
-        "model.backbone=resnet101",  # str
+        "model.backbone.name=resnet101",  # str
         "train.amp=bf16",  # Literal
         "model.weights=null",  # None
         "solver.clip_grad_norm=5",  # float | None given an int
         "model.num_classes=7",  # int | None
         "solver.steps=[100,200]",  # tuple[int, ...]
         "model.rpn.aspect_ratios=[1, 2.5]",  # tuple[float, ...] with an int inside
-        "model.rpn.anchor_sizes=[[16, 24], [48]]",  # tuple[tuple[int, ...], ...]
+        "model.rpn.anchor_sizes=[[16, 24], [48]]",  # tuple[tuple[float, ...], ...] | None
+        "model.rpn.pre_nms_topk=[100, 50]",  # tuple[int, int]: (train, test)
         "model.roi={fc_dim: 512, box_head: 4conv1fc}",  # a whole sub-mapping merges
     ])
     assert cfg.solver.max_iter == 1234 and isinstance(cfg.solver.max_iter, int)
@@ -92,7 +95,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.solver.momentum == 1.0 and isinstance(cfg.solver.momentum, float)
     assert cfg.solver.weight_decay == 1e-4 and isinstance(cfg.solver.weight_decay, float)
     assert cfg.train.channels_last is True
-    assert cfg.model.backbone == "resnet101"
+    assert cfg.model.backbone.name == "resnet101"
     assert cfg.train.amp == "bf16"
     assert cfg.model.weights is None
     assert cfg.solver.clip_grad_norm == 5.0 and isinstance(cfg.solver.clip_grad_norm, float)
@@ -100,6 +103,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.solver.steps == (100, 200)
     assert cfg.model.rpn.aspect_ratios == (1.0, 2.5) and isinstance(cfg.model.rpn.aspect_ratios[0], float)
     assert cfg.model.rpn.anchor_sizes == ((16, 24), (48,))
+    assert cfg.model.rpn.pre_nms_topk == (100, 50)
     assert (cfg.model.roi.fc_dim, cfg.model.roi.box_head, cfg.model.roi.pooler_resolution) == (512, "4conv1fc", None)
 
 
@@ -141,8 +145,12 @@ def test_wrong_type_error_names_key_value_type_and_expected(tmp_path):
     ok = _write(tmp_path / "ok.yaml", {})
     with pytest.raises(TypeError, match=r"'train\.amp'.*'bf17'.*one of 'bf16', 'fp16', 'off'.*did you mean 'bf16'"):
         load_config(ok, ["train.amp=bf17"])
-    with pytest.raises(TypeError, match=r"'model\.min_size'.*expected tuple\[int, \.\.\.\].*\[800\]"):
-        load_config(ok, ["model.min_size=800"])
+    with pytest.raises(TypeError, match=r"'model\.input\.min_size'.*expected tuple\[int, \.\.\.\].*\[800\]"):
+        load_config(ok, ["model.input.min_size=800"])
+    with pytest.raises(TypeError, match=r"'model\.rpn\.pre_nms_topk'.*give exactly 2 values"):
+        load_config(ok, ["model.rpn.pre_nms_topk=[1, 2, 3]"])
+    with pytest.raises(TypeError, match=r"'model\.backbone' got 'resnet18'.*section.*model\.backbone\.name"):
+        load_config(ok, ["model.backbone=resnet18"])
     with pytest.raises(TypeError, match=r"'model\.rpn\.anchor_sizes\[1\]\[0\]'.*'x'"):
         load_config(ok, ["model.rpn.anchor_sizes=[[32], [x]]"])
     with pytest.raises(TypeError, match=r"'solver\.lr'.*expected float.*solver\.lr\.value=1"):
@@ -170,6 +178,28 @@ def test_value_out_of_range_names_the_key(tmp_path):
         load_config(ok, ["solver.steps=[200,100]"])
     with pytest.raises(ValueError, match=r"'train\.keep_checkpoints'"):
         load_config(ok, ["train.keep_checkpoints=0"])
+
+
+def test_model_range_error_names_the_dotted_key_and_where_it_was_set(tmp_path):
+    base = _write(tmp_path / "base.yaml", {"model": {"rpn": {"nms_thresh": 1.5}}})
+    child = _write(tmp_path / "child.yaml", {"_base_": "base.yaml", "model": {"roi": {"fc_dim": 64}}})
+    with pytest.raises(ValueError, match=r"config key 'model\.rpn\.nms_thresh' = 1\.5 is invalid") as err:
+        load_config(child)
+    assert f"set in {base}" in str(err.value)  # the base file set it, not the child
+    ok = _write(tmp_path / "ok.yaml", {})
+    with pytest.raises(ValueError, match=r"'model\.roi\.positive_fraction' = 0\.0.*set by override"):
+        load_config(ok, ["model.roi.positive_fraction=0"])
+
+
+def test_flat_model_keys_point_at_their_section(tmp_path):
+    """`<section>_<field>` and a field in the wrong section (the flat layout of older configs) suggest the
+    nested key."""
+    ok = _write(tmp_path / "ok.yaml", {})
+    for flat, nested in (("model.backbone_width=8", "model.backbone.width"),
+                         ("model.fpn_channels=8", "model.fpn.channels"),
+                         ("model.min_size=[96]", "model.input.min_size"), ("model.norm=GN", "model.backbone.norm")):
+        with pytest.raises(ValueError, match=rf"did you mean '{re.escape(nested)}'"):
+            load_config(ok, [flat])
 
 
 def test_bad_override_syntax():
@@ -201,7 +231,7 @@ def test_dump_then_load_gives_an_equal_config(tmp_path):
 def test_config_from_dict_and_custom_schema():
     @dataclasses.dataclass
     class Small:
-        model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+        model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
         solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
 
     cfg = config_from_dict({"solver": {"lr": 0.1}}, schema=Small)

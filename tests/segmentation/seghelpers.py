@@ -4,42 +4,40 @@ from __future__ import annotations
 
 import torch
 
-from detection.models import FasterRCNNSpec
+from detection.specs import ModelSpec
 from segmentation import (
-    MaskHeadSpec,
     MaskRCNN,
     PanopticFPN,
     SemanticFPN,
-    SemanticHeadSpec,
     build_mask_rcnn,
     build_panoptic_fpn,
     build_semantic_fpn,
 )
 
-NUM_CLASSES = 4  # background + 3
+NUM_CLASSES = 4  # background + 3: what the models predict (the spec counts the 3 foreground classes)
 
 
-def tiny_spec(**overrides) -> FasterRCNNSpec:
-    """A narrow ResNet-18 FPN detector on ~64-96 px inputs (every code path of the full model)."""
-    spec = FasterRCNNSpec(backbone="resnet18", num_classes=NUM_CLASSES, norm="GN", freeze_at=0,
-                          backbone_kwargs={"width": 8}, fpn_channels=16, min_size=(64,), max_size=96,
-                          test_min_size=64, test_max_size=96, fc_dim=32, rpn_pre_nms_topk=(200, 100),
-                          rpn_post_nms_topk=(100, 50), rpn_batch_size_per_image=64, roi_batch_size_per_image=32,
-                          detections_per_img=20)
+def tiny_spec(**overrides) -> ModelSpec:
+    """A narrow ResNet-18 FPN model on ~64-96 px inputs (every code path of the full model)."""
+    spec = ModelSpec(num_classes=NUM_CLASSES - 1).replace(
+        backbone_name="resnet18", backbone_norm="GN", freeze_at=0, backbone_width=8, fpn_channels=16, min_size=(64,),
+        max_size=96, test_min_size=64, test_max_size=96, fc_dim=32, rpn_pre_nms_topk=(200, 100),
+        rpn_post_nms_topk=(100, 50), rpn_batch_size_per_image=64, roi_batch_size_per_image=32, detections_per_img=20,
+        mask_conv_dim=16, mask_norm="GN", semantic_conv_dims=16)
     return spec.replace(**overrides) if overrides else spec
 
 
 def tiny_mask_rcnn(**overrides) -> MaskRCNN:
-    return build_mask_rcnn(tiny_spec(**overrides), MaskHeadSpec(conv_dim=16, norm="GN"))
+    return build_mask_rcnn(tiny_spec(**overrides))
 
 
 def tiny_semantic_fpn(**overrides) -> SemanticFPN:
-    return build_semantic_fpn(tiny_spec(**overrides), SemanticHeadSpec(conv_dims=16))
+    return build_semantic_fpn(tiny_spec(**overrides))
 
 
 def tiny_panoptic_fpn(with_masks: bool = False, **overrides) -> PanopticFPN:
-    return build_panoptic_fpn(tiny_spec(**overrides), SemanticHeadSpec(conv_dims=16),
-                              mask=MaskHeadSpec(conv_dim=16, norm="GN") if with_masks else None)
+    """Panoptic FPN's semantic loss weight (0.5) unless overridden."""
+    return build_panoptic_fpn(tiny_spec(**{"semantic_loss_weight": 0.5, **overrides}), with_masks=with_masks)
 
 
 def rect_target(h: int, w: int, rects: list[tuple[int, int, int, int, int]]) -> dict[str, torch.Tensor]:

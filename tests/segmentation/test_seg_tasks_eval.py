@@ -45,15 +45,17 @@ def test_shapes_configs_build_their_task_models(name: str, cls: type) -> None:
     cfg = load_config(REPO / "configs" / "shapes" / f"{name}.yaml")
     model = build_model(cfg, 4)
     assert type(model) is cls and model.num_classes == 5
-    assert cfg.train.max_time_minutes is not None and cfg.model.norm == "GN" and cfg.model.min_size == (256,)
+    assert cfg.train.max_time_minutes is not None and cfg.model.backbone.norm == "GN"
+    assert cfg.model.input.min_size == (256,)
 
 
 def test_coco_mask_rcnn_configs_are_paper_like():
     for name, backbone in (("mask_rcnn_R_50_FPN_1x", "resnet50"), ("mask_rcnn_R_101_FPN_1x", "resnet101")):
         cfg = load_config(REPO / "configs" / "coco" / f"{name}.yaml")
         m = cfg.model
-        assert (m.task, m.backbone, m.norm, m.backbone_weights) == ("instance", backbone, "FrozenBN", "imagenet")
-        assert (m.mask_head_convs, m.mask_head_conv_dim, m.mask_pooler_resolution) == (4, 256, 14)
+        assert (m.task, m.backbone.name, m.backbone.norm, m.backbone.weights) == ("instance", backbone, "FrozenBN",
+                                                                                  "imagenet")
+        assert (m.mask.num_convs, m.mask.conv_dim, m.mask.pooler_resolution) == (4, 256, 14)
         assert (cfg.solver.ims_per_batch, cfg.solver.max_iter, cfg.solver.steps) == (16, 90000, (60000, 80000))
 
 

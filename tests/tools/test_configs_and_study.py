@@ -17,7 +17,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.end
 def test_config_loads_and_builds(path: Path) -> None:
     import segmentation  # noqa: F401  (registers the segmentation tasks)
 
-    cfg = load_config(path, ["model.backbone_weights=null"])
+    cfg = load_config(path, ["model.backbone.weights=null"])
     model = build_model(cfg, cfg.model.num_classes or 80)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert model.num_classes == (cfg.model.num_classes or 80) + 1
@@ -30,5 +30,6 @@ def test_paper_configs_differ_only_in_backbone() -> None:
     b = config_to_dict(load_config(REPO / "configs/paper/faster_rcnn_R_101_C4.yaml"))
     a["train"].pop("output_dir"), b["train"].pop("output_dir")
     diff = {k for k in a["model"] if a["model"][k] != b["model"][k]}
-    assert diff == {"backbone"} and {k: v for k, v in a.items() if k != "model"} == {
+    backbone_diff = {k for k in a["model"]["backbone"] if a["model"]["backbone"][k] != b["model"]["backbone"][k]}
+    assert diff == {"backbone"} and backbone_diff == {"name"} and {k: v for k, v in a.items() if k != "model"} == {
         k: v for k, v in b.items() if k != "model"}
