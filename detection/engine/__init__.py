@@ -1,4 +1,5 @@
-"""Training engine: trainer, checkpoints, solver, metrics logging (process-group and RNG helpers: resnet_det.common)."""
+"""Training engine: the loop with hooks, checkpoints, solver, metrics logging (process-group, RNG and logging
+helpers: resnet_det.common)."""
 
 from .checkpoint import (
     POINTER_FILE,
@@ -9,9 +10,18 @@ from .checkpoint import (
     load_model_weights,
     make_trainer_state,
 )
+from .hooks import (
+    EvalHook,
+    HookBase,
+    InterruptHook,
+    MetricsWriter,
+    NonFiniteGuard,
+    PeriodicCheckpointer,
+    TimeLimit,
+)
 from .logger import MetricsLogger, flatten_metrics, plot_curves, read_metrics
 from .solver import WarmupLR, build_lr_scheduler, build_optimizer, lr_multiplier
-from .trainer import AMP_DTYPES, EvalFn, Trainer, build_trainer
+from .trainer import AMP_DTYPES, EvalFn, LossRecorder, Trainer, TrainerBase, build_trainer
 
 __all__ = [
     "AMP_DTYPES",
@@ -21,8 +31,17 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "EvalFn",
+    "EvalHook",
+    "HookBase",
+    "InterruptHook",
+    "LossRecorder",
     "MetricsLogger",
+    "MetricsWriter",
+    "NonFiniteGuard",
+    "PeriodicCheckpointer",
+    "TimeLimit",
     "Trainer",
+    "TrainerBase",
     "WarmupLR",
     "build_lr_scheduler",
     "build_optimizer",

@@ -1,7 +1,11 @@
-"""Run logging: ``metrics.jsonl``, ``log.txt``, a tqdm progress bar, TensorBoard, ``curves.png``.
+"""Run metrics: ``metrics.jsonl``, the training and evaluation lines, a progress bar, TensorBoard, ``curves.png``.
 
 Only the main process writes anything; on other ranks every method is a no-op, so the trainer can
-call them unconditionally.
+call them unconditionally. Messages and the periodic training lines go through ``logging`` (logger
+``detection.engine.logger``): :func:`~resnet_det.common.setup_logger` (or the trainer's logging
+scope) sends them to the console and to the run's ``log.txt``. The progress bar is shown only when
+stderr is a terminal, and log lines are written around it; otherwise the periodic lines are the
+progress, and a log redirected to a file holds no bar redraws.
 
 ``metrics.jsonl`` holds one JSON object per line:
 
@@ -16,19 +20,21 @@ A resumed run appends to the same file; readers keep the last record of each ite
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from resnet_det.common import is_main_process
+from resnet_det.common import is_main_process, progress_bar
 
 __all__ = ["MetricsLogger", "flatten_metrics", "plot_curves", "read_metrics"]
+
+_log = logging.getLogger(__name__)
 
 
 def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -64,7 +70,7 @@ class MetricsLogger:
         max_iter: Total iterations (for the progress bar and ETA).
         start_iter: Iteration the bar starts from (a resumed run).
         tensorboard: Also write TensorBoard events to ``<output_dir>/tb``.
-        progress: Show a tqdm progress bar (rank 0).
+        progress: Show a tqdm progress bar (rank 0, and only when stderr is a terminal).
         enabled: Write anything at all; default: on the main process only.
     """
 
@@ -82,18 +88,16 @@ class MetricsLogger:
         self.enabled = is_main_process() if enabled is None else enabled
         self.max_iter = max_iter
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.log_path = self.output_dir / "log.txt"
         self._bar: Any = None
+        self._bar_scope = contextlib.ExitStack()
         self._tb: Any = None
         self._metrics_file: Any = None
-        self._log_file: Any = None
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Line-buffered appends: a crash loses at most the line being written. The files stay open
+        # Line-buffered appends: a crash loses at most the line being written. The file stays open
         # for the whole run (closed by close()), hence no `with`.
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self._log_file = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -104,26 +108,16 @@ class MetricsLogger:
                     "(or pip install tensorboard), or set train.tensorboard=false"
                 ) from err
             self._tb = SummaryWriter(log_dir=str(self.output_dir / "tb"))
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(
-                total=max_iter, initial=start_iter, unit="it", dynamic_ncols=True, desc="train",
-                mininterval=0.5, file=sys.stderr,
-            )
+        self._bar = self._bar_scope.enter_context(
+            progress_bar(total=max_iter, initial=start_iter, desc="train", enabled=progress)
+        )
 
     # -- messages ----------------------------------------------------------------------------------
 
     def info(self, message: str) -> None:
-        """Writes a timestamped line to log.txt and the console (around the progress bar)."""
-        if not self.enabled:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-        self._log_file.write(line + "\n")
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        """Logs ``message`` (INFO): the console and the run's ``log.txt`` once logging is set up."""
+        if self.enabled:
+            _log.info("%s", message)
 
     def _write_record(self, record: Mapping[str, Any]) -> None:
         self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -180,10 +174,8 @@ class MetricsLogger:
         self._write_record(record)
         terms = "  ".join(f"{k} {v:.4g}" for k, v in losses.items())
         eta = f"  eta {_format_seconds(eta_seconds)}" if eta_seconds is not None else ""
-        self._log_file.write(
-            f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] iter {iteration}/{self.max_iter}  loss {total:.4g}  "
-            f"({terms})  lr {lr:.4g}  {images_per_sec:.1f} img/s{eta}\n"
-        )
+        _log.info("iter %d/%d  loss %.4g  (%s)  lr %.4g  %.1f img/s%s", iteration, self.max_iter, total, terms, lr,
+                  images_per_sec, eta)
         if self._bar is not None:
             self._bar.set_postfix(
                 {"loss": f"{total:.4g}", "lr": f"{lr:.3g}", "img/s": f"{images_per_sec:.1f}"}, refresh=False
@@ -223,21 +215,18 @@ class MetricsLogger:
         """Closes the files and the bar and, with ``plot``, draws ``curves.png``; returns its path."""
         if not self.enabled:
             return None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._bar_scope.close()
+        self._bar = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        for f in (self._metrics_file, self._log_file):
-            if f is not None and not f.closed:
-                f.close()
+        if self._metrics_file is not None and not self._metrics_file.closed:
+            self._metrics_file.close()
         if plot and self.metrics_path.is_file():
             try:
                 return plot_curves(self.metrics_path, self.output_dir / "curves.png")
             except Exception as err:  # a plotting problem must never fail a finished training run
-                with open(self.log_path, "a", encoding="utf-8") as f:
-                    f.write(f"could not draw curves.png: {type(err).__name__}: {err}\n")
+                _log.warning("could not draw curves.png: %s: %s", type(err).__name__, err)
         return None
 
 

@@ -148,3 +148,68 @@ def test_script_with_stderr_to_a_file_gets_lines_and_no_redraws(tmp_path):
     text = (tmp_path / "err.txt").read_text()
     assert not ESCAPES.search(text)
     assert _messages(text) == ["a line"] and text.endswith("no bar\n")
+
+
+TRAIN_SCRIPT = """
+import sys
+sys.path[:0] = [{repo!r}, {here!r}]
+import torch
+from engine_fakes import FakeDetector, FakeLoader
+from detection.config import SolverConfig
+from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+
+torch.manual_seed(0)
+model = FakeDetector()
+cfg = SolverConfig(lr=0.05, max_iter=6, steps=(4,), warmup_iters=1)
+opt = build_optimizer(model, cfg)
+Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=6, output_dir={out!r},
+        log_period=2, eval_fn=lambda m, it: {{"bbox": {{"AP": it / 10}}}}, progress=True, curves=False).train()
+"""
+
+
+def test_training_with_stderr_to_a_file_has_the_lines_and_no_bar_and_log_txt_has_the_same(tmp_path):
+    # `make train > log 2>&1` used to fill the file with thousands of \r redraws and [A escape codes.
+    out = tmp_path / "run"
+    script = TRAIN_SCRIPT.format(repo=str(REPO), here=str(Path(__file__).parent), out=str(out))
+    with open(tmp_path / "stderr.txt", "w") as err:
+        subprocess.run([sys.executable, "-c", script], stderr=err, check=True, timeout=300)
+    console = (tmp_path / "stderr.txt").read_text()
+    assert not ESCAPES.search(console), console[:500]
+    lines = _messages(console)
+    assert [x.split("  ")[0] for x in lines if x.startswith("iter ")] == ["iter 2/6", "iter 4/6", "iter 6/6"]
+    assert any(x.startswith("evaluation at iteration 6: bbox/AP=0.6") for x in lines)
+    assert any(x.startswith("saved checkpoint model_final") for x in lines)
+    assert _messages((out / "log.txt").read_text()) == lines  # the same records, in the same order
+
+
+def test_resume_warnings_reach_the_run_log(tmp_path):
+    import torch
+    from engine_fakes import FakeDetector, FakeLoader
+
+    from detection.config import SolverConfig
+    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+
+    cfg = SolverConfig(lr=0.05, max_iter=4, steps=(3,), warmup_iters=0)
+
+    def trainer(max_iter: int, **kw) -> Trainer:
+        torch.manual_seed(0)
+        model = FakeDetector()
+        opt = build_optimizer(model, cfg)
+        return Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=max_iter,
+                       output_dir=tmp_path, progress=False, curves=False, **kw)
+
+    trainer(2).train()
+    trainer(4, grad_scaler_enabled=True).train(resume=True)  # saved without a scaler: warned
+    log = (tmp_path / "log.txt").read_text()
+    assert "WARNING: checkpoint model_final has no grad scaler state" in log
+    assert "resumed from model_final at iteration 2" in log
+
+
+def test_the_dataset_report_goes_through_logging(tiny_coco_src, tmp_path, capsys):
+    from detection.data.coco import CocoDetection
+
+    with logging_scope(tmp_path):
+        ds = CocoDetection(tiny_coco_src / "images", tiny_coco_src / "annotations.json", training=False)
+    assert capsys.readouterr().out == ""  # nothing printed
+    log = (tmp_path / "log.txt").read_text()
+    assert ds.report.summary().splitlines()[0] in log

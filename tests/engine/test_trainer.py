@@ -186,7 +186,7 @@ def test_clip_grad_norm_bounds_the_gradient(tmp_path):
     trainer.run_step()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params if p.grad is not None]))
     assert float(norm) <= 1e-3 * (1 + 1e-4)
-    assert float(trainer._grad_norm) > 1e-3  # it was actually clipped
+    assert float(trainer.grad_norm) > 1e-3  # it was actually clipped
 
 
 def test_time_limit_stops_checkpoints_evaluates_and_says_so(tmp_path):

@@ -368,3 +368,19 @@ def test_instances_to_coco_json_is_the_evaluators_converter(gt_path, synthetic):
         instances_to_coco_json(5, {"scores": torch.tensor([0.5]), "labels": torch.tensor([1])})
     with pytest.raises(ValueError, match=r"masks have shape \[1, 1, 2, 2\], expected \[1, 1, 3, 3\]"):
         instances_to_coco_json(5, out, iou_types=("segm",), image_size=(3, 3))
+
+
+def test_the_tables_reach_the_run_log_when_logging_is_set_up(gt_path, synthetic, tmp_path, capsys):
+    from resnet_det.common import logging_scope
+
+    ids, outs, l2c = synthetic
+    ev = COCOEvaluator(gt_path, label_to_cat_id=l2c)
+    ev.process([{"image_id": i} for i in ids], outs)  # the dataset's targets as inputs
+    with logging_scope(tmp_path):
+        ev.evaluate()
+    assert capsys.readouterr().out == ""  # logged, not printed
+    log = (tmp_path / "log.txt").read_text()
+    pycocotools_lines = H.table_lines(log)
+    assert len(pycocotools_lines) == 12 and "| person" in log
+    with pytest.raises(ValueError, match=r"inputs\[0\] has no 'image_id'"):
+        ev.process([{"id": ids[0]}], outs[:1])

@@ -123,7 +123,7 @@ def test_labels_out_of_range_raise_and_logits_are_refused():
         _feed(ev, ok.float(), ok)
     with pytest.raises(ValueError, match=r"inputs\[0\] has no 'sem_seg'.*with_semantic=True"):
         ev.process([{"image_id": 1}], [{"sem_seg": ok[0]}])
-    with pytest.raises(ValueError, match="1 inputs .* but 2 outputs"):
+    with pytest.raises(ValueError, match=r"1 inputs .* but 2 outputs"):
         ev.process([{"sem_seg": ok[0]}], [{"sem_seg": ok[0]}] * 2)
     # a batch whose second image is bad counts nothing, not even its first image
     with pytest.raises(ValueError, match="target 1"):
