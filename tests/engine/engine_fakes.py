@@ -129,7 +129,7 @@ class FixedBatchLoader(FakeLoader):
 
 
 def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
-    """One of two gloo processes: collectives, DDP gradients, checkpoint/resume, NaN on one rank.
+    """One of two gloo processes: collectives, DDP gradients, checkpoint/resume, NaN and time limit on one rank.
 
     Writes what it observed to `<tmp>/result<rank>.pt` for the test to check.
     """
@@ -138,7 +138,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
     from pathlib import Path
 
     from detection.config import SolverConfig
-    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+    from detection.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer
     from resnet_det.common import (
         all_gather_object,
         all_reduce_dict,
@@ -218,6 +218,20 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
             out["nan_error"] = None
         except FloatingPointError as err:
             out["nan_error"] = str(err)
+
+        # 4. The time limit is up on rank 1 only: both stop at the same iteration, the next logging
+        # all-reduce that carries rank 1's vote, and save the same resumable checkpoint.
+        barrier()
+        torch.manual_seed(3)
+        model = FakeDetector()
+        opt = build_optimizer(model, cfg)
+        result = Trainer(
+            wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=9,
+            output_dir=tmp_path / "time_run", log_period=3, max_time_minutes=1e-9 if rank == 1 else 60.0,
+            progress=False, curves=False,
+        ).train()
+        out["time_stop"] = (result["iteration"], result["stopped_early"])
+        out["time_checkpoint"] = Checkpointer(tmp_path / "time_run").latest()
     finally:
         torch.save(out, tmp_path / f"result{rank}.pt")
         # An orderly teardown: the DDP reducers go before the process group, and no rank leaves while the

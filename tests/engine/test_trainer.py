@@ -1,4 +1,4 @@
-"""Trainer: exact resume, Ctrl-C, non-finite losses, AMP, clipping, time limit, evaluation, config wiring."""
+"""Trainer: exact resume, Ctrl-C, non-finite losses, AMP, clipping, time limit, evaluation, hooks, config wiring."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ import torch
 from engine_fakes import FakeDetector, FakeLoader
 
 from detection.config import Config, SolverConfig, load_config
-from detection.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from detection.engine import (
+    Checkpointer,
+    HookBase,
+    Trainer,
+    TrainerBase,
+    build_lr_scheduler,
+    build_optimizer,
+    build_trainer,
+)
 
 SOLVER = SolverConfig(lr=0.05, max_iter=12, steps=(8,), gamma=0.5, warmup_iters=3, warmup_factor=0.1)
 
@@ -273,3 +281,62 @@ def test_build_trainer_checks_the_global_batch(monkeypatch):
     cfg.solver.ims_per_batch = 6
     with pytest.raises(ValueError, match=r"ims_per_batch=6.*\(4\)"):
         build_trainer(cfg, FakeDetector(), FakeLoader())
+
+
+def test_extra_hooks_run_after_the_trainers_own_and_see_each_iteration(tmp_path):
+    events = []
+
+    class Spy(HookBase):
+        def before_train(self):
+            events.append(("before_train", self.trainer.iter))
+
+        def before_step(self):
+            events.append(("before_step", self.trainer.iter))
+
+        def after_step(self):  # after the checkpointer and the evaluation of the same iteration
+            events.append(("after_step", self.trainer.iter, Checkpointer(tmp_path).latest(), len(evals)))
+
+        def after_train(self):
+            events.append(("after_train", self.trainer.iter, self.trainer.exception))
+
+    evals = []
+    trainer = _trainer(tmp_path, max_iter=3, checkpoint_period=2, eval_fn=lambda m, it: evals.append(it) or {},
+                       eval_period=2)
+    trainer.register_hooks([Spy(), None])
+    trainer.train()
+    assert [type(h).__name__ for h in trainer.hooks] == [
+        "InterruptHook", "MetricsWriter", "NonFiniteGuard", "PeriodicCheckpointer", "EvalHook", "Spy",
+    ]
+    assert events == [
+        ("before_train", 0),
+        ("before_step", 0), ("after_step", 1, None, 0),
+        ("before_step", 1), ("after_step", 2, "model_0000002", 1),
+        ("before_step", 2), ("after_step", 3, "model_0000002", 1),  # the last: final work is in after_train
+        ("after_train", 3, None),
+    ]
+    assert Checkpointer(tmp_path).latest() == "model_final" and evals == [2, 3]
+
+
+def test_every_after_train_runs_and_the_first_error_is_raised():
+    class Loop(TrainerBase):
+        def run_step(self):
+            pass
+
+    class Boom(HookBase):
+        def after_train(self):
+            raise RuntimeError("boom")
+
+    seen = []
+
+    class Last(HookBase):
+        def after_train(self):
+            seen.append(type(self.trainer.exception).__name__)
+
+    loop = Loop()
+    loop.max_iter = 2
+    loop.register_hooks([Boom(), Last()])
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.train()
+    assert seen == ["RuntimeError"] and loop.iter == 2  # the later hook ran and knew training had failed
+    with pytest.raises(TypeError, match="HookBase instances, got object"):
+        loop.register_hooks([object()])
