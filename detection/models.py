@@ -338,25 +338,22 @@ def build_torchvision_detector(name: str, builder: Callable[..., nn.Module],
     torchvision's `trainable_backbone_layers=3`.
     """
     state: dict[str, Tensor] | None = None
-    from_weights: int | None = None
-    source = ""
+    entry = None
     if weights is None:
-        pass
+        from_weights, source = None, ""
     elif _is_file_reference(weights):
-        source = str(weights)
         state = read_state_dict(weights)  # type: ignore[arg-type]
-        from_weights = _classes_in_state_dict(state)
+        from_weights, source = _classes_in_state_dict(state), str(weights)
     else:
         entry = torchvision_weights_entry(name, weights)
-        source = f"torchvision's {entry}"
-        from_weights = len(entry.meta["categories"])
-        state = read_state_dict(resolve_torchvision_weights(entry))
+        from_weights, source = len(entry.meta["categories"]), f"torchvision's {entry}"
     if num_classes is None:
         num_classes = from_weights or 91
     elif from_weights is not None and num_classes != from_weights:
         raise ValueError(f"num_classes={num_classes} but the weights {source} have {from_weights} classes "
-                         f"(background included); omit num_classes or pass num_classes={from_weights}, or "
-                         "load the weights yourself with load_detector_weights after changing the predictor")
+                         f"(background included); omit num_classes or pass num_classes={from_weights}")
+    if entry is not None:
+        state = read_state_dict(resolve_torchvision_weights(entry))
     if state is not None:
         overrides = {"backbone_freeze_at": 2, **overrides}
     model = builder(spec_fn(name, num_classes=num_classes), **overrides)
