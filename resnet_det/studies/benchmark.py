@@ -50,8 +50,9 @@ def build_ours(arch: str, num_classes: int = 91) -> nn.Module:
     from detection.models import build_faster_rcnn
 
     # torchvision's configuration: frozen BN, 3 trainable stages (freeze stem + res2).
-    return build_faster_rcnn(backbone=ARCHS[arch], num_classes=num_classes, norm="FrozenBN", freeze_at=2,
-                             min_size=(800,), max_size=1333)
+    return build_faster_rcnn(num_classes=num_classes, backbone_name=ARCHS[arch], backbone_norm="FrozenBN",
+                             backbone_freeze_at=2, input_min_size=(800,), input_max_size=1333,
+                             input_test_min_size=800, input_test_max_size=1333)
 
 
 def build_torchvision(arch: str, num_classes: int = 91) -> nn.Module:

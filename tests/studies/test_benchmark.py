@@ -42,7 +42,8 @@ def test_run_reports_train_and_infer_rows_for_both_models(tmp_path: Path, monkey
     from detection.models import build_faster_rcnn
 
     monkeypatch.setattr(bm, "build_ours", lambda arch, num_classes=91: build_faster_rcnn(
-        backbone=bm.ARCHS[arch], num_classes=num_classes, norm="FrozenBN", freeze_at=2, min_size=(96,), max_size=96))
+        num_classes=num_classes, backbone_name=bm.ARCHS[arch], backbone_norm="FrozenBN", backbone_freeze_at=2,
+        input_min_size=(96,), input_max_size=96, input_test_min_size=96, input_test_max_size=96))
     monkeypatch.setattr(bm, "build_torchvision", lambda arch, num_classes=91: FasterRCNN(
         resnet_fpn_backbone(backbone_name=bm.ARCHS[arch], weights=None, norm_layer=FrozenBatchNorm2d,
                             trainable_layers=3), num_classes=num_classes, min_size=96, max_size=96))

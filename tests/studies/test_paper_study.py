@@ -19,12 +19,13 @@ def test_summary_relative_gain_matches_paper() -> None:
 
 def test_paper_study_runs_both_backbones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
-    tiny = ["model.backbone_weights=null", "model.norm=GN", "model.backbone_width=8", "model.min_size=[96]",
-            "model.max_size=96", "model.test_min_size=96", "model.test_max_size=96", "model.roi.pooler_type=roi_align",
+    tiny = ["model.backbone.weights=null", "model.backbone.norm=GN", "model.backbone.width=8",
+            "model.input.min_size=[96]", "model.input.max_size=96", "model.input.test_min_size=96",
+            "model.input.test_max_size=96", "model.roi.pooler_type=roi_align", "model.rpn.pre_nms_topk=[200,100]",
+            "model.rpn.post_nms_topk=[50,20]", "model.roi.batch_size_per_image=16",
             "data.shapes_num_train=4", "data.shapes_num_val=2", "data.shapes_image_size=96", "data.num_workers=0",
             "solver.ims_per_batch=2", "solver.max_iter=2", "solver.steps=[1]", "train.device=cpu", "train.amp=off",
-            "train.log_period=1", "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=50",
-            "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20", "model.roi.batch_size_per_image=16"]
+            "train.log_period=1"]
     summary = run_study(tiny, output_dir=str(tmp_path / "study"), progress=False)  # the shipped configs, by name
     assert [r["backbone"] for r in summary["rows"]] == ["vgg16", "resnet101"]
     assert all(r["AP"] is not None for r in summary["rows"])

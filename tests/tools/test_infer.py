@@ -18,9 +18,9 @@ from detection.inference import render, to_coco_results
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
-TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.norm=GN", "model.fpn_channels=16",
-        "model.roi.fc_dim=32", "model.min_size=[96]", "model.max_size=96", "model.test_min_size=96",
-        "model.test_max_size=96", "model.num_classes=3"]
+TINY = ["model.backbone.name=resnet18", "model.backbone.width=8", "model.backbone.norm=GN", "model.fpn.channels=16",
+        "model.roi.fc_dim=32", "model.input.min_size=[96]", "model.input.max_size=96", "model.input.test_min_size=96",
+        "model.input.test_max_size=96", "model.num_classes=3"]
 
 
 def _tool():

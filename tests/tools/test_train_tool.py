@@ -21,8 +21,9 @@ def _tool():
 
 
 def _tiny(out: Path, iters: int) -> list[str]:
-    return ["model.backbone=resnet18", "model.backbone_width=8", "model.fpn_channels=16", "model.roi.fc_dim=32",
-            "model.min_size=[96]", "model.max_size=96", "model.test_min_size=96", "model.test_max_size=96",
+    return ["model.backbone.name=resnet18", "model.backbone.width=8", "model.fpn.channels=16", "model.roi.fc_dim=32",
+            "model.input.min_size=[96]", "model.input.max_size=96", "model.input.test_min_size=96",
+            "model.input.test_max_size=96",
             "data.shapes_num_train=6", "data.shapes_num_val=3", "data.shapes_image_size=96", "data.num_workers=0",
             "solver.ims_per_batch=2", f"solver.max_iter={iters}", "solver.steps=[100]", "solver.warmup_iters=1",
             "train.checkpoint_period=2", "train.log_period=1", "train.max_time_minutes=null", "train.device=cpu",
@@ -35,8 +36,9 @@ def test_train_two_iterations_then_resume(tmp_path: Path, monkeypatch: pytest.Mo
     out = tmp_path / "run"
     tool = _tool()
     assert tool.main(["--no-progress", CONFIG, *_tiny(out, 2)]) == 0  # options before the config, too
-    printed = capsys.readouterr().out
-    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    assert "final: bbox/AP " in capsys.readouterr().out  # the command's last line, on stdout
+    # the COCO table is logged: console and log.txt
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in (out / "log.txt").read_text()
     for name in ("config.yaml", "metrics.jsonl", "log.txt", "curves.png", "model_final.safetensors", "summary.json",
                  "last_checkpoint"):
         assert (out / name).exists(), name
