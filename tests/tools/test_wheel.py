@@ -19,6 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from resnet_det import __version__
+
 REPO = Path(__file__).resolve().parents[2]
 CODE = ("backbone", "detection", "segmentation", "resnet_det")
 # data / solver / train overrides only: they keep the run tiny whatever the model section looks like.
@@ -55,6 +57,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
     _run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path / "src")), "--no-deps",
           "--no-build-isolation", "--no-cache-dir", "-q", "-w", str(dist)], cwd=tmp_path, env=env)
     (wheel,) = dist.glob("resnet_det-*.whl")
+    assert wheel.name.startswith(f"resnet_det-{__version__}-"), "the version comes from resnet_det.__version__"
 
     # What the wheel holds: every module of the packages, every config, and the console script.
     with zipfile.ZipFile(wheel) as z:
