@@ -60,6 +60,7 @@ __all__ = [
     "build_preprocessor",
     "build_roi_heads",
     "build_rpn",
+    "build_torchvision_detector",
     "build_trunk",
     "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2",

@@ -3,6 +3,11 @@
 All follow torchvision's calling convention: `model(images, targets)` returns a dict of losses in
 training, `model(images)` one dict per image in eval. Images are float `[3, H, W]` RGB in `[0, 1]`;
 every output is at the size of its input image.
+
+Builders read one `detection.specs.ModelSpec` (its `mask` and `semantic` sections for the heads here) and
+take every head's in-channels and strides from the `output_shape()` of the FPN that feeds it:
+`build_mask_rcnn`, `build_panoptic_fpn`, `build_semantic_fpn`; `maskrcnn_resnet50_fpn(_v2)` are
+torchvision's architectures under torchvision's names, with its weights from a file or its weight enums.
 """
 
 from __future__ import annotations
