@@ -45,7 +45,7 @@ class HalfPrecisionModel(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         self.modes.append(self.training)
-        self.autocast.append(torch.is_autocast_cpu_enabled())
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
         return [{"scores": (img.mean() * self.scale).reshape(1).to(torch.bfloat16),
                  "labels": torch.tensor([1]), "sem_seg": torch.zeros(img.shape[-2:], dtype=torch.int64)}
                 for img in images]
