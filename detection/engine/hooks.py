@@ -24,9 +24,10 @@ The :class:`~detection.engine.Trainer`'s hooks, in the order they run (why the o
 Invariants, and the tests that prove them (tests/engine):
 
 - Every process takes the same decisions at the same iterations (log, check, save, evaluate, stop):
-  decisions depend on the iteration number and on values all-reduced by :class:`MetricsWriter`
-  only, never on a local clock or a local NaN (test_distributed.py: a NaN on one rank stops both;
-  test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so).
+  with several processes, decisions depend on the iteration number and on values all-reduced by
+  :class:`MetricsWriter` only, never on a local clock or a local NaN (test_distributed.py: a NaN,
+  or a time limit, on one of two ranks stops both at the same iteration;
+  test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so for one process).
 - A NaN stops every process with the iteration and the loss values, and is checked before anything
   is written (test_trainer.py::test_non_finite_loss_names_iteration_and_losses_and_keeps_the_last_checkpoint,
   ::test_an_error_after_a_nan_is_reported_as_the_nan; test_distributed.py).

@@ -23,7 +23,8 @@ Invariants (each proven by the test named):
   ::test_an_error_after_a_nan_is_reported_as_the_nan, test_distributed.py.
 - Every process takes the same decisions at the same iterations, so collectives never deadlock: a
   stop is requested locally and agreed through the logging all-reduce (:meth:`Trainer.request_stop`).
-  Proof: test_distributed.py, test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so.
+  Proof: test_distributed.py (a NaN, and a time limit, on one of two ranks stop both at the same
+  iteration), test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so.
 - Evaluation does not change the RNG trajectory.
   Proof: test_trainer.py::test_evaluation_does_not_change_the_training_trajectory.
 - Ctrl-C during a step is deferred to its end; the checkpoint written on the way out is an exact
