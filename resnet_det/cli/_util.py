@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,3 +64,14 @@ def print_config(cfg: Config) -> None:
         text = dump_config(cfg, Path(tmp) / "config.yaml").read_text(encoding="utf-8")
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """The project's console logging (:func:`resnet_det.common.setup_logger`: INFO, the format of the
+    runs' ``log.txt``) while a command runs, undone after it, so a command called in-process leaves no
+    handler behind. Under ``torchrun`` the processes other than rank 0 log warnings only."""
+    from resnet_det.common import logging_scope
+
+    with logging_scope(rank=int(os.environ.get("RANK", "0"))):
+        yield

@@ -14,9 +14,8 @@ continues from its last checkpoint).
 from __future__ import annotations
 
 import argparse
-import logging
 
-from ._util import CommandError, one_line
+from ._util import CommandError, console_logging, one_line
 
 HELP = "the paper's CIFAR-10 plain vs ResNet degradation study (Fig. 6, Table 6)"
 
@@ -46,13 +45,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs (or resumes) the study; returns 0, or raises :class:`CommandError` for bad input."""
     from resnet_det.studies.degradation import StudyConfig, run_degradation_study
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = StudyConfig(depths=tuple(args.depths), kinds=tuple(args.kinds), iterations=args.iterations,
                           batch_size=args.batch_size, lr=args.lr, eval_period=min(args.eval_period, args.iterations),
                           checkpoint_period=args.checkpoint_period, amp=args.amp, channels_last=args.channels_last,
                           seed=args.seed)
-        run_degradation_study(args.data, cfg, args.output_dir, device=args.device)
+        with console_logging():
+            run_degradation_study(args.data, cfg, args.output_dir, device=args.device)
     except (ValueError, FileNotFoundError) as e:
         raise CommandError(one_line(e)) from None
     return 0

@@ -10,10 +10,9 @@ into a folder you pick.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
-from ._util import CommandError, one_line
+from ._util import CommandError, console_logging, one_line
 
 HELP = "write the synthetic shapes dataset (COCO JSON, JPEGs, instance and semantic masks)"
 
@@ -42,13 +41,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Generates the dataset and prints its folder; returns 0, or raises :class:`CommandError`."""
     from detection.data.shapes import make_shapes
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        root = make_shapes(args.out_dir, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                           max_image_size=args.max_image_size, min_shapes=args.min_shapes,
-                           max_shapes=args.max_shapes, seed=args.seed, classes=args.classes,
-                           overwrite=args.overwrite, progress=True)
+        with console_logging():
+            root = make_shapes(args.out_dir, num_train=args.num_train, num_val=args.num_val,
+                               image_size=args.image_size, max_image_size=args.max_image_size,
+                               min_shapes=args.min_shapes, max_shapes=args.max_shapes, seed=args.seed,
+                               classes=args.classes, overwrite=args.overwrite, progress=True)
     except ValueError as e:  # OutputExistsError is a ValueError too
         raise CommandError(one_line(e)) from None
     print(f"{root} ({time.perf_counter() - start:.1f} s)")

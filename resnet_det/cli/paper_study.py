@@ -12,9 +12,8 @@ paper's figures (mAP@[.5:.95] 21.2 -> 27.2).
 from __future__ import annotations
 
 import argparse
-import logging
 
-from ._util import CommandError, config_help, one_line
+from ._util import CommandError, config_help, console_logging, one_line
 
 HELP = "the paper's VGG-16 vs ResNet-101 Faster R-CNN study on COCO (Table 8)"
 
@@ -41,10 +40,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from detection.data.coco import DatasetError
     from resnet_det.studies.paper import run_study
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_study(args.overrides, configs=args.configs, output_dir=args.output_dir, resume=args.resume,
-                  progress=not args.no_progress)
+        with console_logging():
+            run_study(args.overrides, configs=args.configs, output_dir=args.output_dir, resume=args.resume,
+                      progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError, DatasetError, WeightsError) as e:
         raise CommandError(one_line(e)) from None
     return 0

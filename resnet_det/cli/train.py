@@ -11,10 +11,9 @@ into ``train.output_dir`` and ends with a ``final: bbox/AP ...`` line.
 from __future__ import annotations
 
 import argparse
-import logging
 
 from . import _library
-from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+from ._util import CommandError, add_config_arguments, console_logging, load_config_arg, one_line, print_config
 
 HELP = "train and evaluate a model from a config (CPU, GPU, torchrun)"
 SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU")
@@ -36,14 +35,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from backbone.weights import WeightsError
     from detection.data.coco import DatasetError
 
-    try:
-        result = _library.train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, DatasetError, WeightsError) as e:  # bad paths, data or weights: no traceback
-        raise CommandError(one_line(e)) from None
+    with console_logging():
+        try:
+            result = _library.train(cfg, resume=args.resume, progress=not args.no_progress)
+        except (FileNotFoundError, DatasetError, WeightsError) as e:  # bad paths, data or weights: no traceback
+            raise CommandError(one_line(e)) from None
     ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
     shown = [f"{k} {v:.3f}" for k, v in ev.items() if k in SHOWN and isinstance(v, float | int)]
     if shown:

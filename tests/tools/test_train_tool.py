@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,10 @@ def test_train_two_iterations_then_resume(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     tool = _tool()
+    loggers = [logging.getLogger(name) for name in ("", "backbone", "detection", "segmentation", "resnet_det")]
+    before = [(lg.level, list(lg.handlers)) for lg in loggers]
     assert tool.main(["--no-progress", CONFIG, *_tiny(out, 2)]) == 0  # options before the config, too
+    assert [(lg.level, list(lg.handlers)) for lg in loggers] == before, "the command leaves logging as it was"
     assert "final: bbox/AP " in capsys.readouterr().out  # the command's last line, on stdout
     # the COCO table is logged: console and log.txt
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in (out / "log.txt").read_text()
