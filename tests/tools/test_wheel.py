@@ -75,10 +75,11 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
           str(wheel)], cwd=tmp_path, env=env)
     empty = tmp_path / "empty"
     empty.mkdir()
-    # -P and PYTHONSAFEPATH: neither the working folder nor a script's folder joins sys.path; the venv's
-    # editable install stays behind PYTHONPATH (its finder comes after the path finder).
+    # -P and PYTHONSAFEPATH (Python >= 3.11): neither the working folder nor a script's folder joins sys.path
+    # (on 3.10 the working folder is empty anyway); the venv's editable install stays behind PYTHONPATH (its
+    # finder comes after the path finder), and the first command below checks where the imports come from.
     env.update(PYTHONPATH=str(site), PYTHONSAFEPATH="1", RESNET_DET_CACHE=str(tmp_path / "cache"))
-    python = [sys.executable, "-P"]
+    python = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
 
     where = _run([*python, "-c", "import json, backbone, detection, segmentation, resnet_det, resnet_det.config_files "
                   "as c; print(json.dumps([m.__file__ for m in (backbone, detection, segmentation, resnet_det)] "
