@@ -4,6 +4,7 @@ name or path, `--print-config`, `configs`, one-line errors with exit code 2, and
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,24 @@ def test_tools_scripts_run_from_any_folder(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.startswith("make_shapes.py: error: ")
     assert again.stderr.count("\n") == 1 and "already exists" in again.stderr
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_benchmark_passes_its_options_and_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import resnet_det.studies.benchmark as bm
+
+    seen = {}
+    monkeypatch.setattr(bm, "run", lambda **kw: seen.update(kw) or [])
+    out = tmp_path / "b.json"
+    assert main(["benchmark", "--device", "cpu", "--size", "64", "96", "--iters", "2", "--arch", "R18-FPN",
+                 "--modes", "infer", "--json", str(out)]) == 0
+    assert (seen["device"], seen["height"], seen["width"], seen["iters"]) == ("cpu", 64, 96, 2)
+    assert (seen["archs"], seen["modes"], seen["which"]) == (["R18-FPN"], ["infer"], ["ours", "torchvision"])
+    assert json.loads(out.read_text())["environment"]["device"] == "cpu"
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["benchmark", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["benchmark", "--iters", "0"])
+    assert e.value.code == 2
