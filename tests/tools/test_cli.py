@@ -221,3 +221,22 @@ def test_benchmark_passes_its_options_and_writes_json(tmp_path: Path, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["benchmark", "--iters", "0"])
     assert e.value.code == 2
+
+
+# -------------------------------------------------------------------------------------------- studies
+def test_degradation_study_command_writes_its_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "study"
+    assert main(["degradation-study", "--data", "synthetic", "--depths", "8", "--kinds", "resnet", "--iterations",
+                 "2", "--batch-size", "16", "--eval-period", "1", "--device", "cpu", "--output-dir", str(out)]) == 0
+    assert "| resnet8 |" in (out / "study.md").read_text()
+    assert json.loads((out / "study.json").read_text())
+    capsys.readouterr()
+    assert main(["degradation-study", "--data", "synthetic", "--depths", "9"]) == 2
+    assert "6n+2" in _one_error_line(capsys)
+
+
+def test_paper_study_command_refuses_an_unknown_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["paper-study", "--configs", "paper/faster_rcnn_VGG16_C4", "paper/faster_rcnn_R101",
+                 "--output-dir", str(tmp_path / "s")]) == 2
+    assert "paper/faster_rcnn_R_101_C4" in _one_error_line(capsys)
+    assert not (tmp_path / "s").exists()
