@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.getcwd())
-from detection.benchmark import build_ours, make_inputs, prepare
+from resnet_det.studies.benchmark import build_ours, make_inputs, prepare
 
 dev = torch.device(os.environ.get("DEV", "cuda"))
 h, w, b = int(os.environ.get("H", 800)), int(os.environ.get("W", 1333)), int(os.environ.get("B", 8))

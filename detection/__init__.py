@@ -12,7 +12,6 @@ Importing this package loads the model layer only (no trainer, datasets, evaluat
 
 from __future__ import annotations
 
-from .build import build_detector
 from .convert import convert_torchvision_detection, load_detector_weights, load_torchvision_detector
 from .faster_rcnn import FasterRCNN
 from .models import (
@@ -59,7 +58,6 @@ __all__ = [
     "build_box_head",
     "build_box_predictor",
     "build_c4_trunk_and_head",
-    "build_detector",
     "build_faster_rcnn",
     "build_fpn_backbone",
     "build_preprocessor",

@@ -227,11 +227,6 @@ class TrainConfig:
                self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
 
 
-# Transitional, not part of the API: detection/engine/launch.py (owned by the integrator) still imports this
-# name for a type annotation. Delete this line when launch.py annotates with `ModelSpec`.
-ModelConfig = ModelSpec
-
-
 @dataclass
 class Config:
     """A whole experiment."""

@@ -1,17 +1,15 @@
 """Segmentation heads on top of the detector: Mask R-CNN instance masks and a semantic FPN head.
 
-Importing this package registers the tasks "instance" (Mask R-CNN: COCO bbox + segm AP), "semantic"
-(semantic FPN: mean IoU) and "panoptic_fpn" (Faster R-CNN + semantic head: COCO bbox AP + mean IoU)
-with `detection.engine.launch`, so `tools/train.py` and `tools/eval.py` accept them as `model.task`.
+Importing this package loads the model layer only; the tasks "instance" (Mask R-CNN: COCO bbox +
+segm AP), "semantic" (semantic FPN: mean IoU) and "panoptic_fpn" (Faster R-CNN + semantic head) are
+declared in `segmentation.tasks`, which only the command line and the tests import.
 """
 
 from __future__ import annotations
 
 from detection.convert import load_detector_weights, load_torchvision_detector
-from detection.engine.launch import TASKS, Task, register_task
 from detection.specs import MaskSpec, ModelSpec, SemanticSpec
 
-from .build import build_instance_model, build_panoptic_model, build_semantic_model
 from .mask_head import MaskRCNNHead, MaskRoIHeads, crop_mask_targets, mask_loss, paste_masks_in_image
 from .models import (
     MaskRCNN,
@@ -38,14 +36,11 @@ __all__ = [
     "SemanticFPN",
     "SemanticFPNHead",
     "SemanticSpec",
-    "build_instance_model",
     "build_mask_head",
     "build_mask_rcnn",
     "build_panoptic_fpn",
-    "build_panoptic_model",
     "build_semantic_fpn",
     "build_semantic_head",
-    "build_semantic_model",
     "crop_mask_targets",
     "load_detector_weights",
     "load_torchvision_detector",
@@ -57,12 +52,3 @@ __all__ = [
     "semantic_loss",
     "torchvision_mask_spec",
 ]
-
-SEGMENTATION_TASKS = (
-    Task("instance", build_instance_model, with_masks=True, iou_types=("bbox", "segm")),
-    Task("semantic", build_semantic_model, with_semantic=True, iou_types=(), semantic=True),
-    Task("panoptic_fpn", build_panoptic_model, with_semantic=True, iou_types=("bbox",), semantic=True),
-)
-for _task in SEGMENTATION_TASKS:
-    if _task.name not in TASKS:  # importing twice (e.g. a reload) must not fail
-        register_task(_task)

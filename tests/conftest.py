@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,6 @@ import torch
 # Nothing downloads in tests: weights come from files the tests write themselves.
 os.environ["RESNET_DET_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-# Test modules import shared helpers (parity_helpers) from this folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_COCO = REPO / "tests" / "data" / "tiny_coco"

@@ -43,7 +43,8 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
-from tqdm import tqdm
+
+from resnet_det.common import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def render_image(
 
 # ---------------------------------------------------------------------------------------- writing
 def _write_split(
-    out: Path, split: str, p: dict[str, Any], progress: tqdm | None
+    out: Path, split: str, p: dict[str, Any], progress: Any
 ) -> dict[str, int]:
     img_dir = out / split
     sem_dir = out / "semantic" / split
@@ -424,35 +425,33 @@ def make_shapes(
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     start = time.perf_counter()
-    bar = tqdm(total=p["num_train"] + p["num_val"], desc="shapes", unit="img", disable=not progress)
-    try:
-        counts = {split: _write_split(tmp, split, p, bar) for split in ("train", "val")}
-        meta = {
-            "generator": "detection.data.shapes",
-            "version": GENERATOR_VERSION,
-            "params": p,
-            "classes": list(p["classes"]),
-            "splits": counts,
-        }
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        if root.exists():  # overwrite
-            trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(root, trash)
-            os.rename(tmp, root)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
+    with progress_bar(total=p["num_train"] + p["num_val"], desc="shapes", unit="img", enabled=progress) as bar:
+        try:
+            counts = {split: _write_split(tmp, split, p, bar) for split in ("train", "val")}
+            meta = {
+                "generator": "detection.data.shapes",
+                "version": GENERATOR_VERSION,
+                "params": p,
+                "classes": list(p["classes"]),
+                "splits": counts,
+            }
+            with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+            if root.exists():  # overwrite
+                trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:12]}"
+                os.rename(root, trash)
                 os.rename(tmp, root)
-            except OSError as e:  # another process created root meanwhile
-                if root.exists():
-                    raise OutputExistsError(f"make_shapes: {str(root)!r} was created meanwhile") from e
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                try:
+                    os.rename(tmp, root)
+                except OSError as e:  # another process created root meanwhile
+                    if root.exists():
+                        raise OutputExistsError(f"make_shapes: {str(root)!r} was created meanwhile") from e
+                    raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     logger.info(
         "wrote shapes dataset %s: %s in %.1f s", root,
         ", ".join(f"{k} {v['images']} images / {v['annotations']} instances" for k, v in counts.items()),

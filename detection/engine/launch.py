@@ -1,16 +1,16 @@
-"""From a config to a trained and evaluated model: what `tools/train.py` and `tools/eval.py` run.
+"""From a config and a task to a trained and evaluated model: what ``resnet-det train`` / ``eval`` run.
 
-Tasks are registered here (`register_task`): `detection` by this package, the mask and semantic
-tasks by `segmentation` when it is imported, so the dependency arrows stay one-way.
+The caller (the command line, a test) chooses the :class:`~detection.engine.task.Task` (``detection.tasks``,
+``segmentation.tasks``) and passes it in: the engine never looks tasks up by name, so it does not
+depend on any task package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,61 +18,23 @@ import torch
 from torch import nn
 
 from resnet_det.common import (
+    atomic_write,
     cleanup,
     get_rank,
     get_world_size,
     init_distributed,
     is_main_process,
+    logging_scope,
     resolve_device,
     seed_everything,
 )
 
-from ..build import build_detector
-from ..config import Config, ModelConfig
+from ..config import Config
 from ..convert import load_detector_weights
+from .task import Task
 from .trainer import build_trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Task:
-    """What a `model.task` needs: a model builder, the targets its dataset must carry, its metrics.
-
-    Attributes:
-        name: the `model.task` value.
-        build_model: `(model_cfg, num_foreground_classes) -> nn.Module` in torchvision's convention.
-        with_masks / with_semantic: the dataset must provide instance masks / a semantic map.
-        iou_types: COCO evaluation types ("bbox", "segm"); empty for none.
-        semantic: evaluate mean IoU of an `outputs[i]["sem_seg"]` prediction.
-    """
-
-    name: str
-    build_model: Callable[[ModelConfig, int], nn.Module]
-    with_masks: bool = False
-    with_semantic: bool = False
-    iou_types: tuple[str, ...] = ("bbox",)
-    semantic: bool = False
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> None:
-    """Add a task; a duplicate name raises `KeyError`."""
-    if task.name in TASKS:
-        raise KeyError(f"task {task.name!r} is already registered")
-    TASKS[task.name] = task
-
-
-register_task(Task("detection", build_detector))
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        hint = " (import segmentation to register the mask and semantic tasks)" if "detection" in TASKS else ""
-        raise ValueError(f"model.task={name!r} is not available; registered: {sorted(TASKS)}{hint}")
-    return TASKS[name]
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -116,13 +78,16 @@ def build_dataset(cfg: Config, task: Task, split: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- model
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The task's model, with `model.weights` loaded when given (ours or a torchvision checkpoint)."""
-    task = get_task(cfg.model.task)
-    model = task.build_model(cfg.model, num_classes)
-    if cfg.model.weights:
-        load_detector_weights(model, cfg.model.weights)
-    return model
+def build_model(cfg: Config, task: Task, num_classes: int | None = None) -> nn.Module:
+    """The task's model for ``cfg.model``; ``model.num_classes`` (foreground) if set, else ``num_classes``
+    (the dataset's). The builder loads ``model.weights`` / ``model.backbone.weights`` when given."""
+    spec = cfg.model
+    if spec.num_classes is None:
+        if num_classes is None:
+            raise ValueError("model.num_classes is null and no dataset gives it: set model.num_classes "
+                             "(foreground classes, e.g. model.num_classes=80)")
+        spec = spec.replace(num_classes=num_classes)
+    return task.build_model(spec)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -131,79 +96,89 @@ def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device
              progress: bool = True) -> dict[str, Any]:
     """Run `model` over `dataset` (sharded over processes) and compute the task's metrics.
 
-    The task's evaluators (COCO for `task.iou_types`, mean IoU for `task.semantic`) run as one
-    `DatasetEvaluators` fed by `inference_on_dataset`. Every process must call this (the evaluators
-    gather across processes); the main process gets the metrics, the others `{}`.
+    The task's evaluators run as one `DatasetEvaluators` fed by `inference_on_dataset`. Every process
+    must call this (the evaluators gather across processes); the main process gets the metrics, the
+    others `{}`.
     """
     from ..data.build import build_test_loader
-    from ..evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators, SemSegEvaluator, inference_on_dataset
+    from ..evaluation import DatasetEvaluators, inference_on_dataset
 
-    evaluators: list[DatasetEvaluator] = []
-    if task.iou_types:
-        evaluators.append(COCOEvaluator(dataset.ann_file, iou_types=task.iou_types,
-                                        label_to_cat_id=dataset.label_to_cat_id, output_dir=output_dir,
-                                        class_names=dataset.class_names))
-    if task.semantic:
-        evaluators.append(SemSegEvaluator(len(dataset.class_names), class_names=dataset.class_names,
-                                          output_dir=output_dir))
+    evaluators = task.build_evaluators(dataset, Path(output_dir) if output_dir is not None else None)
     loader = build_test_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     return inference_on_dataset(model, loader, DatasetEvaluators(evaluators), device=device, amp=amp,
                                 progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- train
-def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate as `cfg` says. Works with one process and under `torchrun`."""
+def _check_task(cfg: Config, task: Task) -> None:
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a detection.engine.task.Task, got {type(task).__name__}")
+    if task.name != cfg.model.task:
+        raise ValueError(f"the config asks for model.task={cfg.model.task!r} but the {task.name!r} task was given")
+
+
+def train(cfg: Config, task: Task, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate as `cfg` says. Works with one process and under `torchrun`.
+
+    Everything logged from here (the dataset reports included) reaches the console and, on rank 0,
+    ``<train.output_dir>/log.txt``.
+    """
+    _check_task(cfg, task)
     rank, world, _ = init_distributed(cfg.train.device)
     try:
-        seed_everything(cfg.train.seed, rank)
-        task = get_task(cfg.model.task)
-        train_set = build_dataset(cfg, task, "train")
-        val_set = build_dataset(cfg, task, "val")
-        num_classes = cfg.model.num_classes or train_set.num_classes
-        model = build_model(cfg, num_classes)
-        if cfg.train.compile:
-            # The backbone (+FPN) has no data-dependent control flow and compiles whole; the heads,
-            # with their data-dependent NMS, run eagerly.
-            model.backbone = torch.compile(model.backbone)
-        from ..data.build import build_train_loader
-
-        loader = build_train_loader(train_set, images_per_batch=cfg.solver.ims_per_batch,
-                                    num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                                    aspect_grouping=cfg.data.aspect_grouping)
-        device = resolve_device(cfg.train.device)
-        out = Path(cfg.train.output_dir)
-
-        def eval_fn(m: nn.Module, iteration: int) -> dict[str, Any]:
-            return evaluate(m, val_set, task, device=device, amp=cfg.train.amp, output_dir=out / "eval",
-                            num_workers=min(2, cfg.data.num_workers), progress=progress)
-
-        if is_main_process():
-            log.info("task %s, %d classes, %d train / %d val images, %d process(es), device %s", task.name,
-                     num_classes, len(train_set), len(val_set), world, device)
-        trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn, progress=progress)
-        start = time.time()
-        result = trainer.train(resume=resume)
-        result["train_minutes"] = (time.time() - start) / 60
-        if is_main_process():
-            summary = {"iteration": result.get("iteration"), "stopped_early": result.get("stopped_early"),
-                       "train_minutes": result["train_minutes"], "eval": result.get("eval"),
-                       "world_size": get_world_size(), "rank": get_rank()}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        loader.close()
-        return result
+        with logging_scope(cfg.train.output_dir, rank=rank):
+            return _train(cfg, task, rank=rank, world=world, resume=resume, progress=progress)
     finally:
         cleanup()
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str, *, progress: bool = True) -> dict[str, Any]:
+def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, progress: bool) -> dict[str, Any]:
+    seed_everything(cfg.train.seed, rank)
+    train_set = build_dataset(cfg, task, "train")
+    val_set = build_dataset(cfg, task, "val")
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    model = build_model(cfg, task, num_classes)
+    if cfg.train.compile:
+        # The backbone (+FPN) has no data-dependent control flow and compiles whole; the heads,
+        # with their data-dependent NMS, run eagerly.
+        model.backbone = torch.compile(model.backbone)
+    from ..data.build import build_train_loader
+
+    loader = build_train_loader(train_set, images_per_batch=cfg.solver.ims_per_batch,
+                                num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                                aspect_grouping=cfg.data.aspect_grouping)
+    device = resolve_device(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+
+    def eval_fn(m: nn.Module, iteration: int) -> dict[str, Any]:
+        return evaluate(m, val_set, task, device=device, amp=cfg.train.amp, output_dir=out / "eval",
+                        num_workers=min(2, cfg.data.num_workers), progress=progress)
+
+    if is_main_process():
+        log.info("task %s, %d classes, %d train / %d val images, %d process(es), device %s", task.name,
+                 num_classes, len(train_set), len(val_set), world, device)
+    trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn, progress=progress)
+    start = time.time()
+    result = trainer.train(resume=resume)
+    result["train_minutes"] = (time.time() - start) / 60
+    if is_main_process():
+        summary = {"iteration": result.get("iteration"), "stopped_early": result.get("stopped_early"),
+                   "train_minutes": result["train_minutes"], "eval": result.get("eval"),
+                   "world_size": get_world_size(), "rank": get_rank()}
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    loader.close()
+    return result
+
+
+def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: bool = True) -> dict[str, Any]:
     """Build the config's model, load `checkpoint` (ours or torchvision's), evaluate on the val split."""
+    _check_task(cfg, task)
     init_distributed(cfg.train.device)
     try:
-        task = get_task(cfg.model.task)
         val_set = build_dataset(cfg, task, "val")
-        num_classes = cfg.model.num_classes or val_set.num_classes
-        model = get_task(cfg.model.task).build_model(cfg.model, num_classes)
+        # The checkpoint replaces every weight: don't read model.weights / model.backbone.weights first.
+        spec = cfg.model.replace(weights=None, backbone_weights=None)
+        model = build_model(dataclasses.replace(cfg, model=spec), task, val_set.num_classes)
         load_detector_weights(model, checkpoint)
         device = resolve_device(cfg.train.device)
         model.to(device)

@@ -1,9 +1,8 @@
-"""The library calls of ``train``, ``eval`` and ``infer``, in one place.
+"""The library calls of ``train``, ``eval`` and ``infer``, in one place, and the task lookup.
 
-Today the tasks (``model.task``: detection, instance, semantic, panoptic_fpn) are registered in
-``detection.engine.launch``: the detection task by that module, the mask and semantic tasks by
-``import segmentation``. Every subcommand reaches the engine through the functions below, so a move of
-that registry changes this file only.
+The tasks (``model.task``: detection, instance, semantic, panoptic_fpn) are declared at the edge, in
+``detection.tasks`` and ``segmentation.tasks``; this module (the command line) is what looks one up by
+name and hands it to the engine, which never imports a task module.
 """
 
 from __future__ import annotations
@@ -16,26 +15,49 @@ if TYPE_CHECKING:
     from torch import nn
 
     from detection.config import Config
+    from detection.engine.task import Task
 
 
-def _register_tasks() -> None:
-    import segmentation  # noqa: F401  (registers the instance / semantic / panoptic tasks)
+def tasks() -> dict[str, Task]:
+    """Every task by name, from the task modules of each package (a name declared twice raises)."""
+    from detection.tasks import TASKS as DETECTION_TASKS
+    from segmentation.tasks import TASKS as SEGMENTATION_TASKS
+
+    found: dict[str, Task] = {}
+    for task in (*DETECTION_TASKS, *SEGMENTATION_TASKS):
+        if task.name in found:
+            raise RuntimeError(f"task {task.name!r} is declared twice (detection.tasks / segmentation.tasks)")
+        found[task.name] = task
+    return found
+
+
+def get_task(name: str) -> Task:
+    """The task of ``model.task``; an unknown name is a ``ValueError`` listing the valid ones."""
+    known = tasks()
+    if name not in known:
+        raise ValueError(f"model.task={name!r} is not a task; use one of {sorted(known)}")
+    return known[name]
 
 
 def train(cfg: Config, *, resume: bool, progress: bool) -> dict[str, Any]:
     """Trains and evaluates as ``cfg`` says (:func:`detection.engine.launch.train`)."""
-    _register_tasks()
     from detection.engine.launch import train as launch_train
 
-    return launch_train(cfg, resume=resume, progress=progress)
+    return launch_train(cfg, get_task(cfg.model.task), resume=resume, progress=progress)
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, *, progress: bool) -> dict[str, Any]:
     """Evaluates ``checkpoint`` on the config's val split (:func:`detection.engine.launch.evaluate_checkpoint`)."""
-    _register_tasks()
     from detection.engine.launch import evaluate_checkpoint as launch_evaluate
 
-    return launch_evaluate(cfg, checkpoint, progress=progress)
+    return launch_evaluate(cfg, get_task(cfg.model.task), checkpoint, progress=progress)
+
+
+def val_dataset(cfg: Config) -> Any:
+    """The config's val split, with the targets its task needs (no augmentation)."""
+    from detection.engine.launch import build_dataset
+
+    return build_dataset(cfg, get_task(cfg.model.task), "val")
 
 
 def read_class_names(path: str) -> tuple[list[str], dict[int, int] | None]:
@@ -65,14 +87,18 @@ def inference_model(cfg: Config, checkpoint: str, *, num_classes: int | None = N
     Returns:
         The model (on the CPU), the class names and the label -> category id map.
     """
-    _register_tasks()
-    from detection.convert import load_detector_weights
-    from detection.engine.launch import build_dataset, get_task
+    import dataclasses
 
+    from detection.convert import load_detector_weights
+    from detection.engine.launch import build_dataset, build_model
+
+    task = get_task(cfg.model.task)
     n = cfg.model.num_classes or num_classes or (len(class_names) - 1 if class_names else None)
     if n is None:
-        val = build_dataset(cfg, get_task(cfg.model.task), "val")
+        val = build_dataset(cfg, task, "val")
         n, class_names, label_to_cat_id = val.num_classes, val.class_names, val.label_to_cat_id
-    model = get_task(cfg.model.task).build_model(cfg.model, n)
+    # The checkpoint replaces every weight: the builder must not read model.weights / backbone weights first.
+    spec = cfg.model.replace(weights=None, backbone_weights=None)
+    model = build_model(dataclasses.replace(cfg, model=spec), task, n)
     load_detector_weights(model, checkpoint)
     return model, class_names, label_to_cat_id

@@ -1,10 +1,12 @@
 """``resnet-det infer``: run a trained model on images or folders: a COCO results JSON and rendered images.
 
     resnet-det infer CONFIG --checkpoint model_final.safetensors --input img.jpg folder/ --output out/
+    resnet-det infer CONFIG --checkpoint model_final.safetensors --show-gt 8 --output out/
 
 CONFIG is the model's config (the ``config.yaml`` written next to the checkpoint works, or a shipped
-config's name). Writes ``OUT/results.json`` (every detection) and ``OUT/vis/`` (those above
-``--score-thresh`` drawn).
+config's name). With ``--input``: writes ``OUT/results.json`` (every detection) and ``OUT/vis/`` (those
+above ``--score-thresh`` drawn). With ``--show-gt N``: draws the first N images of the config's val
+split with their ground truth on the left and the predictions on the right, to ``OUT/vis_gt/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--checkpoint", help="weights: ours (.safetensors/.pth) or torchvision's (required)")
-    p.add_argument("--input", nargs="+", help="image files and/or folders (required)")
+    p.add_argument("--input", nargs="+", help="image files and/or folders (required unless --show-gt)")
+    p.add_argument("--show-gt", type=int, metavar="N",
+                   help="draw N images of the config's val split: ground truth (left) beside predictions (right)")
     p.add_argument("--output", help="folder for results.json and vis/ (required)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="drawing threshold (results keep all)")
     p.add_argument("--num-classes", type=int, help="foreground classes, if the config has none and no dataset")
@@ -38,14 +42,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.print_config:
         print_config(load_config_arg(args.config, args.overrides))
         return 0
-    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--input", args.input),
-                                        ("--output", args.output)) if not value]
+    needed = [("--checkpoint", args.checkpoint), ("--output", args.output)]
+    if args.show_gt is None:
+        needed.insert(1, ("--input", args.input))
+    missing = [flag for flag, value in needed if not value]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.show_gt is not None and args.show_gt < 1:
+        parser.error(f"--show-gt must be >= 1, got {args.show_gt}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = load_config_arg(args.config, args.overrides)
-    from detection.inference import run_inference
+    from detection.engine.inference import run_inference, visualize_dataset
     from resnet_det.common import resolve_device
 
     try:
@@ -54,10 +62,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                                               class_names=names, label_to_cat_id=label_to_cat)
         device = resolve_device(cfg.train.device)
         model.to(device)
-        path = run_inference(model, args.input, args.output, device=device, class_names=names,
-                             label_to_cat_id=label_to_cat, score_thresh=args.score_thresh,
-                             batch_size=args.batch_size, amp=cfg.train.amp, progress=not args.no_progress)
+        if args.show_gt is not None:
+            val = _library.val_dataset(cfg)
+            files = visualize_dataset(model, val, args.output, num_images=args.show_gt, device=device,
+                                      score_thresh=args.score_thresh, amp=cfg.train.amp,
+                                      progress=not args.no_progress)
+        if args.input:
+            path = run_inference(model, args.input, args.output, device=device, class_names=names,
+                                 label_to_cat_id=label_to_cat, score_thresh=args.score_thresh,
+                                 batch_size=args.batch_size, amp=cfg.train.amp, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise CommandError(one_line(e)) from None
-    print(f"wrote {path} and {Path(args.output) / 'vis'}")
+    if args.show_gt is not None:
+        print(f"wrote {len(files)} ground truth | prediction images to {Path(args.output) / 'vis_gt'}")
+    if args.input:
+        print(f"wrote {path} and {Path(args.output) / 'vis'}")
     return 0

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from backbone.applications import ImageClassifier
 from backbone.resnet import CifarResNet
-from resnet_det.common import atomic_write, autocast
+from resnet_det.common import atomic_write, autocast, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +204,6 @@ def train_one(kind: str, depth: int, data: dict[str, tuple[Tensor, Tensor]], cfg
               device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Train one net; curves go to `metrics.jsonl`, the final figures to `result.json`. Resumes from
     `checkpoint.pt` (written atomically every `checkpoint_period` iterations)."""
-    from tqdm import tqdm
-
     name = f"{kind}{depth}"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -232,50 +230,54 @@ def train_one(kind: str, depth: int, data: dict[str, tuple[Tensor, Tensor]], cfg
     metrics = (out_dir / "metrics.jsonl").open("a")
     x_dev, y_dev = x_train.to(device), y_train.to(device)
     running_wrong, running_n, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(range(start, cfg.iterations), desc=name, disable=not progress, dynamic_ncols=True)
-    for it in bar:
-        if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(x_train), generator=g), 0
-        idx = order[pos:pos + cfg.batch_size].to(device)
-        pos += cfg.batch_size
-        xb = augment(x_dev[idx], g).float().div_(255).sub_(mean)
-        yb = y_dev[idx]
-        if cfg.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(cfg, depth, it)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device, cfg.amp):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at iteration {it} (lr {lr}); "
-                                     "try amp=off or a warm-up (warmup_min_depth)")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        running_wrong += int((logits.argmax(1) != yb).sum())
-        running_n += len(yb)
-        done = it + 1
-        if done % cfg.eval_period == 0 or done == cfg.iterations:
-            rec = {"iteration": done, "lr": lr, "loss": loss.item(), "train_error": 100.0 * running_wrong / running_n,
-                   "test_error": evaluate_error(model, x_test, y_test, mean, amp=cfg.amp,
-                                                channels_last=cfg.channels_last),
-                   "time": time.perf_counter() - t0}
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            bar.set_postfix(train_err=f"{rec['train_error']:.1f}", test_err=f"{rec['test_error']:.1f}")
-            running_wrong, running_n = 0, 0
-        if done % cfg.checkpoint_period == 0 and done < cfg.iterations:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                          "iteration": done, "order": order, "pos": pos, "generator": g.get_state()}, ckpt_path)
+    with progress_bar(total=cfg.iterations, initial=start, desc=name, enabled=progress) as bar:
+        for it in range(start, cfg.iterations):
+            if pos + cfg.batch_size > len(order):
+                order, pos = torch.randperm(len(x_train), generator=g), 0
+            idx = order[pos:pos + cfg.batch_size].to(device)
+            pos += cfg.batch_size
+            xb = augment(x_dev[idx], g).float().div_(255).sub_(mean)
+            yb = y_dev[idx]
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg, depth, it)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast(device, cfg.amp):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at iteration {it} (lr {lr}); "
+                                         "try amp=off or a warm-up (warmup_min_depth)")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            running_wrong += int((logits.argmax(1) != yb).sum())
+            running_n += len(yb)
+            done = it + 1
+            if done % cfg.eval_period == 0 or done == cfg.iterations:
+                rec = {"iteration": done, "lr": lr, "loss": loss.item(),
+                       "train_error": 100.0 * running_wrong / running_n,
+                       "test_error": evaluate_error(model, x_test, y_test, mean, amp=cfg.amp,
+                                                    channels_last=cfg.channels_last),
+                       "time": time.perf_counter() - t0}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                logger.info("%s: iteration %d/%d, train error %.1f%%, test error %.1f%%", name, done, cfg.iterations,
+                            rec["train_error"], rec["test_error"])
+                running_wrong, running_n = 0, 0
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.checkpoint_period == 0 and done < cfg.iterations:
+                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                              "iteration": done, "order": order, "pos": pos, "generator": g.get_state()}, ckpt_path)
     metrics.close()
     curve = read_curve(out_dir / "metrics.jsonl")
     result = {"name": name, "kind": kind, "depth": depth, "params": sum(p.numel() for p in model.parameters()),
               "final_train_error": curve[-1]["train_error"], "final_test_error": curve[-1]["test_error"],
               "iterations": cfg.iterations}
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out_dir / "result.json", json.dumps(result, indent=2))
     ckpt_path.unlink(missing_ok=True)
     return result
 

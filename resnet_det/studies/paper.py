@@ -8,13 +8,16 @@ CLI: `resnet-det paper-study data.root=/path/to/coco` (`tools/paper_study.py`).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from detection.config import load_config
-from resnet_det.common import is_main_process
+from resnet_det.common import atomic_write, is_main_process, log_report
 from resnet_det.config_files import resolve_config
+
+logger = logging.getLogger(__name__)
 
 PAPER = {"vgg16": {"AP": 0.212, "AP50": 0.415}, "resnet101": {"AP": 0.272, "AP50": 0.484}}
 # Shipped config names (resnet-det configs); files work too.
@@ -22,9 +25,8 @@ CONFIGS = ("paper/faster_rcnn_VGG16_C4", "paper/faster_rcnn_R_101_C4")
 
 
 def _backbone_name(cfg: Any) -> str:
-    """The backbone's registry name, whether the config gives it as a string or as a section with a name."""
-    backbone = cfg.model.backbone
-    return str(getattr(backbone, "name", backbone))
+    """The backbone's registry name (``model.backbone.name``)."""
+    return str(cfg.model.backbone.name)
 
 
 def summarize(results: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -100,22 +102,26 @@ def run_study(overrides: Sequence[str] = (), *, configs: Sequence[str] = CONFIGS
         ValueError, TypeError: A config or an override is invalid (before anything trains).
     """
     from detection.engine.launch import train
+    from detection.tasks import DETECTION
 
     paths = [resolve_config(c) for c in configs]
     loaded = [load_config(path, list(overrides)) for path in paths]  # every config checked before training
+    for path, cfg in zip(paths, loaded):
+        if cfg.model.task != DETECTION.name:
+            raise ValueError(f"{path}: the paper study compares detectors; model.task is {cfg.model.task!r}")
     results: dict[str, dict[str, float]] = {}
     for path, cfg in zip(paths, loaded):
         name = _backbone_name(cfg)
         cfg.train.output_dir = str(Path(output_dir) / path.stem)
-        result = train(cfg, resume=resume, progress=progress)
+        result = train(cfg, DETECTION, resume=resume, progress=progress)
         ev = result.get("eval") or {}  # flattened: {"bbox/AP": ...}
         results[name] = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("bbox/")}
     summary = summarize(results)
     if is_main_process():
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "study.json").write_text(json.dumps(summary, indent=2))
-        (out / "study.md").write_text(format_table(summary) + "\n")
+        atomic_write(out / "study.json", json.dumps(summary, indent=2))
+        atomic_write(out / "study.md", format_table(summary) + "\n")
         plot(summary, out / "study.png")
-        print(format_table(summary))
+        log_report(logger, format_table(summary))
     return summary

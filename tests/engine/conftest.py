@@ -1,21 +1,15 @@
-"""Makes `engine_fakes` importable as a top-level module.
+"""Fixtures of the engine tests.
 
-Spawned worker processes (DDP tests) unpickle their entry point by module name, and
-multiprocessing passes the parent's sys.path to them, so the helper must live on sys.path rather
-than under pytest's importlib-mode module names.
+`engine_fakes` is importable as a top-level module (pytest's `pythonpath` setting in pyproject.toml
+lists this folder): spawned worker processes (DDP tests) unpickle their entry point by module name,
+and multiprocessing passes the parent's sys.path to them.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
-from pathlib import Path
 
 import pytest
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
 
 @pytest.fixture(autouse=True)

@@ -1,18 +1,12 @@
-"""Fixtures of the evaluation tests; puts this folder on sys.path so that `import evalhelpers` works
-(also in the processes that torch.multiprocessing.spawn starts, which inherit sys.path)."""
+"""Fixtures of the evaluation tests. `import evalhelpers` works because pytest's `pythonpath` setting
+(pyproject.toml) lists this folder, also in the processes torch.multiprocessing.spawn starts."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import evalhelpers
 import pytest
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-import evalhelpers  # noqa: E402
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Helpers for the evaluation tests: synthetic model outputs on tiny COCO, and pycocotools run directly.
 
-Importable as ``evalhelpers`` (``tests/evaluation/conftest.py`` puts this folder on ``sys.path``, which
+Importable as ``evalhelpers`` (pytest's ``pythonpath`` setting puts this folder on ``sys.path``, which
 ``torch.multiprocessing.spawn`` children inherit).
 """
 

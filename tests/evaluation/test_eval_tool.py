@@ -135,14 +135,14 @@ def test_checkpoint_mode_evaluates_saved_weights(tool, tmp_path, monkeypatch, ca
     import torch
     from safetensors.torch import save_file
 
-    from detection.build import build_detector
     from detection.config import load_config
+    from detection.models import build_faster_rcnn
 
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     config = str(Path(__file__).resolve().parents[2] / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
     cfg = load_config(config, TINY)
     torch.manual_seed(0)
-    model = build_detector(cfg.model, 4)
+    model = build_faster_rcnn(cfg.model.replace(num_classes=4))
     ckpt = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     out = tmp_path / "out"

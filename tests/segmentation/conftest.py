@@ -1,16 +1,9 @@
-"""Fixtures of the segmentation tests; puts this folder on sys.path so that `import seghelpers` works."""
+"""Fixtures of the segmentation tests (`import seghelpers` works through pytest's `pythonpath` setting)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
 
 @pytest.fixture(autouse=True)

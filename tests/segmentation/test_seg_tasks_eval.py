@@ -1,4 +1,4 @@
-"""The segmentation tasks in the registry, and their evaluation through `detection.engine.launch.evaluate`:
+"""The segmentation tasks (segmentation.tasks), and their evaluation through `detection.engine.launch.evaluate`:
 segm AP from pasted masks (pycocotools), mean IoU from `sem_seg` outputs (model path of SemSegEvaluator)."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from torch import nn
 
 from detection.config import load_config
 from detection.data.coco import CocoDetection
-from detection.engine.launch import build_model, evaluate, get_task
-from detection.evaluation import CONFUSION_MATRIX_FILENAME
+from detection.engine.launch import build_model, evaluate
+from detection.evaluation import CONFUSION_MATRIX_FILENAME, COCOEvaluator, SemSegEvaluator
 from segmentation import MaskRCNN, PanopticFPN, SemanticFPN
+from segmentation.tasks import INSTANCE, PANOPTIC_FPN, SEMANTIC
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,18 +33,25 @@ class Replay(nn.Module):
         return [self.make(next(self.targets), img) for img in images]
 
 
-def test_tasks_are_registered_with_their_metrics():
-    instance, semantic, panoptic = get_task("instance"), get_task("semantic"), get_task("panoptic_fpn")
-    assert instance.with_masks and not instance.with_semantic and instance.iou_types == ("bbox", "segm")
-    assert semantic.with_semantic and semantic.semantic and semantic.iou_types == ()
-    assert panoptic.with_semantic and panoptic.semantic and panoptic.iou_types == ("bbox",)
+def test_tasks_declare_their_dataset_fields_and_evaluators(tiny_coco_src: Path, tmp_path: Path):
+    assert INSTANCE.with_masks and not INSTANCE.with_semantic
+    assert SEMANTIC.with_semantic and not SEMANTIC.with_masks and PANOPTIC_FPN.with_semantic
+    ds = CocoDetection(tiny_coco_src / "images", tiny_coco_src / "annotations.json", training=False)
+
+    def kinds(task):
+        return [(type(e), getattr(e, "iou_types", None)) for e in task.build_evaluators(ds, tmp_path)]
+
+    assert kinds(INSTANCE) == [(COCOEvaluator, ("bbox", "segm"))]
+    assert kinds(SEMANTIC) == [(SemSegEvaluator, None)]
+    assert kinds(PANOPTIC_FPN) == [(COCOEvaluator, ("bbox",)), (SemSegEvaluator, None)]
 
 
 @pytest.mark.parametrize(("name", "cls"), [("mask_rcnn_R_50_FPN", MaskRCNN), ("semantic_R_50_FPN", SemanticFPN),
                                            ("panoptic_fpn_R_50_FPN", PanopticFPN)])
 def test_shapes_configs_build_their_task_models(name: str, cls: type) -> None:
     cfg = load_config(REPO / "configs" / "shapes" / f"{name}.yaml")
-    model = build_model(cfg, 4)
+    task = {"instance": INSTANCE, "semantic": SEMANTIC, "panoptic_fpn": PANOPTIC_FPN}[cfg.model.task]
+    model = build_model(cfg, task, 4)
     assert type(model) is cls and model.num_classes == 5
     assert cfg.train.max_time_minutes is not None and cfg.model.backbone.norm == "GN"
     assert cfg.model.input.min_size == (256,)
@@ -67,7 +75,7 @@ def test_perfect_instance_masks_give_segm_ap_one(tiny_coco_src: Path, tmp_path: 
         return {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.linspace(1.0, 0.5, k),
                 "masks": t["masks"][:, None].float()}
 
-    metrics = evaluate(Replay(ds, oracle), ds, get_task("instance"), device=torch.device("cpu"),
+    metrics = evaluate(Replay(ds, oracle), ds, INSTANCE, device=torch.device("cpu"),
                        output_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
     assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
 
@@ -76,7 +84,7 @@ def test_perfect_instance_masks_give_segm_ap_one(tiny_coco_src: Path, tmp_path: 
         out["masks"] = torch.roll(out["masks"], shifts=6, dims=-1)  # right boxes, wrong masks
         return out
 
-    metrics = evaluate(Replay(ds, shifted), ds, get_task("instance"), device=torch.device("cpu"),
+    metrics = evaluate(Replay(ds, shifted), ds, INSTANCE, device=torch.device("cpu"),
                        output_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] < 0.9
 
@@ -85,7 +93,7 @@ def test_semantic_evaluation_of_perfect_and_constant_predictions(tiny_coco_src: 
     # COCO without semantic PNGs: sem_seg is painted from the instances (crowd = 255, ignored).
     ds = CocoDetection(tiny_coco_src / "images", tiny_coco_src / "annotations.json", training=False,
                        with_semantic=True)
-    task = get_task("semantic")
+    task = SEMANTIC
     # The prediction on ignored pixels does not matter: predict background there.
     perfect = evaluate(Replay(ds, lambda t, img: {"sem_seg": torch.where(t["sem_seg"] == 255, 0, t["sem_seg"])}), ds,
                        task, device=torch.device("cpu"), output_dir=tmp_path, num_workers=0, progress=False)

@@ -8,6 +8,7 @@ import pytest
 
 from detection.config import load_config
 from detection.engine.launch import build_model
+from resnet_det.cli._library import get_task
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.endswith("_base.yaml"))
@@ -15,10 +16,8 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.end
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_loads_and_builds(path: Path) -> None:
-    import segmentation  # noqa: F401  (registers the segmentation tasks)
-
     cfg = load_config(path, ["model.backbone.weights=null"])
-    model = build_model(cfg, cfg.model.num_classes or 80)
+    model = build_model(cfg, get_task(cfg.model.task), cfg.model.num_classes or 80)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert model.num_classes == (cfg.model.num_classes or 80) + 1
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from detection.build import build_detector
 from detection.config import load_config
-from detection.inference import render, to_coco_results
+from detection.engine.inference import render
+from detection.models import build_faster_rcnn
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
@@ -32,7 +32,7 @@ def _tool():
 
 def test_infer_writes_results_and_renders(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_detector(load_config(CONFIG, TINY).model, 3)
+    model = build_faster_rcnn(load_config(CONFIG, TINY).model)
     # A strong background-free classifier bias so detections exist above the score threshold.
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.bias.copy_(torch.tensor([-5.0, 3.0, 0.0, 0.0]))
@@ -62,7 +62,7 @@ def _names(tmp_path: Path) -> Path:
 
 def test_infer_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)
-    model = build_detector(load_config(CONFIG, TINY).model, 3)
+    model = build_faster_rcnn(load_config(CONFIG, TINY).model)
     ckpt = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     code = _tool().main([CONFIG, *TINY, "--checkpoint", str(ckpt), "--input", str(tmp_path / "nope.jpg"),
@@ -83,7 +83,46 @@ def test_render_draws_boxes_and_masks() -> None:
     assert np.asarray(render(image, low, score_thresh=0.5)).sum() == 0, "below threshold: nothing drawn"
 
 
-def test_coco_results_are_xywh_with_category_ids() -> None:
-    out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([2])}
-    r = to_coco_results(5, out, {1: 10, 2: 20})
-    assert r == [{"image_id": 5, "category_id": 20, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
+def test_results_json_goes_through_the_projects_one_coco_converter(tmp_path: Path, monkeypatch) -> None:
+    """infer's results.json is what the evaluation's converter writes (xywh, category ids), not a copy."""
+    import detection.engine.inference as inference
+
+    seen = []
+    real = inference.instances_to_coco_json
+
+    def spy(*args, **kwargs):
+        seen.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "instances_to_coco_json", spy)
+    torch.manual_seed(0)
+    model = build_faster_rcnn(load_config(CONFIG, TINY).model)
+    with torch.no_grad():
+        model.roi_heads.predictor.cls_score.bias.copy_(torch.tensor([-5.0, 3.0, 0.0, 0.0]))
+    img = tmp_path / "000000000042.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(img)
+    path = inference.run_inference(model, [img], tmp_path / "o", device=torch.device("cpu"),
+                                   label_to_cat_id={1: 10, 2: 20, 3: 30}, score_thresh=0.0, progress=False)
+    results = json.loads(path.read_text())
+    assert seen == [42] and results
+    assert all(r["category_id"] in (10, 20, 30) and r["image_id"] == 42 and len(r["bbox"]) == 4 for r in results)
+
+
+def test_show_gt_draws_ground_truth_beside_predictions(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--show-gt N: N val images, ground truth (left half) and predictions (right half), nothing else needed."""
+    monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
+    data = ["data.shapes_num_train=4", "data.shapes_num_val=3", "data.shapes_image_size=96", "data.num_workers=0"]
+    torch.manual_seed(0)
+    model = build_faster_rcnn(load_config(CONFIG, TINY).model)
+    ckpt = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    out = tmp_path / "out"
+    code = _tool().main([CONFIG, *TINY, *data, "--checkpoint", str(ckpt), "--show-gt", "2", "--output", str(out),
+                         "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    files = sorted((out / "vis_gt").iterdir())
+    assert len(files) == 2
+    drawing = np.asarray(Image.open(files[0]))
+    assert drawing.shape[1] > 2 * 96 - 1  # two 96-px images side by side (and a gap)
+    left, right = drawing[:, :96].astype(int), drawing[:, -96:].astype(int)
+    assert np.abs(left - right).sum() > 0, "the ground truth is drawn on the left only"

@@ -1,0 +1,31 @@
+"""The detection task: Faster R-CNN, evaluated by COCO box AP.
+
+Only the command line and the tests import this module (the task layer of ARCHITECTURE.md); the
+engine receives the :class:`~detection.engine.task.Task` object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .engine.task import EvaluatorsFn, Task
+from .evaluation import COCOEvaluator, DatasetEvaluator
+from .models import build_faster_rcnn
+
+__all__ = ["DETECTION", "TASKS", "coco_evaluators"]
+
+
+def coco_evaluators(iou_types: Sequence[str]) -> EvaluatorsFn:
+    """``build_evaluators`` of a task evaluated by COCO AP of ``iou_types`` ("bbox", "segm")."""
+
+    def build(dataset: Any, output_dir: Path | None) -> list[DatasetEvaluator]:
+        return [COCOEvaluator(dataset.ann_file, iou_types=tuple(iou_types), label_to_cat_id=dataset.label_to_cat_id,
+                              output_dir=output_dir, class_names=dataset.class_names)]
+
+    return build
+
+
+DETECTION = Task("detection", build_faster_rcnn, coco_evaluators(("bbox",)))
+TASKS: tuple[Task, ...] = (DETECTION,)
