@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from hub_helpers import hub_file_named_by_its_hash
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 
 import backbone
@@ -36,26 +37,10 @@ def test_backbone_safetensors_round_trip(tmp_path: Path) -> None:
         assert torch.equal(body(x)["res5"], again.eval()(x)["res5"])
 
 
-def _hub_file_named_by_its_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry, state_dict: dict) -> Path:
-    """`state_dict` in a temporary TORCH_HOME's hub/checkpoints, named like torchvision names its files
-    (`<name>-<first 8 hex digits of the SHA-256>.pth`). Random weights cannot have the published digest, so the
-    weight enum's URL is pointed (for this test only) at the name that carries this file's own digest."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    folder.mkdir(parents=True)
-    tmp = folder / "incoming.pth"
-    torch.save(state_dict, tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    url = re.sub(r"-[0-9a-f]+\.pth$", f"-{digest[:8]}.pth", entry.url)
-    assert url != entry.url
-    monkeypatch.setattr(entry.value, "url", url)
-    return tmp.rename(folder / url.rsplit("/", 1)[1])
-
-
 def test_imagenet_uses_torchvision_cache_through_the_weight_enum(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ref = torchvision.models.resnet18(weights=None).eval()
-    ckpt = _hub_file_named_by_its_hash(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1, ref.state_dict())
+    ckpt = hub_file_named_by_its_hash(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1, ref.state_dict())
     assert resolve_imagenet_weights("resnet18") == ckpt
     model = backbone.resnet18(weights="imagenet").eval()
     x = torch.randn(1, 3, 224, 224)

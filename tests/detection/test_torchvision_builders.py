@@ -3,13 +3,13 @@ weights from a checkpoint file or from torchvision's weight enums through torch'
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from hub_helpers import hub_file_named_by_its_hash
 from parity_helpers import (
     freeze_bn_like_torchvision_checkpoints,
     load_images,
@@ -25,22 +25,6 @@ from detection.convert import convert_torchvision_detection
 
 SIZE = 256
 PROPOSALS = 300
-
-
-def hub_file_named_by_its_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry, state_dict: dict) -> Path:
-    """`state_dict` in a temporary TORCH_HOME's hub/checkpoints, named like torchvision names its files
-    (`<name>-<first 8 hex digits of the SHA-256>.pth`). Random weights cannot have the published digest, so the
-    enum's URL is pointed (for this test only) at the name that carries this file's own digest."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    folder.mkdir(parents=True)
-    tmp = folder / "incoming.pth"
-    torch.save(state_dict, tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    url = re.sub(r"-[0-9a-f]+\.pth$", f"-{digest[:8]}.pth", entry.url)
-    assert url != entry.url
-    monkeypatch.setattr(entry.value, "url", url)
-    return tmp.rename(folder / url.rsplit("/", 1)[1])
 
 
 def test_weights_file_gives_torchvision_detections(tiny_coco_src: Path, tmp_path: Path) -> None:

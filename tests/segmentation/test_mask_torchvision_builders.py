@@ -3,13 +3,13 @@ weights from a checkpoint file or torchvision's weight enums (torch's hub cache,
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from hub_helpers import hub_file_named_by_its_hash
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
 
 import segmentation
@@ -27,15 +27,7 @@ def test_coco_v1_from_the_hub_cache_and_the_same_file_by_path(tmp_path: Path, mo
     entry = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
     torch.manual_seed(0)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    folder.mkdir(parents=True)
-    incoming = folder / "incoming.pth"
-    torch.save(tv.state_dict(), incoming)
-    # Random weights cannot carry the published digest: point the enum at a name with this file's own digest.
-    digest = hashlib.sha256(incoming.read_bytes()).hexdigest()[:8]
-    monkeypatch.setattr(entry.value, "url", re.sub(r"-[0-9a-f]+\.pth$", f"-{digest}.pth", entry.url))
-    cached = incoming.rename(folder / entry.url.rsplit("/", 1)[1])
+    cached = hub_file_named_by_its_hash(tmp_path, monkeypatch, entry, tv.state_dict())
 
     model = segmentation.maskrcnn_resnet50_fpn(weights="COCO_V1")
     assert isinstance(model, segmentation.MaskRCNN) and model.num_classes == 91
