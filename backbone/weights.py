@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from resnet_det.common import atomic_write
+from resnet_det.common.io import FileLoadError, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,37 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise WeightsError(f"weights file {str(path)!r} does not exist")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise WeightsError(f"weights file {str(path)!r} has suffix {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with objects, ...
-        raise WeightsError(f"could not read weights file {str(path)!r}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # truncated, a bad header, not a safetensors file at all
+            raise WeightsError(f"could not read weights file {str(path)!r}: it is truncated or not a safetensors "
+                               f"file ({type(e).__name__}: {_first_line(e)})") from None
+    else:
+        try:
+            sd = load_weights_only(path, what="weights file")
+        except FileLoadError as e:  # damaged, or pickled objects (refused, never run)
+            raise WeightsError(f"could not read weights file {str(path)!r}: {e.reason}") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise WeightsError(f"{str(path)!r} does not hold a state dict of tensors")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        found = f"a {type(sd).__name__}" if not isinstance(sd, dict) else "a dict with non-tensor values"
+        keys = f" (keys: {', '.join(map(str, list(sd)[:5]))})" if isinstance(sd, dict) else ""
+        hint = ("this is a trainer state (<name>.state.pt): pass the checkpoint's .safetensors file"
+                if isinstance(sd, dict) and "iteration" in sd and "optimizer" in sd
+                else "save model.state_dict() (or a .safetensors file)")
+        raise WeightsError(f"weights file {str(path)!r} does not hold a state dict of tensors: it holds {found}{keys}; "
+                           f"{hint}")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
 
 
 def detect_format(sd: dict[str, Tensor]) -> str:

@@ -215,6 +215,9 @@ class TrainConfig:
     """Also write TensorBoard events (needs the tensorboard extra)."""
     max_time_minutes: float | None = None
     """Stop cleanly (checkpoint, evaluate) once training has run this long; None = no limit."""
+    dist_timeout_minutes: float = 10.0
+    """With several processes: how long a collective waits for a process that stopped answering before
+    every other process fails with a clear error (torch's own default is 30 minutes)."""
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_period > 0, "train.checkpoint_period", self.checkpoint_period, "must be > 0")
@@ -223,6 +226,8 @@ class TrainConfig:
         _check(self.log_period > 0, "train.log_period", self.log_period, "must be > 0")
         _check(self.max_time_minutes is None or self.max_time_minutes > 0, "train.max_time_minutes",
                self.max_time_minutes, "must be > 0, or null for no limit")
+        _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", self.dist_timeout_minutes,
+               "must be > 0 (minutes a collective waits for a silent process)")
         _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "train.device",
                self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
 

@@ -11,11 +11,23 @@ Each file is written by :func:`resnet_det.common.atomic_write` (a temporary dot-
 ``.tmp-``, which no checkpoint name can contain, flushed, fsync'ed, then renamed over the final name). Only when
 both files are in place is the ``last_checkpoint`` pointer replaced, the same way. A process killed
 at any moment therefore leaves ``last_checkpoint`` naming a complete, loadable checkpoint (or no
-pointer at all before the first save completes).
+pointer at all before the first save completes). Both files are serialised in memory and written by
+Python's own file calls, so a full disk is an ``OSError`` like any other, reported as
+:class:`CheckpointWriteError` naming the file, with the previous checkpoint untouched.
+
+The trainer state records the SHA-256 of its weights file: loading checks it, so a weights file
+damaged after it was written (or paired with the state of another save) is refused, not loaded.
+:meth:`Checkpointer.resume` falls back from a damaged latest checkpoint (truncated, corrupt, missing
+a file) to the newest older one that loads, and says so; a file holding pickled objects is refused
+and never falls back silently: someone has to look at it.
+
+Every read goes through :func:`resnet_det.common.io.load_weights_only` (``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import re
@@ -26,7 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -42,13 +55,16 @@ from resnet_det.common import (
     temp_file_owner,
     unwrap_model,
 )
+from resnet_det.common.io import FileLoadError, describe_os_error, load_weights_only
 
 __all__ = [
     "POINTER_FILE",
     "STATE_SUFFIX",
     "WEIGHTS_SUFFIX",
     "CheckpointError",
+    "CheckpointWriteError",
     "Checkpointer",
+    "last_checkpoint_name",
     "load_model_weights",
     "make_trainer_state",
 ]
@@ -64,7 +80,22 @@ _log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+    """A checkpoint cannot be used: a file is missing, damaged, not a checkpoint, or does not fit the model.
+
+    Attributes:
+        path: The file at fault (None when the message names several).
+        damaged: True for a file that is missing, truncated or corrupt (an older checkpoint may
+            replace it); False for one that is refused (pickled objects, another model's weights).
+    """
+
+    def __init__(self, message: str, path: Path | None = None, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.path = path
+        self.damaged = damaged
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a read-only folder); the previous checkpoint is intact."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +162,25 @@ def _weights_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint's ``.safetensors`` file and the SHA-256 of its bytes (one read)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights file not found: {path}", path, damaged=True)
+    data = path.read_bytes()
+    try:
+        tensors = safetensors_load(data)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint weights {path} cannot be read ({type(err).__name__}: {_first_line(err)}): it is truncated "
+            "or not a safetensors file", path, damaged=True,
+        ) from None
+    return tensors, hashlib.sha256(data).hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:160]
+
+
 def load_model_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Reads a ``.safetensors`` weights file (e.g. ``model_final.safetensors``) into a state dict.
 
@@ -141,30 +191,25 @@ def load_model_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights file not found: {path}")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as err:
-        raise CheckpointError(
-            f"checkpoint weights {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
-            "not a safetensors file. Delete it (and its .state.pt) and resume from an earlier checkpoint."
-        ) from err
+    return _read_weights(path)[0]
 
 
 def _load_trainer_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"checkpoint trainer state not found: {path} (a checkpoint is <name>{WEIGHTS_SUFFIX} plus "
-            f"<name>{STATE_SUFFIX})"
+            f"<name>{STATE_SUFFIX})", path, damaged=True,
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"checkpoint trainer state {path} cannot be read with weights_only=True "
-            f"({type(err).__name__}: {err}); it is truncated, corrupt, or holds pickled objects."
-        ) from err
+        state = load_weights_only(path, what="checkpoint trainer state")
+    except FileLoadError as err:
+        raise CheckpointError(str(err), path, damaged=not err.pickled_objects) from None
     if not isinstance(state, dict) or "iteration" not in state:
-        raise CheckpointError(f"{path} is not a trainer state (expected a dict with an 'iteration' entry)")
+        raise CheckpointError(
+            f"checkpoint trainer state {path} is not a trainer state (it holds a {type(state).__name__}"
+            f"{'' if not isinstance(state, dict) else ' without an iteration entry'}); it was not written by "
+            "this project's Checkpointer", path, damaged=True,
+        )
     return state
 
 
@@ -229,6 +274,19 @@ def make_trainer_state(
 # --------------------------------------------------------------------------------------------------
 
 
+def last_checkpoint_name(output_dir: str | os.PathLike[str]) -> str | None:
+    """The name in ``<output_dir>/last_checkpoint``, or None when it is missing or unreadable.
+
+    Reads only (no clean-up of temporary files, unlike :class:`Checkpointer`): for messages.
+    """
+    try:
+        name = (Path(output_dir) / POINTER_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _VALID_NAME.match(name) and TMP_MARK not in name else None
+
+
+
 class Checkpointer:
     """Saves, lists, prunes and loads checkpoints in one output folder.
 
@@ -251,6 +309,8 @@ class Checkpointer:
             raise ValueError(f"Checkpointer keep must be an int >= 1, got {keep!r}")
         self.output_dir = Path(output_dir)
         self.keep = keep
+        self.resumed_from: str | None = None
+        """The checkpoint the last :meth:`resume` restored (None: none, started from scratch)."""
         if is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temp_files()
@@ -297,6 +357,10 @@ class Checkpointer:
             raise CheckpointError(f"{pointer} does not name a checkpoint (it holds {name!r})") from None
         return name
 
+    def latest_or_none(self) -> str | None:
+        """:meth:`latest`, or None when the pointer is missing or unreadable (for messages)."""
+        return last_checkpoint_name(self.output_dir)
+
     def list_checkpoints(self) -> list[str]:
         """Names of the complete checkpoints (both files present) in the folder, oldest first.
 
@@ -340,12 +404,32 @@ class Checkpointer:
         # `.tmpXXXXXX` file of its own, which a kill would leave behind with no owner to clean it.
         payload = safetensors_bytes(tensors, metadata=metadata)
         del tensors
-        atomic_write(weights_path, payload)
-        atomic_write(state_path, lambda tmp: torch.save(plain_state, tmp))
+        # The state names its weights by content: a damaged weights file, or weights and state of two
+        # different saves, are refused at load time instead of resuming from the wrong numbers.
+        plain_state["weights_sha256"] = hashlib.sha256(payload).hexdigest()
+        # torch.save into memory, then our own write: a full disk is then an OSError (torch.save to a
+        # path reports it as a RuntimeError of its C++ writer).
+        buffer = io.BytesIO()
+        torch.save(plain_state, buffer)
+        self._write(weights_path, payload)
+        del payload
+        self._write(state_path, buffer.getvalue())
         # The pointer moves only now, when both files of `name` are complete and durable.
-        atomic_write(self.output_dir / POINTER_FILE, name + "\n")
+        self._write(self.output_dir / POINTER_FILE, (name + "\n").encode())
         self._prune()
         return weights_path
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            atomic_write(path, data)
+        except OSError as err:
+            last = self.latest_or_none()
+            kept = f"the last complete checkpoint is still '{last}'" if last else "no checkpoint was completed before"
+            raise CheckpointWriteError(
+                f"could not write checkpoint file {path}: {describe_os_error(err)}; nothing was replaced and {kept} "
+                f"in {self.output_dir}. Free space there (or fix the folder) and continue with --resume",
+                path,
+            ) from err
 
     def _prune(self) -> None:
         complete = [n for n in self.list_checkpoints() if _PERIODIC_NAME.match(n)]
@@ -356,7 +440,7 @@ class Checkpointer:
                 name = p.name[: -len(suffix)]
                 if _PERIODIC_NAME.match(name) and name not in complete:
                     doomed.add(name)
-        doomed.discard(self.latest())
+        doomed.discard(self.latest_or_none())
         for name in doomed:
             weights_path, state_path = self.paths(name)
             state_path.unlink(missing_ok=True)
@@ -384,11 +468,20 @@ class Checkpointer:
             ``(model_state, trainer_state)``, tensors on the CPU.
 
         Raises:
-            FileNotFoundError: A file of the checkpoint is missing (named in the message).
-            CheckpointError: A file is corrupt (named in the message).
+            CheckpointError: A file is missing, damaged, holds pickled objects, or the weights do not
+                match the SHA-256 their trainer state recorded (the file is named in the message).
         """
         weights_path, state_path = self._resolve(name_or_path)
-        return load_model_weights(weights_path), _load_trainer_state(state_path)
+        state = _load_trainer_state(state_path)
+        weights, digest = _read_weights(weights_path)
+        expected = state.get("weights_sha256")
+        if expected is not None and expected != digest:
+            raise CheckpointError(
+                f"checkpoint weights {weights_path} do not match their trainer state {state_path.name} (SHA-256 "
+                f"{digest[:12]} instead of {str(expected)[:12]}): the file was damaged after it was written, or the "
+                "two files come from different saves", weights_path, damaged=True,
+            )
+        return weights, state
 
     def resume(
         self,
@@ -405,26 +498,40 @@ class Checkpointer:
         Restores the model weights (strictly), the optimizer, the scheduler (so the learning rate
         continues exactly), the grad scaler, this rank's data loader position and RNG states.
 
+        Without ``name``, the checkpoint in ``last_checkpoint`` is used; when its files are damaged
+        (truncated, corrupt, missing, or not matching each other) a warning names the file and the
+        newest older complete checkpoint that loads is used instead (:attr:`resumed_from` says which).
+        A file that holds pickled objects, or weights that do not fit the model, stop the resume.
+
         Args:
             model: The model (possibly wrapped).
             optimizer: The optimizer, built on the same parameters as when saved.
             scheduler: The scheduler, built with the same schedule.
             scaler: The grad scaler, or None.
             loader: The training loader (``load_state_dict``), or None.
-            name: A checkpoint to restore instead of the one in ``last_checkpoint``.
+            name: A checkpoint to restore instead of the one in ``last_checkpoint`` (no fallback).
 
         Returns:
             The iteration to continue from (0 when there is no checkpoint).
+
+        Raises:
+            CheckpointError: No checkpoint can be used (every one tried is named in the message), a
+                file holds pickled objects, or the weights do not fit the model.
         """
-        name = name or self.latest()
-        if name is None:
-            return 0
-        model_state, state = self.load(name)
+        self.resumed_from = None
+        if name is not None:
+            model_state, state = self.load(name)
+        else:
+            found = self._load_newest_usable()
+            if found is None:
+                return 0
+            name, model_state, state = found
         where = self._resolve(name)[0]
         try:
             unwrap_model(model).load_state_dict(model_state, strict=True)
         except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {where} does not fit this model: {err}") from err
+            raise CheckpointError(f"checkpoint {where} does not fit this model: {_first_line(err)} (was it saved "
+                                  "with another model config?)", where) from err
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -451,7 +558,57 @@ class Checkpointer:
             set_rng_states(rngs[rank])
         else:
             _log.warning("checkpoint %s has no RNG state for rank %d; keeping this process's seed", name, rank)
+        self.resumed_from = name
         return int(state["iteration"])
+
+    def _iteration_of(self, name: str) -> int:
+        """The iteration of checkpoint ``name``: from a periodic name, else its weights' metadata (-1 if unknown)."""
+        m = _PERIODIC_NAME.match(name)
+        if m:
+            return int(m.group(1))
+        try:
+            with safe_open(str(self.paths(name)[0]), framework="pt") as f:
+                return int((f.metadata() or {}).get("iteration", -1))
+        except Exception:  # a damaged header: unknown
+            return -1
+
+    def _load_newest_usable(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The checkpoint of ``last_checkpoint``, or the newest older one that loads when it is damaged.
+
+        Returns None when there is no pointer (no save ever completed: start from scratch).
+        """
+        pointer = self.output_dir / POINTER_FILE
+        problems: list[str] = []
+        try:
+            latest = self.latest()
+        except (CheckpointError, OSError, UnicodeDecodeError) as err:
+            latest = None
+            problems.append(f"{pointer}: {err}")
+        if latest is None and not problems:
+            return None
+        candidates = [latest] if latest is not None else []
+        newest = self._iteration_of(latest) if latest is not None else -1
+        older = [n for n in self.list_checkpoints() if n != latest]
+        if newest >= 0:
+            older = [n for n in older if self._iteration_of(n) < newest]
+        candidates += sorted(older, key=self._iteration_of, reverse=True)
+        for candidate in candidates:
+            try:
+                model_state, state = self.load(candidate)
+            except CheckpointError as err:
+                if not err.damaged:
+                    raise
+                problems.append(str(err))
+                continue
+            if problems:
+                _log.warning("cannot resume from the latest checkpoint: %s. Resuming from '%s' (iteration %d), the "
+                             "newest older checkpoint that loads; the damaged files stay until a save replaces or "
+                             "prunes them", "; ".join(problems), candidate, int(state["iteration"]))
+            return candidate, model_state, state
+        raise CheckpointError(
+            f"no checkpoint in {self.output_dir} can be resumed: {'; '.join(problems)}. Delete the damaged files "
+            "(or the folder) and train without --resume to start again", self.output_dir / POINTER_FILE,
+        )
 
 
 def _process_alive(pid: int) -> bool:

@@ -109,7 +109,7 @@ def _nonfinite_message(trainer: Trainer, first_iter: int | None) -> str:
         detail = "the non-finite loss was on another process" + (
             f" (this one saw its first at iteration {local[0]})" if local else ""
         )
-    last = trainer.checkpointer.latest()
+    last = trainer.checkpointer.latest_or_none()
     kept = f"the last good checkpoint is '{last}' in {trainer.output_dir}" if last else "no checkpoint was saved yet"
     return (
         f"non-finite loss at iteration {first}; {detail}. Training stopped on every process; {kept}. "
@@ -197,14 +197,15 @@ class InterruptHook(HookBase):
             return
         if t.updating:
             _log.warning("interrupted inside the optimizer update of iteration %d: the weights are half-updated, "
-                         "so no checkpoint is saved; the last one is %s", t.iter + 1, t.checkpointer.latest())
+                         "so no checkpoint is saved; the last one is %s", t.iter + 1, t.checkpointer.latest_or_none())
             return
         if t.recorder.nonfinite_seen():
             _log.warning("interrupted after a non-finite loss: not saving the weights; the last good checkpoint "
-                         "is %s", t.checkpointer.latest())
+                         "is %s", t.checkpointer.latest_or_none())
             return
         if t.last_saved_iter == t.iter and not t.in_step:
-            _log.info("interrupted at iteration %d, which is already saved (%s)", t.iter, t.checkpointer.latest())
+            _log.info("interrupted at iteration %d, which is already saved (%s)", t.iter,
+                      t.checkpointer.latest_or_none())
             return
         if t.in_step:
             _log.info("interrupted inside iteration %d: saving the state after iteration %d (the batch of the "

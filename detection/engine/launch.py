@@ -28,6 +28,7 @@ from resnet_det.common import (
     resolve_device,
     seed_everything,
 )
+from resnet_det.common.dist import ProcessGroupError, is_process_group_failure
 
 from ..config import Config
 from ..convert import load_detector_weights
@@ -124,12 +125,33 @@ def train(cfg: Config, task: Task, *, resume: bool = False, progress: bool = Tru
     ``<train.output_dir>/log.txt``.
     """
     _check_task(cfg, task)
-    rank, world, _ = init_distributed(cfg.train.device)
+    rank, world, _ = init_distributed(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     try:
         with logging_scope(cfg.train.output_dir, rank=rank):
-            return _train(cfg, task, rank=rank, world=world, resume=resume, progress=progress)
+            try:
+                return _train(cfg, task, rank=rank, world=world, resume=resume, progress=progress)
+            except Exception as err:
+                if world > 1 and is_process_group_failure(err):
+                    raise _lost_peer(cfg, rank, world, err) from err
+                raise
     finally:
         cleanup()
+
+
+def _lost_peer(cfg: Config, rank: int, world: int, err: BaseException) -> ProcessGroupError:
+    """The one-line error of a process whose peers died or went silent, with what is safe on disk."""
+    from .checkpoint import last_checkpoint_name
+
+    out = Path(cfg.train.output_dir)
+    name = last_checkpoint_name(out)
+    kept = f"the last complete checkpoint is '{name}' in {out}" if name else f"no checkpoint was completed in {out}"
+    cause = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+    return ProcessGroupError(
+        f"process {rank} of {world} stopped: the process group failed ({type(err).__name__}: {cause}); another "
+        f"process died (killed, out of memory, a crash: see its log) or did not answer within "
+        f"train.dist_timeout_minutes={cfg.train.dist_timeout_minutes:g}. {kept[0].upper()}{kept[1:]}; restart every "
+        "process with --resume"
+    )
 
 
 def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, progress: bool) -> dict[str, Any]:

@@ -539,9 +539,9 @@ class Trainer(TrainerBase):
                 self.start_iter = self.checkpointer.resume(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader
                 )
-            latest = self.checkpointer.latest()
+            latest = self.checkpointer.resumed_from if resume else None
             self.iter = self.start_iter
-            self.last_saved_iter = self.start_iter if resume and latest else -1
+            self.last_saved_iter = self.start_iter if latest else -1
             self.last_lr = float(self.optimizer.param_groups[0]["lr"])
             self.recorder = LossRecorder(self.device)
             self.stop_vote = None

@@ -8,10 +8,17 @@
 
 One module per subcommand, each with ``HELP`` (its line in ``resnet-det --help``),
 ``build_parser(prog)`` and ``run(args, parser) -> exit code``. Options and ``key=value`` overrides
-mix in any order (``parse_intermixed_args``). Bad input found after parsing (an unknown config, a bad
-override, a missing file) is one line ``PROG: error: ...`` on stderr and exit code 2; usage errors are
-argparse's (usage, then the error line; exit 2). This package is the top layer: the library never
-imports it.
+mix in any order (``parse_intermixed_args``). This package is the top layer: the library never imports it.
+
+Exit codes (every failure is one line ``PROG: error: ...`` on stderr, with no traceback):
+
+- 0: success.
+- 2: bad input: usage (argparse's usage, then the error line), an unknown config, a bad override or
+  value, a missing, damaged or refused file (a checkpoint, weights, a results file, a dataset).
+- 3: the run failed for a reason outside its input: a full disk while saving, another process of a
+  distributed run died or went silent, a non-finite loss. The last complete checkpoint is intact
+  and the message names it: fix the cause and continue with ``--resume``.
+- 130: interrupted (Ctrl-C); ``train`` saved the last completed iteration first.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._util import CommandError, one_line
+from ._util import CommandError, RunFailedError, one_line
 
-__all__ = ["COMMANDS", "CommandError", "main"]
+__all__ = ["COMMANDS", "CommandError", "RunFailedError", "main"]
 
 # subcommand -> module of this package (imported only when that subcommand runs: `configs` needs no torch)
 COMMANDS: dict[str, str] = {
@@ -61,7 +68,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             ``tools/`` scripts pass their file name.
 
     Returns:
-        The exit code: 0 success, 2 bad input or usage (argparse's usage errors raise ``SystemExit(2)``).
+        The exit code: 0 success, 2 bad input or usage (argparse's usage errors raise ``SystemExit(2)``),
+        3 a failed run (see the module docstring), 130 interrupted.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -87,3 +95,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except CommandError as e:
         print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130

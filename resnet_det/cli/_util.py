@@ -22,6 +22,11 @@ class CommandError(Exception):
     ``PROG: error: MESSAGE`` on one line of stderr and exits 2, with no traceback."""
 
 
+class RunFailedError(Exception):
+    """The run stopped for a reason outside its input (a full disk, a lost process, a non-finite loss):
+    ``main`` prints ``PROG: error: MESSAGE`` on one line and exits 3; the last complete checkpoint is intact."""
+
+
 def one_line(exc: BaseException | str) -> str:
     """The message of ``exc`` with its line breaks and runs of spaces folded into single spaces."""
     return " ".join(str(exc).split()) or type(exc).__name__

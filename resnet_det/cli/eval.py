@@ -89,5 +89,11 @@ def _checkpoint(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint {args.checkpoint!r} does not exist")
     cfg = load_config_arg(args.config, _overrides(args))
-    _library.evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    from backbone.weights import WeightsError
+    from detection.data.coco import DatasetError
+
+    try:
+        _library.evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    except (WeightsError, DatasetError, FileNotFoundError) as e:  # the checkpoint or the data: one line
+        raise CommandError(one_line(e)) from None
     return 0

@@ -6,6 +6,10 @@
 
 Writes the resolved ``config.yaml``, checkpoints, ``metrics.jsonl``, ``log.txt`` and ``curves.png``
 into ``train.output_dir`` and ends with a ``final: bbox/AP ...`` line.
+
+Exit codes: 0 done; 2 bad input (config, data, weights, a checkpoint that cannot be resumed); 3 the run
+failed (disk full while saving, a lost process, a non-finite loss: the last complete checkpoint is named,
+continue with --resume once fixed); 130 Ctrl-C (the last completed iteration was saved first).
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from __future__ import annotations
 import argparse
 
 from . import _library
-from ._util import CommandError, add_config_arguments, console_logging, load_config_arg, one_line, print_config
+from ._util import (
+    CommandError,
+    RunFailedError,
+    add_config_arguments,
+    console_logging,
+    load_config_arg,
+    one_line,
+    print_config,
+)
 
 HELP = "train and evaluate a model from a config (CPU, GPU, torchrun)"
 SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50", "sem_seg/mIoU")
@@ -37,11 +49,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     from backbone.weights import WeightsError
     from detection.data.coco import DatasetError
+    from detection.engine.checkpoint import CheckpointError, CheckpointWriteError
+    from resnet_det.common.dist import ProcessGroupError
 
     with console_logging():
         try:
             result = _library.train(cfg, resume=args.resume, progress=not args.no_progress)
-        except (FileNotFoundError, DatasetError, WeightsError) as e:  # bad paths, data or weights: no traceback
+        except (CheckpointWriteError, ProcessGroupError, FloatingPointError) as e:  # the run, not the input
+            raise RunFailedError(one_line(e)) from None
+        except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as e:  # bad paths, data, files
             raise CommandError(one_line(e)) from None
     ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
     shown = [f"{k} {v:.3f}" for k, v in ev.items() if k in SHOWN and isinstance(v, float | int)]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "ProcessGroupError",
     "all_gather_object",
     "all_reduce_dict",
     "barrier",
@@ -28,12 +29,33 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "is_process_group_failure",
     "resolve_device",
     "unwrap_model",
     "wrap_ddp",
 ]
 
 _log = logging.getLogger(__name__)
+
+
+class ProcessGroupError(RuntimeError):
+    """Another process of a distributed run died or stopped answering, so this one cannot go on."""
+
+
+# What gloo, NCCL and c10d say when a peer process is gone or silent (their errors are plain RuntimeErrors in
+# some torch versions, DistBackendError / DistNetworkError in others).
+_PEER_FAILURE_MARKERS = (
+    "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "Timeout",
+    "NCCL", "gloo", "ProcessGroup", "c10d", "Socket", "socket",
+)
+
+
+def is_process_group_failure(err: BaseException) -> bool:
+    """True when ``err`` comes from a collective whose peers died or did not answer in time."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_FAILURE_MARKERS)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -119,7 +141,8 @@ def init_distributed(
     Args:
         device: The config's device (``"auto"``, ``"cpu"``, ``"cuda"``...), to pick the backend.
         init_method: Rendezvous URL; default ``env://`` (torchrun). Tests use ``file://<tmp>``.
-        timeout_minutes: How long collectives wait for a missing process before failing.
+        timeout_minutes: How long collectives wait for a process that stopped answering before they
+            fail (a process that died is noticed at once by gloo; NCCL relies on this timeout).
 
     Returns:
         ``(rank, world_size, local_rank)``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from detection.engine import (
     build_optimizer,
     make_trainer_state,
 )
+from detection.engine.checkpoint import CheckpointWriteError
 
 
 class Tied(nn.Module):
@@ -158,10 +160,116 @@ def test_corrupt_or_missing_files_raise_errors_naming_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"model_0000001\.state\.pt"):
         ck.load("model_0000001")
     state.unlink()
-    with pytest.raises(FileNotFoundError, match=r"model_0000001\.state\.pt"):
+    with pytest.raises(CheckpointError, match=r"not found: .*model_0000001\.state\.pt") as err:
         ck.load("model_0000001")
-    with pytest.raises(FileNotFoundError, match=r"model_0000042\.safetensors"):
+    assert err.value.damaged and err.value.path == state
+    with pytest.raises(CheckpointError, match=r"not found: .*model_0000042\.state\.pt"):
         ck.load("model_0000042")
+
+
+def test_weights_that_do_not_match_their_recorded_digest_are_refused(tmp_path):
+    model = nn.Linear(2, 2)
+    ck = Checkpointer(tmp_path)
+    ck.save("model_0000001", model, _state(1))
+    ck.save("model_0000002", model, _state(2))
+    weights = tmp_path / "model_0000002.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit pattern in the last tensor's bytes: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model_0000002\.safetensors do not match .*SHA-256") as err:
+        ck.load("model_0000002")
+    assert err.value.damaged
+    # The weights of another save next to this state: refused the same way.
+    weights.write_bytes((tmp_path / "model_0000001.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="different saves"):
+        ck.load("model_0000002")
+
+
+def _resume_objects():
+    cfg = SolverConfig(lr=0.1, max_iter=20, steps=(5,), warmup_iters=3)
+    torch.manual_seed(0)
+    model = FakeDetector()
+    opt = build_optimizer(model, cfg)
+    return model, opt, build_lr_scheduler(opt, cfg), FakeLoader()
+
+
+def _saved_run(tmp_path, iterations=(1, 2, 3)):
+    """Checkpoints of a fake run at `iterations` (distinct weights each), the last one also as model_final."""
+    model, opt, sched, loader = _resume_objects()
+    ck = Checkpointer(tmp_path, keep=5)
+    for it in iterations:
+        with torch.no_grad():
+            model.conv.weight.fill_(float(it))
+        loader.position = it
+        ck.save(f"model_{it:07d}", model, make_trainer_state(it, opt, sched, None, loader))
+    return ck
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated state", "missing state", "flipped byte"])
+def test_resume_falls_back_from_a_damaged_latest_checkpoint_and_says_so(tmp_path, damage, caplog):
+    ck = _saved_run(tmp_path)
+    weights, state = ck.paths("model_0000003")
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "truncated state":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "missing state":
+        state.unlink()
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x01
+        weights.write_bytes(bytes(data))
+    model, opt, sched, loader = _resume_objects()
+    with caplog.at_level("WARNING", logger="detection.engine.checkpoint"):
+        assert ck.resume(model, opt, sched, None, loader) == 2
+    assert ck.resumed_from == "model_0000002" and loader.position == 2
+    assert torch.all(model.conv.weight == 2.0)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    named = state if damage in ("truncated state", "missing state") else weights
+    assert str(named) in warning and "Resuming from 'model_0000002' (iteration 2)" in warning, warning
+
+
+def test_resume_reads_the_folder_when_the_pointer_is_garbage(tmp_path, caplog):
+    ck = _saved_run(tmp_path)
+    (tmp_path / POINTER_FILE).write_bytes(b"\xff\xfe not a name")
+    model, opt, sched, loader = _resume_objects()
+    with caplog.at_level("WARNING", logger="detection.engine.checkpoint"):
+        assert ck.resume(model, opt, sched, None, loader) == 3
+    assert "last_checkpoint" in caplog.text
+
+
+def test_resume_refuses_pickled_objects_instead_of_falling_back(tmp_path):
+    ck = _saved_run(tmp_path)
+    marker = tmp_path / "payload_ran"
+    torch.save({"iteration": 3, "evil": _Payload(str(marker))}, ck.paths("model_0000003")[1])
+    model, opt, sched, loader = _resume_objects()
+    refused = r"model_0000003\.state\.pt cannot be loaded: it holds pickled Python objects"
+    with pytest.raises(CheckpointError, match=refused) as err:
+        ck.resume(model, opt, sched, None, loader)
+    assert not err.value.damaged and not marker.exists()
+
+
+def test_resume_with_no_usable_checkpoint_names_every_file_tried(tmp_path):
+    ck = _saved_run(tmp_path, iterations=(1, 2))
+    for name in ("model_0000001", "model_0000002"):
+        ck.paths(name)[0].write_bytes(b"")
+    model, opt, sched, loader = _resume_objects()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be resumed") as err:
+        ck.resume(model, opt, sched, None, loader)
+    assert "model_0000001.safetensors" in str(err.value) and "model_0000002.safetensors" in str(err.value)
+    # A named checkpoint is never replaced by another.
+    with pytest.raises(CheckpointError, match=r"model_0000002\.safetensors"):
+        ck.resume(model, opt, sched, None, loader, name="model_0000002")
+
+
+class _Payload:
+    """Unpickling this would create a file (the tests check it never does)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_state_that_weights_only_cannot_load_is_refused_at_save_time(tmp_path):
@@ -178,21 +286,29 @@ def test_state_that_weights_only_cannot_load_is_refused_at_save_time(tmp_path):
     assert loaded["pos"] == 5 and torch.equal(loaded["perm"], torch.arange(3))
 
 
-def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", ["safetensors", "state.pt", "last_checkpoint"])
+def test_a_full_disk_while_writing_keeps_the_previous_checkpoint_and_names_the_file(tmp_path, target):
+    import faults
+
     model = nn.Linear(2, 2)
     ck = Checkpointer(tmp_path)
     ck.save("model_0000001", model, _state(1))
-
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        ck.save("model_0000002", model, _state(2))
-    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    faults.install(f"enospc:{target}@1")  # the writer's next write of that file fails half-way with ENOSPC
+    try:
+        with pytest.raises(CheckpointWriteError) as err:
+            ck.save("model_0000002", model, _state(2))
+    finally:
+        faults.uninstall()
+    msg = str(err.value)
+    written = "last_checkpoint" if target == "last_checkpoint" else f"model_0000002.{target}"
+    assert f"could not write checkpoint file {tmp_path / written}: disk full (ENOSPC" in msg, msg
+    assert "'model_0000001'" in msg and "--resume" in msg and "\n" not in msg
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
     assert ck.latest() == "model_0000001"
-    assert ck.load(ck.latest())[1]["iteration"] == 1
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert ck.load("model_0000001")[1]["iteration"] == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before  # untouched
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the partial temporary file is gone
 
 
 def test_bad_names_are_refused(tmp_path):
