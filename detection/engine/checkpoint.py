@@ -411,23 +411,27 @@ class Checkpointer:
         # path reports it as a RuntimeError of its C++ writer).
         buffer = io.BytesIO()
         torch.save(plain_state, buffer)
-        self._write(weights_path, payload)
+        self._write(name, weights_path, payload)
         del payload
-        self._write(state_path, buffer.getvalue())
+        try:
+            self._write(name, state_path, buffer.getvalue())
+        except CheckpointWriteError:
+            weights_path.unlink(missing_ok=True)  # half a checkpoint is never loadable: leave none behind
+            raise
         # The pointer moves only now, when both files of `name` are complete and durable.
-        self._write(self.output_dir / POINTER_FILE, (name + "\n").encode())
+        self._write(name, self.output_dir / POINTER_FILE, (name + "\n").encode())
         self._prune()
         return weights_path
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, name: str, path: Path, data: bytes) -> None:
         try:
             atomic_write(path, data)
         except OSError as err:
             last = self.latest_or_none()
             kept = f"the last complete checkpoint is still '{last}'" if last else "no checkpoint was completed before"
             raise CheckpointWriteError(
-                f"could not write checkpoint file {path}: {describe_os_error(err)}; nothing was replaced and {kept} "
-                f"in {self.output_dir}. Free space there (or fix the folder) and continue with --resume",
+                f"could not write checkpoint file {path}: {describe_os_error(err)}; checkpoint '{name}' was not saved "
+                f"and {kept} in {self.output_dir}. Free space there (or fix the folder) and continue with --resume",
                 path,
             ) from err
 

@@ -25,6 +25,9 @@ A fault is ``"<action>:<target>@<n>"``:
 ========================  ================================================================================
 
 with ``<t>`` one of ``safetensors`` (weights), ``state.pt`` (trainer state), ``last_checkpoint`` (pointer).
+
+The tiny real run the reliability tests break (:data:`TINY`, :func:`train_argv`) and the check that a run
+ended bit for bit where another did (:func:`assert_same_training`) live here too.
 """
 
 from __future__ import annotations
@@ -41,9 +44,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 TARGETS = ("safetensors", "state.pt", "last_checkpoint")
+# Imported once by the forkserver: what every run would import (the data transforms, the evaluation and
+# matplotlib for the plots included), so that children start at once.
 PRELOAD = ["faults", "resnet_det.cli", "resnet_det.cli.train", "resnet_det.cli.eval", "resnet_det.cli.infer",
-           "detection.engine.launch", "detection.tasks", "segmentation.tasks", "detection.data.build"]
+           "detection.engine.launch", "detection.engine.inference", "detection.tasks", "segmentation.tasks",
+           "detection.data", "detection.data.build", "detection.data.transforms", "detection.evaluation",
+           "matplotlib.backends.backend_agg", "matplotlib.figure", "matplotlib.pyplot"]
 
 
 def _final_name(tmp: Path) -> str:
@@ -163,6 +173,9 @@ def install(fault: str) -> None:
 
 
 def _child(argv: Sequence[str], fault: str | None, env: Mapping[str, str], log: str) -> None:
+    # A forkserver child inherits "forkserver" as its default start method; `resnet-det` on Linux forks its
+    # data loader workers (a forkserver of their own would start a fresh interpreter and outlive a SIGKILL).
+    mp.set_start_method("fork", force=True)
     os.environ.update(env)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -244,3 +257,66 @@ def train_records(run_dir: Path) -> dict[int, dict[str, Any]]:
         if rec["type"] == "train":
             out[int(rec["iteration"])] = rec
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny real run and its checks
+# --------------------------------------------------------------------------------------------------
+
+CONFIG = "shapes/faster_rcnn_R_50_FPN"
+ITERS = 4
+TINY = [
+    "model.backbone.name=resnet18", "model.backbone.width=8", "model.fpn.channels=16", "model.roi.fc_dim=32",
+    "model.input.min_size=[64]", "model.input.max_size=64", "model.input.test_min_size=64",
+    "model.input.test_max_size=64", "data.shapes_num_train=16", "data.shapes_num_val=4", "data.shapes_image_size=64",
+    "data.num_workers=2", "solver.ims_per_batch=2", f"solver.max_iter={ITERS}", "solver.steps=[3]",
+    "solver.warmup_iters=1", "train.checkpoint_period=1", "train.log_period=1", "train.max_time_minutes=null",
+    "train.device=cpu",
+]
+
+
+def train_argv(out: Path, *extra: str) -> list[str]:
+    """``resnet-det train`` of the tiny run into ``out``."""
+    return ["train", CONFIG, *TINY, f"train.output_dir={out}", "--no-progress", *extra]
+
+
+def _assert_equal(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training(run: Path, reference: Path, *, iterations: int = ITERS) -> None:
+    """``run`` ended bit for bit where ``reference`` did: weights, optimizer, schedule, data order, RNG.
+
+    - ``model_final.safetensors``: every tensor ``torch.equal``;
+    - ``model_final.state.pt``: iteration, optimizer state (momentum buffers), scheduler, grad scaler, every
+      rank's loader position and RNG states (torch, CUDA, NumPy, Python) equal;
+    - ``metrics.jsonl``: the same losses and learning rate at every iteration, so the same batches in
+      the same order with the same augmentations (the last record of an iteration counts: a resumed
+      run logs again the iterations it repeats).
+    """
+    got, want = load_file(run / "model_final.safetensors"), load_file(reference / "model_final.safetensors")
+    assert set(got) == set(want) and len(got) > 50
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"weights differ from the uninterrupted run: {differ[:5]}"
+    state = torch.load(run / "model_final.state.pt", weights_only=True)
+    ref_state = torch.load(reference / "model_final.state.pt", weights_only=True)
+    assert state["iteration"] == ref_state["iteration"] == iterations
+    for key in ("optimizer", "scheduler", "grad_scaler", "loader", "rng", "world_size", "max_iter"):
+        _assert_equal(state[key], ref_state[key], key)
+    assert state["optimizer"]["state"], "momentum buffers exist: the comparison is not vacuous"
+    records, ref_records = train_records(run), train_records(reference)
+    assert sorted(records) == sorted(ref_records) == list(range(1, iterations + 1))
+    for it, ref in ref_records.items():
+        assert records[it]["losses"] == ref["losses"] and records[it]["lr"] == ref["lr"], f"iteration {it}"
+    assert len({r["lr"] for r in ref_records.values()}) >= 2, "warmup and decay: the lr check is not vacuous"

@@ -303,12 +303,17 @@ def test_a_full_disk_while_writing_keeps_the_previous_checkpoint_and_names_the_f
     msg = str(err.value)
     written = "last_checkpoint" if target == "last_checkpoint" else f"model_0000002.{target}"
     assert f"could not write checkpoint file {tmp_path / written}: disk full (ENOSPC" in msg, msg
-    assert "'model_0000001'" in msg and "--resume" in msg and "\n" not in msg
+    assert "checkpoint 'model_0000002' was not saved" in msg and "'model_0000001'" in msg and "--resume" in msg
+    assert "\n" not in msg
     assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
     assert ck.latest() == "model_0000001"
     assert ck.load("model_0000001")[1]["iteration"] == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before  # untouched
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the partial temporary file is gone
+    # No half checkpoint: either both files of model_0000002 (only the pointer failed) or neither.
+    assert ck.list_checkpoints() == (["model_0000001", "model_0000002"] if target == "last_checkpoint"
+                                     else ["model_0000001"])
+    assert not list(tmp_path.glob("model_0000002.*")) or target == "last_checkpoint"
 
 
 def test_bad_names_are_refused(tmp_path):
