@@ -22,6 +22,7 @@ A fault is ``"<action>:<target>@<n>"``:
 ``kill_before_replace``   SIGKILL when the n-th ``<t>`` file is about to be renamed into place
 ``kill_after_replace``    SIGKILL right after the n-th ``<t>`` file was renamed into place
 ``kill_in_step@n``        SIGKILL at the start of the n-th training step
+``stop_in_step@n``        SIGSTOP at the start of the n-th training step (a hung process; the test kills it)
 ========================  ================================================================================
 
 with ``<t>`` one of ``safetensors`` (weights), ``state.pt`` (trainer state), ``last_checkpoint`` (pointer).
@@ -67,13 +68,14 @@ def _matches(name: str, target: str) -> bool:
 
 
 def parse_fault(fault: str) -> tuple[str, str, int]:
-    """``"half_kill:safetensors@2"`` -> ``("half_kill", "safetensors", 2)`` (target "" for kill_in_step)."""
+    """``"half_kill:safetensors@2"`` -> ``("half_kill", "safetensors", 2)`` (target "" for the step faults)."""
     head, _, count = fault.partition("@")
     action, _, target = head.partition(":")
-    actions = ("half_kill", "enospc", "kill_before_replace", "kill_after_replace", "kill_in_step")
-    if action not in actions or not count.isdigit() or (action != "kill_in_step") != (target in TARGETS):
+    actions = ("half_kill", "enospc", "kill_before_replace", "kill_after_replace", "kill_in_step", "stop_in_step")
+    in_step = action.endswith("_in_step")
+    if action not in actions or not count.isdigit() or in_step == (target in TARGETS):
         raise ValueError(f"fault {fault!r} must be '<action>:<target>@<n>' (actions {actions}, targets {TARGETS}) "
-                         "or 'kill_in_step@<n>'")
+                         "or 'kill_in_step@<n>' / 'stop_in_step@<n>'")
     return action, target, int(count)
 
 
@@ -128,7 +130,7 @@ def install(fault: str) -> None:
         seen["n"] += 1
         return seen["n"] == nth
 
-    if action == "kill_in_step":
+    if action in ("kill_in_step", "stop_in_step"):
         from detection.engine import trainer as trainer_module
 
         real_step = trainer_module.Trainer.run_step
@@ -136,7 +138,10 @@ def install(fault: str) -> None:
         def run_step(self: Any) -> Any:
             seen["n"] += 1
             if seen["n"] == nth:
-                _die()
+                if action == "kill_in_step":
+                    _die()
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGSTOP)
             return real_step(self)
 
         trainer_module.Trainer.run_step = run_step  # type: ignore[method-assign]
