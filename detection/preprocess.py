@@ -115,12 +115,16 @@ class Preprocessor(nn.Module):
         pixel_mean / pixel_std: normalisation of `[0, 1]` RGB inputs.
         size_divisibility: the batch is padded to a multiple of this (the backbone's).
         channels_last: return the batch in channels-last memory format.
+        fixed_size: pad every batch to this `(H, W)` (static shapes: one compiled graph or CUDA graph serves
+            every batch); an image that does not fit after resizing raises `ValueError`. None: pad to the
+            largest image of the batch.
     """
 
     def __init__(self, *, min_size: int | Sequence[int] | None = (800,), max_size: int = 1333,
                  test_min_size: int | None = 800, test_max_size: int = 1333,
                  pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD,
-                 size_divisibility: int = 32, channels_last: bool = False) -> None:
+                 size_divisibility: int = 32, channels_last: bool = False,
+                 fixed_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         if isinstance(min_size, int):
             min_size = (min_size,)
@@ -130,6 +134,7 @@ class Preprocessor(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
         self.channels_last = channels_last
+        self.fixed_size = fixed_size
 
     def _target_size(self) -> tuple[float, float] | None:
         if self.training:
@@ -143,8 +148,12 @@ class Preprocessor(nn.Module):
             return None
         return float(self.test_min_size), float(self.test_max_size)
 
-    def forward(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]], list[float]]:
-        """Returns the padded batch `(B, 3, H, W)`, each image's size inside it, and each image's scale."""
+    def forward(self, images: Sequence[Tensor], fixed_size: tuple[int, int] | None = None
+                ) -> tuple[Tensor, list[tuple[int, int]], list[float]]:
+        """Returns the padded batch `(B, 3, H, W)`, each image's size inside it, and each image's scale.
+
+        `fixed_size` (default `self.fixed_size`) pads to that `(H, W)` instead of the batch's largest image.
+        """
         processed, sizes, scales = [], [], []
         for img in images:
             # Any float dtype is a valid input: compute in the model's dtype (that of its buffers), so a
@@ -166,6 +175,14 @@ class Preprocessor(nn.Module):
         max_w = max(s[1] for s in sizes)
         if d > 1:
             max_h, max_w = int(math.ceil(max_h / d) * d), int(math.ceil(max_w / d) * d)
+        fixed_size = fixed_size or self.fixed_size
+        if fixed_size is not None:
+            fh, fw = int(fixed_size[0]), int(fixed_size[1])
+            if max_h > fh or max_w > fw or (d > 1 and (fh % d or fw % d)):
+                raise ValueError(f"fixed_size {(fh, fw)} must hold the batch ({max_h} x {max_w} after resizing and "
+                                 f"padding) and be a multiple of size_divisibility {d}; choose a larger multiple of "
+                                 f"{d} or leave fixed_size None")
+            max_h, max_w = fh, fw
         batch = processed[0].new_zeros((len(processed), 3, max_h, max_w))
         for i, img in enumerate(processed):
             batch[i, :, : img.shape[1], : img.shape[2]].copy_(img)

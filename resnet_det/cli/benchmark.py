@@ -1,12 +1,18 @@
 """``resnet-det benchmark``: speed and memory of our Faster R-CNN against torchvision's, same process,
-same inputs.
+same weights, same inputs, timed calls interleaved between the models over several repeats.
 
     resnet-det benchmark --device cpu --size 320 480 --train-batch 2 --iters 3
-    resnet-det benchmark --device cuda --arch R50-FPN R101-FPN --dtype fp32 bf16 fp16 --size 800 1333 \\
-        --train-batch 8 --channels-last --compile --json benchmarks/h100.json
+    resnet-det benchmark --device cpu --size 320 480 --modes infer --infer-batch 1 4 \\
+        --models ours ours-prepared torchvision torchvision-cl --json benchmarks/cpu.json
+    resnet-det benchmark --device cuda --arch R101-FPN --dtype bf16 --size 800 1333 --train-batch 8 \\
+        --modes train --channels-last --compile --json benchmarks/h100.json
 
-Prints one row per (model, arch, mode, dtype, batch), the speed-ups over torchvision, and writes the
-rows with the environment (GPU, versions) to ``--json``. The models have random weights and lr 0.
+Prints one row per (model, arch, mode, dtype, batch): the median over ``--repeats`` of each repeat's
+median, the repeats' range, peak memory (a process per model on a CPU) and the detections per image;
+then the ours / torchvision ratios ("like for like": equal settings; "each at its best": the fastest
+row of each side, labelled so). ``--json`` gets the rows, the ratios, the settings, the command, the
+date, versions, device, threads and the speed-relevant environment variables. The models have
+torchvision's random initialisation (shared by both) and train at lr 0.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ HELP = "training / inference speed and memory, ours vs torchvision, same process
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The parser of ``benchmark``."""
-    from resnet_det.studies.benchmark import ARCHS
+    from resnet_det.studies.benchmark import ARCHS, MEMORY_METHODS, VARIANTS
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["R50-FPN"], choices=sorted(ARCHS),
@@ -33,16 +39,23 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=8, help="images per training step (default 8)")
     p.add_argument("--infer-batch", nargs="+", type=int, default=[1, 8],
                    help="inference batch sizes, each measured (default 1 8)")
-    p.add_argument("--iters", type=int, default=15, help="timed iterations, the median is reported (default 15)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing (default 3)")
-    p.add_argument("--channels-last", action="store_true", help="run both models in channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone + FPN of both models")
+    p.add_argument("--iters", type=int, default=15, help="timed calls per model and repeat (default 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model before timing (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repeats, interleaved between the models; rows report the median and range (default 3)")
+    p.add_argument("--channels-last", action="store_true", help="run ours and torchvision in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone + FPN of every model")
     p.add_argument("--prepared", action="store_true",
-                   help="also time our model after prepare_for_inference() (folded BN, channels_last)")
-    p.add_argument("--models", nargs="+", default=["ours", "torchvision"], choices=["ours", "torchvision"],
-                   help="which models to measure (default both)")
+                   help="also time ours-prepared (prepare_for_inference(): folded BN, channels_last)")
+    p.add_argument("--models", nargs="+", default=["ours", "torchvision"], choices=list(VARIANTS),
+                   help="variants to measure (default ours torchvision); torchvision-cl is torchvision in "
+                        "channels_last; ours-prepared and ours-static (static shapes, no host syncs, CUDA graphs "
+                        "on a GPU) are inference only")
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
                    help="training steps and/or inference calls (default both)")
+    p.add_argument("--memory", default="auto", choices=list(MEMORY_METHODS),
+                   help="peak memory: auto (CUDA in process, CPU in a process per model), subprocess, inprocess "
+                        "(CUDA), off (default auto)")
     p.add_argument("--json", default="benchmarks/latest.json",
                    help="where to write the results (default benchmarks/latest.json)")
     return p
@@ -50,11 +63,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Measures and prints; returns 0."""
-    if args.iters < 1 or args.warmup < 0 or args.train_batch < 1 or any(b < 1 for b in args.infer_batch):
-        parser.error("--iters and the batch sizes must be >= 1, --warmup >= 0")
+    if args.iters < 1 or args.warmup < 1 or args.repeats < 1 or args.train_batch < 1 or any(
+            b < 1 for b in args.infer_batch):
+        parser.error("--iters, --warmup, --repeats and the batch sizes must be >= 1")
     import torch
 
-    from resnet_det.studies.benchmark import HEADER, environment, speedups, write_json
+    from resnet_det.studies.benchmark import HEADER, config_from_settings, environment, speedups, write_json
     from resnet_det.studies.benchmark import run as run_benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,15 +78,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise CommandError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {device!r}: this machine has no CUDA device; use --device cpu")
+    settings = dict(archs=args.arch, dtypes=args.dtype, device=device, height=args.size[0], width=args.size[1],
+                    train_batch=args.train_batch, infer_batches=args.infer_batch, iters=args.iters,
+                    warmup=args.warmup, repeats=args.repeats, channels_last=args.channels_last,
+                    compile_backbone=args.compile, which=args.models, modes=args.modes, prepared=args.prepared,
+                    memory=args.memory)
+    try:
+        cfg = config_from_settings(**settings)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     env = environment(device)
-    print(", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"{env['command']}\n" + ", ".join(f"{k} {env[k]}" for k in ("date", "torch", "torchvision", "device",
+                                                                       "torch_threads") if k in env)
+          + f", {env.get('gpu', env['cpu'])}, env {env['env']}")
+    print(f"warm-up {cfg.warmup}, {cfg.iters} timed calls x {cfg.repeats} repeats (interleaved), memory: "
+          f"{cfg.memory_method}")
     print(HEADER)
-    results = run_benchmark(archs=args.arch, dtypes=args.dtype, device=device, height=args.size[0],
-                            width=args.size[1], train_batch=args.train_batch, infer_batches=args.infer_batch,
-                            iters=args.iters, warmup=args.warmup, channels_last=args.channels_last,
-                            compile_backbone=args.compile, which=args.models, modes=args.modes,
-                            prepared=args.prepared)
+    results = run_benchmark(**settings)
     for line in speedups(results):
         print(line)
-    print(f"wrote {write_json(results, args.json, env)}")
+    print(f"wrote {write_json(results, args.json, env, cfg)}")
     return 0

@@ -1,5 +1,6 @@
-"""The harness of `resnet-det benchmark` (resnet_det.studies.benchmark) on CPU: every row it promises, and
-inference calls taken in turn."""
+"""The harness of `resnet-det benchmark` (resnet_det.studies.benchmark) on CPU: the same weights and load for
+both models, interleaved repeats, like-for-like and labelled best-vs-best ratios, memory measured in a process
+per model, and a record that says how every figure was taken."""
 
 from __future__ import annotations
 
@@ -8,54 +9,119 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import resnet_det.studies.benchmark as bm
 
-
-class _Recorder(nn.Module):
-    def __init__(self, name: str, log: list[str]) -> None:
-        super().__init__()
-        self.name, self.log = name, log
-
-    def forward(self, images):
-        self.log.append(self.name)
-        return [{"boxes": torch.zeros(0, 4)} for _ in images]
+TINY = dict(archs=("R18-FPN",), device="cpu", height=64, width=96, train_batch=2, infer_batches=(1, 2), iters=2,
+            warmup=1, repeats=2, model_size=(64, 96), memory="off")
 
 
-def test_inference_calls_are_interleaved_after_warmup() -> None:
+def test_calls_alternate_and_the_first_model_rotates_between_repeats() -> None:
     log: list[str] = []
-    models = {"a": _Recorder("a", log), "b": _Recorder("b", log)}
-    out = bm.bench_infer_interleaved(models, [torch.zeros(3, 8, 8)], device=torch.device("cpu"), dtype="fp32",
-                                     iters=3, warmup=2)
-    assert log == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert set(out) == {"a", "b"} and all(ms > 0 for ms, _ in out.values())
+    calls = {n: (lambda n=n: log.append(n)) for n in "abc"}
+    out = bm.interleaved_repeats(calls, device=torch.device("cpu"), iters=2, repeats=3)
+    assert log == list("abcabc" "bcabca" "cabcab")
+    assert set(out) == set("abc") and all(len(v) == 3 and min(v) >= 0 for v in out.values())
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_run_reports_train_and_infer_rows_for_both_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the benchmark's models at a tiny input size (the real tool uses torchvision's 800/1333)
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
+def test_both_models_get_the_same_weights_and_post_processing_load() -> None:
+    ours, tv = bm.build_pair("R18-FPN", model_size=(64, 96), calibration=(64, 96))
+    images, _ = bm.make_inputs(2, 64, 96, torch.device("cpu"), seed=3)
+    with torch.inference_mode():
+        a, b = ours.eval()(images), tv.eval()(images)
+    for x, y in zip(a, b):
+        assert len(x["boxes"]) == len(y["boxes"]) >= 50, "a trained detector's load, the same for both"
+        assert torch.allclose(x["boxes"], y["boxes"], atol=1e-3) and torch.equal(x["labels"], y["labels"])
+        assert len(set(x["labels"].tolist())) > 3, "varied classes, not one class everywhere"
+    again, _ = bm.build_pair("R18-FPN", model_size=(64, 96), calibration=(64, 96))
+    assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), again.state_dict().values()))
 
-    from detection.models import build_faster_rcnn
 
-    monkeypatch.setattr(bm, "build_ours", lambda arch, num_classes=91: build_faster_rcnn(
-        num_classes=num_classes, backbone_name=bm.ARCHS[arch], backbone_norm="FrozenBN", backbone_freeze_at=2,
-        input_min_size=(96,), input_max_size=96, input_test_min_size=96, input_test_max_size=96))
-    monkeypatch.setattr(bm, "build_torchvision", lambda arch, num_classes=91: FasterRCNN(
-        resnet_fpn_backbone(backbone_name=bm.ARCHS[arch], weights=None, norm_layer=FrozenBatchNorm2d,
-                            trainable_layers=3), num_classes=num_classes, min_size=96, max_size=96))
-    rows = bm.run(archs=["R18-FPN"], dtypes=["fp32"], device="cpu", height=96, width=96, train_batch=2,
-                  infer_batches=[1, 2], iters=1, warmup=1, channels_last=False, compile_backbone=False,
-                  which=["ours", "torchvision"], modes=["train", "infer"], prepared=True, log=lambda s: None)
+@pytest.mark.usefixtures("single_thread")
+def test_run_measures_every_variant_and_records_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr("sys.argv", ["resnet-det", "benchmark", "--device", "cpu"])
+    cfg = bm.BenchConfig(**TINY, models=("ours", "ours-prepared", "ours-static", "torchvision", "torchvision-cl"))
+    lines: list[str] = []
+    rows = bm.run(cfg, log=lines.append)
     got = {(r.model, r.mode, r.batch) for r in rows}
-    assert got == {("ours", "train", 2), ("torchvision", "train", 2)} | {
-        (m, "infer", b) for m in ("ours", "ours-prepared", "torchvision") for b in (1, 2)}
-    assert all(r.ms_per_iter > 0 and r.images_per_s == pytest.approx(r.batch * 1000 / r.ms_per_iter) for r in rows)
-    lines = bm.speedups(rows)
-    assert len(lines) == 5 and all("/torchvision images/s" in line for line in lines)
-    path = bm.write_json(rows, tmp_path / "b.json", bm.environment("cpu"))
+    assert got == {(m, "train", 2) for m in ("ours", "torchvision", "torchvision-cl")} | {
+        (m, "infer", b) for m in cfg.models for b in (1, 2)}
+    assert len(lines) == len(rows)
+    for r in rows:
+        assert len(r.repeat_ms) == 2 and r.ms_min <= r.ms_per_iter <= r.ms_max
+        assert r.images_per_s == pytest.approx(r.batch * 1000 / r.ms_per_iter)
+    infer = [r for r in rows if r.mode == "infer"]
+    for b in (1, 2):
+        counts = {r.model: r.detections for r in infer if r.batch == b}
+        assert len({tuple(c) for c in counts.values()}) == 1, f"every variant finds the same boxes: {counts}"
+        assert all(len(c) == b and min(c) > 0 for c in counts.values())
+    assert all(r.loss is not None and r.detections is None for r in rows if r.mode == "train")
+    assert {r.model: r.channels_last for r in infer if r.batch == 1} == {
+        "ours": False, "ours-prepared": True, "ours-static": True, "torchvision": False, "torchvision-cl": True}
+
+    comps = bm.comparisons(rows)
+    pairs = {(c.kind, c.mode, c.batch, c.ours, c.torchvision) for c in comps}
+    assert ("like for like", "train", 2, "ours", "torchvision") in pairs
+    assert ("like for like", "infer", 1, "ours", "torchvision") in pairs
+    assert ("like for like", "infer", 1, "ours-prepared", "torchvision-cl") in pairs
+    assert not any(c.ours == "ours-static" and c.kind == "like for like" for c in comps), "no torchvision twin"
+    assert all(c.ratio_min <= c.ratio <= c.ratio_max and len(c.repeat_ratios) == 2 for c in comps)
+
+    path = bm.write_json(rows, tmp_path / "b.json", bm.environment("cpu"), cfg)
     data = json.loads(path.read_text())
-    assert len(data["results"]) == len(rows) and data["environment"]["device"] == "cpu"
+    env = data["environment"]
+    assert env["command"] == "resnet-det benchmark --device cpu" and env["date"][:2] == "20"
+    assert env["env"]["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=1073741824"
+    assert env["env"]["OMP_NUM_THREADS"] == "1" and env["torch_threads"] == 1
+    assert {"torch", "torchvision", "cpu", "python"} <= set(env)
+    assert (data["config"]["warmup"], data["config"]["iters"], data["config"]["repeats"]) == (1, 2, 2)
+    assert len(data["results"]) == len(rows) and len(data["comparisons"]) == len(comps)
+    assert bm.result_from_dict(data["results"][0]) == rows[0]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_memory_is_measured_in_a_process_per_model() -> None:
+    cfg = bm.BenchConfig(**{**TINY, "memory": "subprocess"}, models=("ours", "torchvision"))
+    peaks = {}
+    for model in ("ours", "torchvision"):
+        peak, method = bm.measure_memory_subprocess(cfg, "R18-FPN", model, "infer", "fp32", 1, timeout=300)
+        assert peak is not None and 0.05 < peak < 16, method
+        assert method.startswith("subprocess")
+        peaks[model] = peak
+    bad = bm.measure_memory_subprocess(cfg, "R18-FPN", "no-such-model", "infer", "fp32", 1, timeout=300)
+    assert bad[0] is None and "failed" in bad[1]
+
+
+def _row(model: str, ms: list[float], **kw) -> bm.Result:
+    base = dict(arch="R50-FPN", mode="infer", dtype="fp32", batch=1, height=320, width=480, channels_last=False,
+                compile=False, static=False)
+    base.update(kw)
+    med = sorted(ms)[len(ms) // 2]
+    return bm.Result(model, **base, ms_per_iter=med, ms_min=min(ms), ms_max=max(ms), repeat_ms=ms,
+                     images_per_s=1000 / med)
+
+
+def test_ratios_pair_equal_settings_and_label_the_best_pair() -> None:
+    rows = [_row("ours", [100, 120, 110]), _row("ours-prepared", [50, 60, 55], channels_last=True),
+            _row("torchvision", [200, 180, 220]), _row("torchvision-cl", [100, 90, 110], channels_last=True),
+            _row("ours", [10, 10, 10], batch=4)]
+    comps = bm.comparisons(rows)
+    like = {(c.ours, c.torchvision): c for c in comps if c.kind == "like for like"}
+    assert set(like) == {("ours", "torchvision"), ("ours-prepared", "torchvision-cl")}
+    c = like[("ours", "torchvision")]
+    assert c.repeat_ratios == [2.0, 1.5, 2.0] and (c.ratio, c.ratio_min, c.ratio_max) == (2.0, 1.5, 2.0)
+    assert not [c for c in comps if c.kind == "each at its best"], "the best pair is already like for like"
+    rows[1] = _row("ours-prepared", [50, 60, 55], channels_last=True, static=True)
+    best = [c for c in bm.comparisons(rows) if c.kind == "each at its best"]
+    assert [(c.ours, c.torchvision) for c in best] == [("ours-prepared", "torchvision-cl")]
+    assert best[0].line().startswith("each at its best: R50-FPN infer fp32 batch 1: ours-prepared / torchvision-cl")
+
+
+def test_bad_settings_are_refused_with_every_problem_named() -> None:
+    with pytest.raises(ValueError, match=r"models \['yolo'\].*memory 'inprocess' \(CUDA only"):
+        bm.BenchConfig(models=("yolo",), memory="inprocess", device="cpu")
+    with pytest.raises(ValueError, match="repeats=0"):
+        bm.BenchConfig(repeats=0)

@@ -1,0 +1,174 @@
+"""Every optimised inference path gives the eager model's detections: the static-shape, sync-free predictor
+(`detection.static`, CUDA graphs on a GPU) and its fixed-shape NMS, proven on CPU where they run on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity_helpers import match_detections
+from torchvision.ops import nms
+
+from detection.models import build_faster_rcnn
+from detection.static import StaticPredictor, cluster_nms
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = dict(backbone_name="resnet18", backbone_width=8, num_classes=7, backbone_norm="FrozenBN", fpn_channels=32,
+            fc_dim=64, min_size=(128,), max_size=160, test_min_size=128, test_max_size=160,
+            rpn_pre_nms_topk=(600, 300), rpn_post_nms_topk=(300, 150))
+
+
+def _greedy(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, thr: float) -> set[int]:
+    keep = set()
+    for g in groups.unique().tolist():
+        idx = (groups == g).nonzero().squeeze(1)
+        keep |= set(idx[nms(boxes[idx], scores[idx], thr)].tolist())
+    return keep
+
+
+@pytest.mark.parametrize("iterations", [None, 64])
+def test_cluster_nms_is_greedy_nms(iterations: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    xy = torch.rand(2, n, 2, generator=g) * 300  # dense: long chains of suppression
+    boxes = torch.cat([xy, xy + torch.rand(2, n, 2, generator=g) * 120 + 2], dim=-1)
+    scores = torch.rand(2, n, generator=g)
+    groups = torch.randint(0, 3, (2, n), generator=g)
+    valid = torch.rand(2, n, generator=g) > 0.1
+    order = scores.argsort(dim=1, descending=True)
+    sb, sv, sg = (boxes.gather(1, order[..., None].expand(-1, -1, 4)), valid.gather(1, order),
+                  groups.gather(1, order))
+    for thr in (0.3, 0.7):
+        keep, converged = cluster_nms(sb, sv, thr, groups=sg, iterations=iterations)
+        assert bool(converged)
+        for i in range(2):
+            idx = valid[i].nonzero().squeeze(1)
+            ref = {int(idx[k]) for k in _greedy(boxes[i][idx], scores[i][idx], groups[i][idx], thr)}
+            assert set(order[i][keep[i]].tolist()) == ref, (thr, i)
+
+
+def test_cluster_nms_reports_a_chain_longer_than_its_steps() -> None:
+    # box k overlaps box k+1 only (IoU 0.09): greedy keeps 0, 2, 4, ...; each step settles one more link of the chain
+    boxes = torch.tensor([[10.0 * k, 0, 10.0 * k + 12, 10] for k in range(12)])
+    valid = torch.ones(12, dtype=torch.bool)
+    keep, converged = cluster_nms(boxes, valid, 0.05, iterations=3)
+    assert not bool(converged)
+    keep, converged = cluster_nms(boxes, valid, 0.05)
+    assert bool(converged) and keep.nonzero().squeeze(1).tolist() == list(range(0, 12, 2))
+    keep, converged = cluster_nms(boxes, valid, 0.05, iterations=13)
+    assert bool(converged) and keep.nonzero().squeeze(1).tolist() == list(range(0, 12, 2))
+    empty, ok = cluster_nms(torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool), 0.5, iterations=2)
+    assert empty.numel() == 0 and bool(ok)
+
+
+def _model_with_detections(**overrides) -> torch.nn.Module:
+    """The tiny detector with a classifier that gives varied classes and many detections (random features
+    share one large component; classifier rows orthogonal to it spread the scores)."""
+    torch.manual_seed(0)
+    model = build_faster_rcnn(**{**TINY, **overrides}).eval()
+    feats = {}
+    hook = model.roi_heads.box_head.register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
+    with torch.no_grad():
+        model(_images())
+    hook.remove()
+    mu = feats["x"].mean(0)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(model.roi_heads.predictor.cls_score.weight.shape, generator=g)
+    w -= (w @ mu)[:, None] * mu[None] / (mu @ mu)
+    with torch.no_grad():
+        model.roi_heads.predictor.cls_score.weight.copy_(w * 4 / (feats["x"] @ w.T).std())
+        model.roi_heads.predictor.bbox_pred.weight.normal_(0, 0.01, generator=g)
+    return model
+
+
+def _images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.rand(3, h, w, generator=g) for h, w in ((100, 120), (150, 100), (90, 90))]
+
+
+def _check_same(ref: list[dict], got: list[dict]) -> None:
+    assert len(ref) == len(got)
+    for i, (r, o) in enumerate(zip(ref, got)):
+        assert len(r["boxes"]) >= 30, "enough detections for the comparison to mean something"
+        match_detections(r, o, f"image {i}")  # same label, score within 1e-4, box within 0.01 px
+
+
+@pytest.mark.parametrize(("pooling", "fixed", "dtype"), [("grouped", False, "fp32"), ("all-levels", True, "fp32"),
+                                                         ("all-levels", True, "bf16")])
+def test_static_predictor_gives_the_eager_detections(pooling: str, fixed: bool, dtype: str) -> None:
+    model = _model_with_detections().prepare_for_inference()
+    canvas = (160, 192)  # every image of the batch fits; more padding than the eager model would add
+    predictor = StaticPredictor(model, canvas=canvas, pooling=pooling, fixed_iterations=fixed, dtype=dtype)
+    images = _images()
+    model.preprocessor.fixed_size = canvas
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        ref = model(images)
+    got = predictor(images)
+    assert predictor.fallbacks == 0
+    _check_same(ref, got)
+    for r, o in zip(ref, got):  # same coordinates: the input image's own
+        assert torch.allclose(r["boxes"], o["boxes"], atol=1e-3)
+
+
+def test_static_predictor_without_canvas_pads_as_the_eager_model() -> None:
+    model = _model_with_detections()
+    with torch.no_grad():
+        ref = model(_images())
+    _check_same(ref, StaticPredictor(model)(_images()))
+
+
+def test_static_predictor_falls_back_to_the_eager_heads_when_a_fixed_step_is_not_exact() -> None:
+    model = _model_with_detections()
+    images = _images()
+    with torch.no_grad():
+        ref = model(images)
+    predictor = StaticPredictor(model, pooling="all-levels", fixed_iterations=True, nms_iterations=1)
+    _check_same(ref, predictor(images))
+    assert predictor.fallbacks == 1
+    few = StaticPredictor(model, fixed_iterations=True, max_candidates=1)  # fewer candidates than detections
+    _check_same(ref, few(images))
+    assert few.fallbacks == 1
+
+
+def test_the_fixed_path_has_no_data_dependent_shape() -> None:
+    """torch.compile(fullgraph=True) refuses any op whose output shape depends on values (nonzero, item,
+    tolist, boolean indexing): what a CUDA graph cannot capture either."""
+    model = _model_with_detections().prepare_for_inference()
+    predictor = StaticPredictor(model, canvas=(160, 192), pooling="all-levels", fixed_iterations=True)
+    batch, sizes, _ = model.preprocessor(_images(), fixed_size=(160, 192))
+    image_sizes = torch.tensor(sizes)
+    torch._dynamo.reset()
+    traced = torch.compile(predictor.forward_fixed, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        got, ref = traced(batch, image_sizes), predictor.forward_fixed(batch, image_sizes)
+    assert bool(got["ok"]) and torch.equal(got["valid"], ref["valid"]) and torch.equal(got["boxes"], ref["boxes"])
+
+
+def test_bad_settings_are_refused() -> None:
+    model = _model_with_detections()
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        StaticPredictor(model, cuda_graph=True)
+    with pytest.raises(ValueError, match="pooling='fast'"):
+        StaticPredictor(model, pooling="fast")
+    with pytest.raises(ValueError, match=r"fixed_size \(64, 64\) must hold the batch"):
+        StaticPredictor(model, canvas=(64, 64))(_images())
+    with pytest.raises(TypeError, match=r"needs a detection\.FasterRCNN"):
+        StaticPredictor(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_predictor_gives_the_eager_detections(dtype: str) -> None:
+    model = _model_with_detections().cuda().prepare_for_inference()
+    canvas = (160, 192)
+    predictor = StaticPredictor(model, canvas=canvas, dtype=dtype)
+    assert predictor.cuda_graph and predictor.fixed_iterations
+    images = [i.cuda() for i in _images()]
+    model.preprocessor.fixed_size = canvas
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        ref = model(images)
+    for _ in range(2):  # capture, then replay
+        got = predictor(images)
+        _check_same([{k: v.cpu() for k, v in r.items()} for r in ref],
+                    [{k: v.cpu() for k, v in o.items()} for o in got])
+    assert predictor.fallbacks == 0
