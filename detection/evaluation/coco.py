@@ -407,6 +407,10 @@ def _validate_results(results: Sequence[dict[str, Any]], coco_gt: COCO, iou_type
                     or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box)):
                 raise ValueError(f"{where}: entry #{i} (image {r['image_id']!r}) has bbox {box!r}; bbox "
                                  "evaluation needs [x, y, width, height] with 4 finite numbers")
+            if box[2] < 0 or box[3] < 0:
+                raise ValueError(f"{where}: entry #{i} (image {r['image_id']!r}) has bbox {box!r} with a negative "
+                                 "width or height; COCO boxes are [x, y, width, height] (xyxy boxes must be "
+                                 "converted: width = x2 - x1)")
         if "segm" in iou_types:
             seg = r.get("segmentation")
             if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
@@ -438,6 +442,25 @@ def _validate_results(results: Sequence[dict[str, Any]], coco_gt: COCO, iou_type
                     f"{[img['height'], img['width']]} (height, width); masks must be pasted at the "
                     "original image size"
                 )
+
+
+def _report_uncounted(results: Sequence[Mapping[str, Any]], where: str, max_dets: int = 100) -> int:
+    """Warns about the detections COCOeval skips: beyond the ``max_dets`` best of an image and category.
+
+    Returns:
+        How many detections are not counted.
+    """
+    per_pair: dict[tuple[Any, Any], int] = {}
+    for r in results:
+        key = (r["image_id"], r["category_id"])
+        per_pair[key] = per_pair.get(key, 0) + 1
+    over = {k: n - max_dets for k, n in per_pair.items() if n > max_dets}
+    skipped = sum(over.values())
+    if skipped:
+        _warn(f"{where}: {skipped} of {len(results)} detections are not counted: COCO evaluation keeps the "
+              f"{max_dets} highest-scoring detections per image and category (maxDets={max_dets}), and "
+              f"{len(over)} image/category pair(s) have more (e.g. image {next(iter(over))[0]})")
+    return skipped
 
 
 def _results_for(results: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:
@@ -990,6 +1013,7 @@ def evaluate_results_json(
     coco_gt = load_coco_gt(annotations_json, iou_types=types)
     where = f"results file {results_json}" if isinstance(results_json, (str, Path)) else "results"
     _validate_results(results, coco_gt, types, where)
+    _report_uncounted(results, where)
     metrics, _ = _evaluate_results(
         coco_gt, results, types, img_ids=None, names=_category_names(coco_gt, class_names),
         output_dir=Path(output_dir) if output_dir is not None else None,
