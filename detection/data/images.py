@@ -13,6 +13,9 @@ Decisions (the same as detectron2's ``read_image(format="RGB")`` and torchvision
 * 16-bit images (Pillow modes ``I;16*`` and ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits
   by ``round(v / 257)`` (65535 -> 255), not clipped. 16-bit RGB(A) PNGs are reduced to 8 bits by
   Pillow itself when opened. Float images (mode ``F``) are clipped to ``[0, 255]``.
+* Nothing is decoded before the header has been checked: an image larger than Pillow's decompression-bomb
+  limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels) is refused when opened, and with
+  ``expected_size`` an image whose header gives another size is refused before its pixels are read.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ImageLoadError", "load_image"]
 
+_DEFAULT_FIX = ("Check that the file exists, is a complete JPEG/PNG (re-download or re-encode it), or remove it "
+                "from the annotation file.")
+#: EXIF orientations that swap width and height (transposed / rotated by 90 or 270 degrees).
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -40,12 +48,9 @@ class ImageLoadError(ValueError):
         path: The file that could not be loaded.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str, fix: str = _DEFAULT_FIX) -> None:
         self.path = str(path)
-        super().__init__(
-            f"cannot load image {self.path!r}: {reason}. Check that the file exists, is a complete "
-            "JPEG/PNG (re-download or re-encode it), or remove it from the annotation file."
-        )
+        super().__init__(f"cannot load image {self.path!r}: {reason}. {fix}")
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
@@ -72,27 +77,49 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return arr
 
 
-def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True) -> np.ndarray:
+def _oriented_size(im: Image.Image, apply_exif: bool) -> tuple[int, int]:
+    """``(height, width)`` as the image will be returned, from the header alone."""
+    w, h = im.size
+    if apply_exif:
+        try:
+            if im.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
+        except Exception:  # a corrupt EXIF block is ignored, as when the pixels are read
+            pass
+    return h, w
+
+
+def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True,
+               expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """Loads an image file as RGB.
 
     Args:
         path: A JPEG or PNG file (any format Pillow reads works).
         apply_exif: Rotate/flip the pixels according to the EXIF orientation tag (default, as
             detectron2 does). A corrupt EXIF block is reported (warning) and ignored.
+        expected_size: ``(height, width)`` the (EXIF-oriented) image must have, e.g. from the annotation
+            file; checked on the header, before any pixel is decoded.
 
     Returns:
         ``uint8`` array ``[H, W, 3]``, RGB channel order, C-contiguous and writable. ``H, W`` are those of the
         EXIF-oriented image.
 
     Raises:
-        ImageLoadError: The file is missing, truncated, corrupt, not an image, or of a pixel mode
-            that cannot be converted to RGB. The message names the file.
+        ImageLoadError: The file is missing, truncated, corrupt, not an image, larger than Pillow's
+            decompression-bomb limit, not of ``expected_size``, or of a pixel mode that cannot be
+            converted to RGB. The message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(path, "no such file" if not path.exists() else "not a regular file")
     try:
         with Image.open(path) as im:
+            if expected_size is not None:
+                h, w = _oriented_size(im, apply_exif)
+                if (h, w) != tuple(expected_size):
+                    raise ImageLoadError(
+                        path, f"it is {w}x{h} on disk but {expected_size[1]}x{expected_size[0]} in the annotations",
+                        "Fix the annotation file's height/width (or the image's EXIF orientation).")
             im.load()
             if apply_exif:
                 try:
@@ -106,5 +133,9 @@ def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True) -> np.n
             return _to_rgb_array(im)
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(
+            path, f"refused before decoding, as a possible decompression bomb ({e})",
+            "Downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if such images are genuine.") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e

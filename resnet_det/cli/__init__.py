@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "infer": "infer",
     "configs": "configs",
     "benchmark": "benchmark",
+    "benchmark-startup": "benchmark_startup",
     "make-shapes": "make_shapes",
     "paper-study": "paper_study",
     "degradation-study": "degradation_study",
