@@ -64,18 +64,26 @@ def dataset_paths(cfg: Config, split: str) -> dict[str, Path | None]:
 
 
 def build_dataset(cfg: Config, task: Task, split: str) -> Any:
-    """The COCO-format dataset of a split, with the targets the task needs and the augmentations."""
+    """The COCO-format dataset of a split, with the targets the task needs and the augmentations.
+
+    Every process of a run calls this together: for a large annotation file (COCO's), the first process of
+    each machine builds the validated index and caches it (``$RESNET_DET_CACHE/coco_index``, see
+    :mod:`detection.data.index_cache`) while the others wait and then load it.
+    """
     from ..data import CocoDetection
+    from ..data.index_cache import index_cache_dir
     from ..data.transforms import build_transforms
 
     training = split == "train"
     paths = dataset_paths(cfg, split)
     transforms = build_transforms(training=True, hflip_prob=cfg.data.hflip_prob, lsj=cfg.data.lsj,
                                   photometric=cfg.data.photometric, seed=cfg.train.seed) if training else None
-    return CocoDetection(paths["image_root"], paths["ann_file"], training=training,
+    ann_file = paths["ann_file"]
+    return CocoDetection(paths["image_root"], ann_file, training=training,
                          keep_empty=cfg.data.keep_empty_train if training else True, with_masks=task.with_masks,
                          with_semantic=task.with_semantic,
-                         semantic_root=paths["semantic_root"] if task.with_semantic else None, transforms=transforms)
+                         semantic_root=paths["semantic_root"] if task.with_semantic else None, transforms=transforms,
+                         cache_dir=index_cache_dir(ann_file) if ann_file is not None else None)
 
 
 # -------------------------------------------------------------------------------------------- model
