@@ -647,7 +647,10 @@ def _clean_images(images: list[Any], where: str, report: DatasetReport) -> _Imag
     kept = np.flatnonzero(keep)
     order = kept[np.argsort(ids[kept], kind="stable")]
     skipped = ids[id_ok & ~keep]
-    skipped = np.setdiff1d(skipped, ids[kept])
+    # an id written as a string ("391895") still names the image its annotations point at
+    digits = [int(ids_l[i]) for i in np.flatnonzero(~id_ok & ~keep).tolist()
+              if type(ids_l[i]) is str and ids_l[i].isascii() and ids_l[i].isdigit() and len(ids_l[i]) < 19]
+    skipped = np.setdiff1d(np.concatenate([skipped, np.array(digits, dtype=np.int64)]), ids[kept])
     return _Images(ids=ids[order], heights=heights[order].astype(np.int32), widths=widths[order].astype(np.int32),
                    names=[names_l[i] for i in order.tolist()], skipped_ids=skipped)
 
