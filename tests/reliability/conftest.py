@@ -42,3 +42,15 @@ def copy_of(tmp_path: Path) -> Callable[[Path], Path]:
         return dst
 
     return copy
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread (the measured tolerances of the precision tests were taken so; tiny models gain
+    nothing from a second thread on a shared 2-core machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
