@@ -16,11 +16,12 @@ deleted when the new one is written. :func:`index_cache_dir` gives the default f
 :data:`INDEX_CACHE_MIN_BYTES` (smaller ones are indexed in well under a second);
 ``RESNET_DET_INDEX_CACHE=0`` turns the cache off.
 
-**Format** (never a pickle): 8 magic bytes, the header length (uint64 little endian), a JSON header
-(cache key, categories, ``info``/``licenses``, the validation report, and for each array its dtype, shape and
-offset, plus the CRC-32 of the payload), padding to 64 bytes, then the raw little-endian arrays. Written with
-:func:`resnet_det.common.atomic_write`, so a reader sees the whole file or none. A file that fails any check
-(magic, header, dtypes, sizes, CRC, offsets that do not fit) is rebuilt with a warning.
+**Format** (never a pickle): 8 magic bytes, the header length (uint64) and the header's CRC-32 (uint32, both
+little endian), a JSON header (cache key, categories, ``info``/``licenses``, the validation report, for each
+array its dtype, shape and offset, and the CRC-32 of the payload), padding to 64 bytes, then the raw
+little-endian arrays. Written with :func:`resnet_det.common.atomic_write`, so a reader sees the whole file or
+none. A file that fails any check (magic, CRCs, header, dtypes from a fixed list, sizes, offsets that do not
+fit together) is rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ __all__ = [
 #: Annotation files smaller than this are not cached by default (indexing them takes well under a second).
 INDEX_CACHE_MIN_BYTES = 8 * 2**20
 
-_MAGIC = b"RDETIDX\x01"
+_MAGIC = b"RDETIDX\x02"
+_PREFIX = 20  # magic, header length, header CRC
 _ALIGN = 64
 _FULL_HASH_BYTES = 64 * 2**20
 _BLOCK = 64 * 2**10
@@ -123,7 +125,7 @@ def cache_path(cache_dir: str | os.PathLike[str], ann_file: str | os.PathLike[st
     """
     path = Path(ann_file).resolve()
     st = path.stat()
-    key = {"format": 1, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+    key = {"format": 2, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
            "content": _content_hash(path, st.st_size), "need_segmentation": bool(need_segmentation),
            "code": _code_hash()}
     prefix = hashlib.blake2b(str(path).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
@@ -159,7 +161,7 @@ def save_index(path: str | os.PathLike[str], index: CocoIndex, key: dict[str, An
             crc = zlib.crc32(memoryview(arr).cast("B"), crc)
             pos = specs[name]["offset"] + arr.nbytes
         text = json.dumps({**header, "crc32": crc}).encode("utf-8")
-        head = _MAGIC + struct.pack("<Q", len(text)) + text
+        head = _MAGIC + struct.pack("<QI", len(text), zlib.crc32(text)) + text
         head += b"\0" * (-len(head) % _ALIGN)
         with open(tmp, "xb") as f:
             f.write(head)
@@ -192,24 +194,27 @@ def load_index(path: str | os.PathLike[str], key: dict[str, Any], *, ann_file: s
     path = Path(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
-    if mm is None or len(mm) < 16 or mm[:8] != _MAGIC:
+    if mm is None or len(mm) < _PREFIX or mm[:8] != _MAGIC:
         raise CacheError("not an index cache file (bad magic)")
-    (hlen,) = struct.unpack("<Q", mm[8:16])
-    if hlen > len(mm) - 16:
+    hlen, hcrc = struct.unpack("<QI", mm[8:_PREFIX])
+    if hlen > len(mm) - _PREFIX:
         raise CacheError("header longer than the file")
+    text = mm[_PREFIX : _PREFIX + hlen]
+    if zlib.crc32(text) != hcrc:
+        raise CacheError("header CRC mismatch")
     try:
-        header = json.loads(mm[16 : 16 + hlen].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
         if not isinstance(header, dict):
             raise TypeError("header is not an object")
         if header.get("key") != key:
             raise CacheError("made for another file or version")
-        start = -(-(16 + hlen) // _ALIGN) * _ALIGN
+        start = -(-(_PREFIX + hlen) // _ALIGN) * _ALIGN
         payload_bytes = int(header["payload_bytes"])
         if start + payload_bytes != len(mm):
             raise CacheError(f"payload of {len(mm) - start} bytes, expected {payload_bytes}")
         crc = zlib.crc32(memoryview(mm)[start:])
         if crc != header["crc32"]:
-            raise CacheError("CRC mismatch")
+            raise CacheError("payload CRC mismatch")
         arrays: dict[str, np.ndarray] = {}
         for name, (dtype, ndim) in INDEX_ARRAYS.items():
             spec = header["arrays"][name]
