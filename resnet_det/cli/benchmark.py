@@ -94,8 +94,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"warm-up {cfg.warmup}, {cfg.iters} timed calls x {cfg.repeats} repeats (interleaved), memory: "
           f"{cfg.memory_method}")
     print(HEADER)
-    results = run_benchmark(**settings)
+    failures: list[dict[str, str]] = []
+    results = run_benchmark(**settings, failures=failures)
     for line in speedups(results):
         print(line)
-    print(f"wrote {write_json(results, args.json, env, cfg)}")
+    print(f"wrote {write_json(results, args.json, env, cfg, failures)}")
+    if failures:
+        print(f"{len(failures)} variant(s) failed: " + "; ".join(f"{f['model']} {f['mode']} batch {f['batch']}"
+                                                            for f in failures))
     return 0

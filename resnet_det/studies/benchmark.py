@@ -507,8 +507,11 @@ def measure_memory_subprocess(cfg: BenchConfig, arch: str, variant: str, mode: s
 
 # --------------------------------------------------------------------------------------------- run
 def _measure(cfg: BenchConfig, arch: str, dtype: str, mode: str, batch: int, device: torch.device,
-             log: Callable[[str], None]) -> list[Result]:
-    """Builds the variants of one (arch, dtype, mode, batch), warms each up, times them interleaved."""
+             log: Callable[[str], None], failures: list[dict[str, str]] | None = None) -> list[Result]:
+    """Builds the variants of one (arch, dtype, mode, batch), warms each up, times them interleaved.
+
+    A variant that fails to build or to run its warm-up is logged and listed in `failures` (the others are
+    still measured), so that one unsupported setting does not cost a whole run's figures."""
     images, targets = make_inputs(batch, cfg.height, cfg.width, device, cfg.boxes_per_image, seed=cfg.seed)
     shared = _tensor_bytes(images, targets if mode == "train" else None)
     cuda_mem = device.type == "cuda" and cfg.memory_method == "inprocess"
@@ -518,13 +521,21 @@ def _measure(cfg: BenchConfig, arch: str, dtype: str, mode: str, batch: int, dev
         if device.type == "cuda":
             torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device) if cuda_mem else 0
-        (v,) = build_variants(arch, [name], cfg, device, dtype, mode)
-        fn = (_train_step(v.model, images, targets, device, dtype) if mode == "train"
-              else _infer_call(v, images, device, dtype))
-        out = None
-        for _ in range(cfg.warmup):
-            out = fn()
-        _sync(device)
+        try:
+            (v,) = build_variants(arch, [name], cfg, device, dtype, mode)
+            fn = (_train_step(v.model, images, targets, device, dtype) if mode == "train"
+                  else _infer_call(v, images, device, dtype))
+            out = None
+            for _ in range(cfg.warmup):
+                out = fn()
+            _sync(device)
+        except Exception as e:  # reported, and the other variants still run
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+            log(f"{name:<15} {arch:<9} {mode:<6} {dtype:<5} {batch:>5} FAILED: {message}")
+            if failures is not None:
+                failures.append({"model": name, "arch": arch, "mode": mode, "dtype": dtype, "batch": str(batch),
+                                 "error": message})
+            continue
         if mode == "train":
             losses[name] = float(out)
         else:
@@ -566,19 +577,20 @@ def config_from_settings(*, archs: Sequence[str], dtypes: Sequence[str], device:
                        modes=tuple(modes), memory=memory, **more)
 
 
-def run(config: BenchConfig | None = None, *, log: Callable[[str], None] = print, **settings: Any) -> list[Result]:
+def run(config: BenchConfig | None = None, *, log: Callable[[str], None] = print,
+        failures: list[dict[str, str]] | None = None, **settings: Any) -> list[Result]:
     """Measures every (arch, dtype, mode, batch) of `config` (or of `config_from_settings(**settings)`);
-    returns the rows (also logged as they come)."""
+    returns the rows (also logged as they come). Variants that fail are logged and appended to `failures`."""
     cfg = config if config is not None else config_from_settings(**settings)
     device = torch.device(cfg.device)
     results: list[Result] = []
     for arch in cfg.archs:
         for dtype in cfg.dtypes:
             if "train" in cfg.modes:
-                results += _measure(cfg, arch, dtype, "train", cfg.train_batch, device, log)
+                results += _measure(cfg, arch, dtype, "train", cfg.train_batch, device, log, failures)
             if "infer" in cfg.modes:
                 for b in cfg.infer_batches:
-                    results += _measure(cfg, arch, dtype, "infer", b, device, log)
+                    results += _measure(cfg, arch, dtype, "infer", b, device, log, failures)
     return results
 
 
@@ -675,8 +687,9 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def write_json(results: Sequence[Result], path: str | Path, env: dict[str, Any],
-               config: BenchConfig | None = None) -> Path:
-    """Writes the environment, the settings, the rows and the comparisons as JSON; returns the path."""
+               config: BenchConfig | None = None, failures: Sequence[dict[str, str]] = ()) -> Path:
+    """Writes the environment, the settings, the rows, the comparisons and the failed variants as JSON;
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -685,7 +698,8 @@ def write_json(results: Sequence[Result], path: str | Path, env: dict[str, Any],
         d["side"] = r.side
         rows.append(d)
     data = {"environment": env, "config": asdict(config) if config is not None else None, "results": rows,
-            "comparisons": [asdict(c) for c in comparisons(results)], "speedups": speedups(results)}
+            "comparisons": [asdict(c) for c in comparisons(results)], "speedups": speedups(results),
+            "failures": list(failures)}
     path.write_text(json.dumps(data, indent=2))
     return path
 

@@ -125,3 +125,24 @@ def test_bad_settings_are_refused_with_every_problem_named() -> None:
         bm.BenchConfig(models=("yolo",), memory="inprocess", device="cpu")
     with pytest.raises(ValueError, match="repeats=0"):
         bm.BenchConfig(repeats=0)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_failing_variant_is_reported_and_the_others_still_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    build = bm.build_variants
+
+    def failing(arch, names, *args, **kwargs):
+        if names == ["torchvision-cl"]:
+            raise RuntimeError("no kernel for this setting\nmore detail")
+        return build(arch, names, *args, **kwargs)
+
+    monkeypatch.setattr(bm, "build_variants", failing)
+    cfg = bm.BenchConfig(**{**TINY, "infer_batches": (1,), "repeats": 1}, models=("ours", "torchvision-cl"),
+                         modes=("infer",))
+    failures: list[dict[str, str]] = []
+    lines: list[str] = []
+    rows = bm.run(cfg, log=lines.append, failures=failures)
+    assert [r.model for r in rows] == ["ours"]
+    assert failures == [{"model": "torchvision-cl", "arch": "R18-FPN", "mode": "infer", "dtype": "fp32", "batch": "1",
+                         "error": "RuntimeError: no kernel for this setting"}]
+    assert any("torchvision-cl" in line and "FAILED: RuntimeError" in line for line in lines)
