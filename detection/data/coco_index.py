@@ -216,7 +216,8 @@ INDEX_ARRAYS: dict[str, tuple[str, int]] = {
     "image_id": ("<i8", 1), "height": ("<i4", 1), "width": ("<i4", 1),
     "file_name_start": ("<i8", 1), "file_name_bytes": ("|u1", 1), "ann_start": ("<i8", 1),
     "ann_id": ("<i8", 1), "category_id": ("<i8", 1), "bbox": ("<f8", 2), "area": ("<f8", 1),
-    "iscrowd": ("|u1", 1), "poly_start": ("<i8", 1), "coord_start": ("<i8", 1), "coords": ("<f8", 1),
+    "iscrowd": ("|u1", 1), "poly_first": ("<i8", 1), "poly_count": ("<i4", 1), "coord_start": ("<i8", 1),
+    "coords": ("<f8", 1),
     "rle_start": ("<i8", 1), "rle_bytes": ("|u1", 1),
 }
 
@@ -227,10 +228,11 @@ class CocoIndex:
 
     Images are sorted by id; annotations are grouped by image (in that order) and keep their file order
     within an image. ``*_start`` arrays are offsets with one more entry than the things they index: the
-    annotations of image ``i`` are ``ann_start[i]:ann_start[i + 1]``, the polygons of annotation ``a``
-    ``poly_start[a]:poly_start[a + 1]``, the coordinates of polygon ``p``
+    annotations of image ``i`` are ``ann_start[i]:ann_start[i + 1]``, the coordinates of polygon ``p``
     ``coords[coord_start[p]:coord_start[p + 1]]`` (x0, y0, x1, y1, ...), the compressed RLE counts of
-    annotation ``a`` ``rle_bytes[rle_start[a]:rle_start[a + 1]]`` (empty when it has none).
+    annotation ``a`` ``rle_bytes[rle_start[a]:rle_start[a + 1]]`` (empty when it has none). The polygons stay
+    in file order (so that they are copied out of the parsed JSON in memory order, and never reordered):
+    annotation ``a`` has polygons ``poly_first[a]`` to ``poly_first[a] + poly_count[a] - 1``.
 
     Attributes:
         arrays: Name -> array, the keys of :data:`INDEX_ARRAYS`.
@@ -269,7 +271,8 @@ class CocoIndex:
 
     def polygons(self, a: int) -> list[np.ndarray]:
         """The polygons of annotation ``a`` (``float64`` views, x0, y0, x1, y1, ...)."""
-        ps, pe = self.arrays["poly_start"][a : a + 2]
+        ps = int(self.arrays["poly_first"][a])
+        pe = ps + int(self.arrays["poly_count"][a])
         cs = self.arrays["coord_start"]
         coords = self.arrays["coords"]
         return [coords[cs[p] : cs[p + 1]] for p in range(ps, pe)]
@@ -321,14 +324,17 @@ class CocoIndex:
         for name in ("height", "width"):
             if len(a[name]) != n:
                 raise ValueError(f"{name!r} has {len(a[name])} entries for {n} images")
-        for name in ("category_id", "area", "iscrowd"):
+        for name in ("category_id", "area", "iscrowd", "poly_first", "poly_count"):
             if len(a[name]) != m:
                 raise ValueError(f"{name!r} has {len(a[name])} entries for {m} annotations")
         if a["bbox"].shape != (m, 4):
             raise ValueError(f"'bbox' has shape {a['bbox'].shape} for {m} annotations")
         offsets("file_name_start", n, len(a["file_name_bytes"]))
         offsets("ann_start", n, m)
-        offsets("poly_start", m, len(a["coord_start"]) - 1)
+        first, count = a["poly_first"], a["poly_count"]
+        if m and (int(first.min()) < 0 or int(count.min()) < 0
+                  or int((first + count).max()) > len(a["coord_start"]) - 1):
+            raise ValueError("polygon ranges 'poly_first'/'poly_count' do not fit")
         offsets("coord_start", len(a["coord_start"]) - 1, len(a["coords"]))
         offsets("rle_start", m, len(a["rle_bytes"]))
 
@@ -775,14 +781,13 @@ def _clean_annotations(anns: list[Any], img: _Images, cat_ids: np.ndarray, need_
     clipped_box = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
     del x, y, bw, bh, x0, y0, x1, y1
 
-    # ---- segmentations of the annotations still valid, visited grouped by image (the final order), so that
-    # their coordinates come out in place
+    # ---- segmentations of the annotations still valid, read in file order (memory order: several times
+    # faster than jumping around the parsed JSON)
     cand = np.flatnonzero(reason == 0)
-    cand = cand[np.argsort(pos[cand], kind="stable")]
     seg_types = set(map(type, segm_l))
     is_list = np.ones(n, bool) if seg_types == {list} else np.fromiter((type(v) is list for v in segm_l), bool, n)
     poly_idx = cand[is_list[cand]]
-    seg_lists = [segm_l[i] for i in poly_idx.tolist()]
+    seg_lists = segm_l if len(poly_idx) == n else [segm_l[i] for i in poly_idx.tolist()]
     npoly = np.fromiter(map(len, seg_lists), np.int64, len(seg_lists))
     polys = list(chain.from_iterable(seg_lists))
     del seg_lists
@@ -921,18 +926,22 @@ def _clean_annotations(anns: list[Any], img: _Images, cat_ids: np.ndarray, need_
     # everything Python-side has been read: drop the columns (and with them the parsed JSON values)
     del aid_l, iid_l, cid_l, box_l, crowd_l, area_l, segm_l, kinds_of_entries
 
-    # ---- the arrays, grouped by image (``cand`` is in that order)
-    order = cand[keep[cand]]
+    # ---- the arrays: annotations grouped by image, polygons kept in file order
+    keep_idx = np.flatnonzero(keep)
+    order = keep_idx[np.argsort(pos[keep_idx], kind="stable")]
     img_of = pos[order]
     poly_keep = poly_ok & keep[poly_ann]
     if not poly_keep.all():
         coords = coords[np.repeat(poly_keep[ptype_ok], plen[ptype_ok])]
+    kept_polys = np.bincount(poly_ann[poly_keep], minlength=n)
+    first_kept = np.cumsum(kept_polys) - kept_polys
     rle_list = [rle_of.get(i, b"") for i in order.tolist()] if rle_of else []
     return {
         "ann_start": _offsets(np.bincount(img_of, minlength=nimg)),
         "ann_id": aid[order], "category_id": cid[order], "bbox": np.ascontiguousarray(box[order]),
         "area": area[order], "iscrowd": crowd[order],
-        "poly_start": _offsets(good_polys[order]), "coord_start": _offsets(plen[poly_keep]), "coords": coords,
+        "poly_first": first_kept[order], "poly_count": kept_polys[order].astype(np.int32),
+        "coord_start": _offsets(plen[poly_keep]), "coords": coords,
         "rle_start": _offsets([len(r) for r in rle_list]) if rle_of else np.zeros(len(order) + 1, np.int64),
         "rle_bytes": np.frombuffer(b"".join(rle_list), np.uint8).copy(),
     }

@@ -125,7 +125,7 @@ def cache_path(cache_dir: str | os.PathLike[str], ann_file: str | os.PathLike[st
     """
     path = Path(ann_file).resolve()
     st = path.stat()
-    key = {"format": 2, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+    key = {"format": 3, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
            "content": _content_hash(path, st.st_size), "need_segmentation": bool(need_segmentation),
            "code": _code_hash()}
     prefix = hashlib.blake2b(str(path).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
