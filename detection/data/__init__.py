@@ -4,11 +4,16 @@ Conventions (torchvision's detector I/O): an image is a ``float32 [3, H, W]`` RG
 ``[0, 1]``; a target holds ``boxes`` (``float32 [K, 4]``, xyxy, absolute pixels), ``labels``
 (``int64 [K]``, 1..num_classes, 0 = background), ``image_id`` (int), ``orig_size`` ((H, W) on disk),
 optional ``masks`` (``uint8 [K, H, W]``) and ``sem_seg`` (``int64 [H, W]``, 255 = ignore).
+
+COCO files are validated into a columnar index (:mod:`.coco_index`), cached per annotation file
+(:mod:`.index_cache`: one process per machine builds it, the other ranks and later runs load it).
 """
 
 from .build import TrainLoader, build_test_loader, build_train_loader, collate, sample_seed
 from .coco import BOX_CLIP_TOLERANCE, CocoDetection, DatasetError, DatasetReport
+from .coco_index import CocoIndex, build_index
 from .images import ImageLoadError, load_image
+from .index_cache import index_cache_dir
 from .samplers import GroupedBatchSampler, InferenceSampler, default_rank_world_size
 from .shapes import (
     DEFAULT_CLASSES,
@@ -35,6 +40,7 @@ __all__ = [
     "DEFAULT_CLASSES",
     "SHAPE_CLASSES",
     "CocoDetection",
+    "CocoIndex",
     "DatasetError",
     "DatasetReport",
     "DetectionTransforms",
@@ -48,6 +54,7 @@ __all__ = [
     "ShorterSideResize",
     "TrainLoader",
     "boxes_from_masks",
+    "build_index",
     "build_test_loader",
     "build_train_loader",
     "build_transforms",
@@ -55,6 +62,7 @@ __all__ = [
     "default_cache_root",
     "default_rank_world_size",
     "ensure_shapes",
+    "index_cache_dir",
     "load_image",
     "make_shapes",
     "sample_seed",
