@@ -13,7 +13,8 @@ Invariants (each proven by the test named):
   the model and the loader; hooks consume none (evaluation restores the RNG states). Proof:
   tests/engine/test_trainer.py::test_resume_continues_exactly_like_an_uninterrupted_run,
   test_cuda.py::test_resume_on_cuda_is_exact_including_the_cuda_rng, test_distributed.py (per-rank
-  loader position and RNG state).
+  loader position and RNG state); on the real stack (the command, the real loader with workers), killed
+  inside a checkpoint write: tests/reliability/test_kill_during_checkpoint.py, test_ddp_failure.py.
 - No host-device synchronisation in a step: the losses are summed and the first non-finite step is
   tracked with device ops (:class:`LossRecorder`); they are read once per logging period.
   Proof: test_cuda.py::test_training_steps_do_not_synchronise_with_the_host.
@@ -24,7 +25,9 @@ Invariants (each proven by the test named):
 - Every process takes the same decisions at the same iterations, so collectives never deadlock: a
   stop is requested locally and agreed through the logging all-reduce (:meth:`Trainer.request_stop`).
   Proof: test_distributed.py (a NaN, and a time limit, on one of two ranks stop both at the same
-  iteration), test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so.
+  iteration), test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so. A process that
+  dies or hangs is not a decision: the others fail within train.dist_timeout_minutes with one line
+  (tests/reliability/test_ddp_failure.py).
 - Evaluation does not change the RNG trajectory.
   Proof: test_trainer.py::test_evaluation_does_not_change_the_training_trajectory.
 - Ctrl-C during a step is deferred to its end; the checkpoint written on the way out is an exact
