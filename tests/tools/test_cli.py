@@ -240,3 +240,14 @@ def test_paper_study_command_refuses_an_unknown_config(tmp_path: Path, capsys: p
                  "--output-dir", str(tmp_path / "s")]) == 2
     assert "paper/faster_rcnn_R_101_C4" in _one_error_line(capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_is_exit_130_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from resnet_det.cli import _library
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_library, "train", interrupted)
+    assert main(["train", NAME, *OVERRIDES]) == 130
+    assert capsys.readouterr().err == "resnet-det train: interrupted\n"

@@ -65,3 +65,28 @@ def test_missing_coco_root_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     code = _tool().main([CONFIG, f"data.root={tmp_path / 'no_coco'}", "train.device=cpu",
                          f"train.output_dir={tmp_path / 'o'}"])
     assert code == 2 and "data.root" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_is_exit_3_with_one_line_naming_the_iteration_and_the_last_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import detection.engine.trainer as trainer_module
+
+    real = trainer_module._as_scalar_losses
+    calls = []
+
+    def nan_at_the_third_step(loss_dict):
+        calls.append(1)
+        losses = real(loss_dict)
+        if len(calls) == 3:
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer_module, "_as_scalar_losses", nan_at_the_third_step)
+    monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert _tool().main([CONFIG, *_tiny(out, 4), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert "Traceback" not in err and line.startswith("train.py: error: non-finite loss at iteration 3"), line
+    assert "loss_cls=nan" in line and "the last good checkpoint is 'model_0000002'" in line, line
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000002"
