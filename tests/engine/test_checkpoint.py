@@ -348,6 +348,9 @@ _WRITER = textwrap.dedent(
 
 
 def test_sigkill_while_saving_leaves_the_last_complete_checkpoint_loadable(tmp_path):
+    """Kills at random moments (wherever they land): whatever is on disk afterwards loads and is consistent.
+    The kills at each point of a write, proven to have landed there and resumed exactly, are
+    tests/reliability/test_kill_during_checkpoint.py."""
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
     rng = random.Random(1234)
