@@ -136,12 +136,15 @@ class FPN(Backbone):
         last_inner = self.lateral[-1](inputs[-1])
         results = [self.output[-1](last_inner)]
         for i in range(len(inputs) - 2, -1, -1):
-            lateral = self.lateral[i](inputs[i])
             # Upsample to the lateral's exact size (not a fixed x2) so inputs of any size work.
-            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
-            # The lateral conv's output is a fresh tensor (autograd needs neither it nor top_down): add in
-            # place, one full-resolution allocation fewer per level.
-            last_inner = lateral.add_(top_down)
+            top_down = F.interpolate(last_inner, size=inputs[i].shape[-2:], mode="nearest")
+            conv = self.lateral[i]
+            if isinstance(conv, Conv2d) and conv.fused_inference and conv.can_fuse(inputs[i]):
+                last_inner = conv.forward_fused(inputs[i], add=top_down)  # CPU inference: conv + add at once
+            else:
+                # The lateral conv's output is a fresh tensor (autograd needs neither it nor top_down): add in
+                # place, one full-resolution allocation fewer per level.
+                last_inner = conv(inputs[i]).add_(top_down)
             results.insert(0, self.output[i](last_inner))
         if self.top_block is not None:
             results.extend(self.top_block(results[-1], inputs[-1]))

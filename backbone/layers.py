@@ -103,12 +103,28 @@ def check_norm(norm: NormSpec) -> None:
         raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS} or a callable channels -> nn.Module")
 
 
+_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
+
+
+def _fusable_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype a fused CPU convolution computes in (autocast's, else the input's), None if unsupported."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` that carries its normalisation and activation.
 
     Keeping the norm inside the convolution module (state-dict key `<conv>.norm.*`) makes folding a
     frozen BN into the convolution a local rewrite, and keeps the keys stable across norm choices.
+
+    With `fused_inference` (set by `enable_fused_inference`, after folding), inference on a CPU runs the
+    convolution, its bias, the ReLU and, for residual blocks and FPN laterals, the addition that follows
+    as one oneDNN kernel (`torch.ops.mkldnn._convolution_pointwise`): the same arithmetic in fp32 without
+    separate passes over the activations (under bf16 autocast the sum is rounded once instead of twice).
     """
+
+    fused_inference: bool = False
 
     def __init__(self, *args, norm: nn.Module | None = None, activation: nn.Module | None = None,
                  **kwargs) -> None:
@@ -116,7 +132,43 @@ class Conv2d(nn.Conv2d):
         self.norm = norm if norm is not None else nn.Identity()
         self.activation = activation if activation is not None else nn.Identity()
 
+    def can_fuse(self, x: Tensor) -> bool:
+        """True when this call can take the fused CPU inference path."""
+        # (not under torch.compile: the fused oneDNN ops have no fake-tensor kernels; inductor fuses by itself)
+        return (self.fused_inference and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+                and not torch.compiler.is_compiling()
+                and not torch.is_grad_enabled() and isinstance(self.norm, nn.Identity)
+                and isinstance(self.activation, nn.Identity | nn.ReLU) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and _fusable_dtype(x) is not None and _MKLDNN)
+
+    def _params_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias in `dtype`, the cast cached (autocast would cast them at every call)."""
+        if dtype == self.weight.dtype:
+            return self.weight, self.bias
+        key = (dtype, self.weight.data_ptr(), self.weight._version,
+               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        cached = self.__dict__.get("_cast_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight.detach().to(dtype), None if self.bias is None else self.bias.detach().to(dtype))
+            self.__dict__["_cast_cache"] = cached  # a plain attribute: never in the state dict
+        return cached[1], cached[2]
+
+    def forward_fused(self, x: Tensor, add: Tensor | None = None, relu: bool | None = None) -> Tensor:
+        """`activation(conv(x) + bias)`, or with `add`: `relu?(conv(x) + bias + add)` (`relu` default: the
+        module's activation), as one kernel. Call only when `can_fuse(x)`."""
+        dtype = _fusable_dtype(x)
+        w, b = self._params_in(dtype)
+        x = x.to(dtype)
+        relu = isinstance(self.activation, nn.ReLU) if relu is None else relu
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, w, b, *geometry, "relu" if relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add.to(dtype), w, b, *geometry, "add", None,
+                                                              "relu" if relu else None, [], "")
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_inference and self.can_fuse(x):
+            return self.forward_fused(x)
         if self.training and isinstance(self.norm, FrozenBatchNorm2d):
             # Frozen BN is an affine map of the conv's output channels: fold it into the (possibly
             # trainable) weights on the fly, conv(x, W * s) + b, instead of two extra passes over the
@@ -154,6 +206,19 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
             else:
                 m.bias.copy_(b.to(m.bias.dtype))
             m.norm = nn.Identity()
+            count += 1
+    return count
+
+
+def enable_fused_inference(module: nn.Module, enabled: bool = True) -> int:
+    """Let every `Conv2d` of ours in `module` whose norm is gone (folded, or none) fuse its bias, ReLU and
+    residual addition into one oneDNN kernel at CPU inference (see `Conv2d`). Training, autograd and other
+    devices keep the plain path. Returns the number of convolutions enabled."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, Conv2d) and isinstance(m.norm, nn.Identity):
+            m.fused_inference = enabled
+            m.__dict__.pop("_cast_cache", None)
             count += 1
     return count
 

@@ -57,6 +57,11 @@ class BasicBlock(nn.Module):
                             norm=get_norm(norm, out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        projected_or_identity = self.shortcut is not None or (not self.pad_shortcut and self.shortcut_stride == 1)
+        if self.use_shortcut and projected_or_identity and self.conv2.fused_inference and self.conv2.can_fuse(x):
+            # CPU inference after folding: conv2 + bias + shortcut + ReLU as one kernel (see Conv2d)
+            sc = self.shortcut(x) if self.shortcut is not None else x
+            return self.conv2.forward_fused(self.conv1(x), add=sc, relu=True)
         out = self.conv2(self.conv1(x))  # a fresh tensor: the in-place add and ReLU below are safe
         if self.use_shortcut:
             if self.shortcut is not None:
@@ -93,6 +98,10 @@ class BottleneckBlock(nn.Module):
         self.conv3 = Conv2d(bottleneck_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_shortcut and self.conv3.fused_inference and self.conv3.can_fuse(x):
+            # CPU inference after folding: conv3 + bias + shortcut + ReLU as one kernel (see Conv2d)
+            sc = self.shortcut(x) if self.shortcut is not None else x
+            return self.conv3.forward_fused(self.conv2(self.conv1(x)), add=sc, relu=True)
         # conv3's output is a fresh tensor (conv, norm): adding the shortcut and the ReLU in place saves
         # two passes over memory per block (measurable on CPUs), and autograd needs neither input.
         out = self.conv3(self.conv2(self.conv1(x)))

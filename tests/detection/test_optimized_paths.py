@@ -172,3 +172,42 @@ def test_cuda_graph_predictor_gives_the_eager_detections(dtype: str) -> None:
         _check_same([{k: v.cpu() for k, v in r.items()} for r in ref],
                     [{k: v.cpu() for k, v in o.items()} for o in got])
     assert predictor.fallbacks == 0
+
+
+# ------------------------------------------------------------------------------ fused CPU convolutions
+@pytest.mark.parametrize("depth", [18, 50])
+def test_fused_cpu_inference_gives_the_unfused_features(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folded BN + conv, bias, ReLU and residual / FPN additions as one oneDNN kernel: the same maps."""
+    from backbone import FPN, FrozenBatchNorm2d, ResNet
+    from backbone.layers import Conv2d, enable_fused_inference, fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    net = FPN(ResNet(depth, width=8, norm="FrozenBN", out_features=("res2", "res3", "res4", "res5")),
+              out_channels=16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        fold_frozen_batchnorm(net)
+        net.to(memory_format=torch.channels_last)
+        x = torch.rand(2, 3, 96, 128).contiguous(memory_format=torch.channels_last)
+        ref = net(x)
+        assert enable_fused_inference(net) > 10
+        calls = []
+        fused = Conv2d.forward_fused
+        monkeypatch.setattr(Conv2d, "forward_fused", lambda self, *a, **k: calls.append(k) or fused(self, *a, **k))
+        got = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16 = {k: v.float() for k, v in net(x).items()}
+    assert len(calls) > 10 and any("add" in k for k in calls), "the fused kernels ran, residual adds included"
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)
+        scale = ref[k].abs().max()
+        assert (ref_bf16[k] - ref[k]).abs().max() <= 0.05 * scale, f"{k}: bf16 autocast stays close"
+    calls.clear()
+    net.train()
+    loss = sum(v.sum() for v in net(x.requires_grad_()).values())
+    loss.backward()
+    assert not calls and x.grad is not None, "training and autograd take the plain path"
