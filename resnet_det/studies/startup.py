@@ -352,6 +352,7 @@ def run(*, images: int = 118287, instances: int = 860001, seed: int = 0, repeats
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     say = progress or (lambda _line: None)
+    load_before = machine().get("load_average")
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,8 @@ def run(*, images: int = 118287, instances: int = 860001, seed: int = 0, repeats
                 say(f"  {_LABELS[mode]:<24} {row['seconds']:7.2f} s   peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB")
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"file": {**file_info, "path": str(path) if ann_file is not None else path.name, "seed": seed},
-            "repeats": repeats, "runs": runs, "summary": summarize(runs), "machine": machine(),
+            "repeats": repeats, "runs": runs, "summary": summarize(runs),
+            "machine": {**machine(), "load_average_before": load_before},
             "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "parent_peak_rss_bytes": parent,
             "note": "peak RSS is ru_maxrss of each child; it equals VmHWM when the parent (parent_peak_rss_bytes) "
