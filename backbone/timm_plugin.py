@@ -39,7 +39,7 @@ from .layers import get_norm
 from .registry import BACKBONES, build_backbone
 from .resnet import CifarResNet, ResNet
 from .vgg import VGG, VGG_OUTPUTS, VGGFCHead
-from .weights import WeightsError, to_classifier_layout
+from .weights import WeightsError, read_state_dict, to_classifier_layout
 
 __all__ = ["PREFIX", "TimmClassifier", "register_timm_models", "timm_name"]
 
@@ -264,6 +264,12 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from timm.models._builder import build_model_with_cfg
 
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        if pretrained and overlay.get("file") and not overlay.get("state_dict"):
+            # timm's route, read by our weights-only reader: a damaged or crafted file is a one-line
+            # WeightsError naming it (timm's own reader raises torch's multi-line message without the path).
+            sd = read_state_dict(overlay["file"])
+            kwargs["pretrained_cfg_overlay"] = {**{k: v for k, v in overlay.items() if k != "file"}, "state_dict": sd}
         return build_model_with_cfg(
             TimmClassifier, variant, pretrained, name=name, pretrained_filter_fn=_filter_fn,
             feature_cfg={"feature_cls": "getter"}, **kwargs,

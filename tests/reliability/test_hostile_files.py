@@ -139,10 +139,10 @@ def test_torchvision_and_timm_routes_never_unpickle_the_payload(tmp_path, marker
     with pytest.raises(WeightsError, match=rf"{TORCHVISION_COCO} is damaged or not the published file") as err:
         detection.fasterrcnn_resnet50_fpn(weights="COCO_V1")
     assert str(cached) in str(err.value) and not marker.exists()
-    # timm's own route (pretrained_cfg_overlay=dict(file=...)) loads with weights_only=True as well; its
-    # error is timm's and does not name the file (timm's code, reported as such).
+    # timm's own route (pretrained_cfg_overlay=dict(file=...)): our entrypoints read the file with the
+    # project's weights-only reader, so the error names it.
     evil = _craft(tmp_path / "evil.pth", marker)
-    with pytest.raises(RuntimeError, match="weights_only=True blocked loading"):
+    with pytest.raises(WeightsError, match=r"evil\.pth.*pickled"):
         timm.create_model("resnetdet_resnet18", pretrained=True, pretrained_cfg_overlay={"file": str(evil)})
     assert not marker.exists()
 
