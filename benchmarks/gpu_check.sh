@@ -45,7 +45,7 @@ if [ "$DEV" != cpu ]; then
   step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/detection/test_optimized_paths.py
 fi
 # Inference first: the new paths (static shapes + CUDA graph) are the least proven.
-bench infer_fp32 110 --arch $IARCH --dtype fp32 --modes infer --infer-batch $IB \
+bench infer_fp32 150 --arch $IARCH --dtype fp32 --modes infer --infer-batch $IB \
   --models ours ours-prepared ours-static torchvision torchvision-cl
 bench train_bf16 90 --arch $TARCH --dtype bf16 --modes train --train-batch $B --models ours torchvision
 bench train_bf16_cl_compile 200 --arch $TARCH --dtype bf16 --modes train --train-batch $B --models ours torchvision \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -41,6 +42,53 @@ def to_contiguous_nchw(x: Tensor) -> Tensor:
     for i in range(n):
         out[i].view(c, h * w).copy_(x[i].permute(1, 2, 0).reshape(h * w, c).t())
     return out
+
+
+def _channel_chunks(channels: int, workers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * channels / workers) for i in range(workers + 1)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+class _ChannelParallelRoIAlign(torch.autograd.Function):
+    """torchvision's RoIAlign, forward and backward, on channel slices spread over threads (CPU training).
+
+    torchvision's CPU kernels run on one core, and its backward (scattering into the feature gradient)
+    cannot be split by boxes without races; channels are independent in both directions, so each thread
+    takes a slice of them: the same arithmetic per channel, hence the same values, on every core."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rois: Tensor, output_size: int, scale: float, sampling_ratio: int,
+                aligned: bool) -> Tensor:
+        workers = torch.get_num_threads()
+        n, c, h, w = x.shape
+        out = x.new_empty((rois.shape[0], c, output_size, output_size))
+
+        def job(c0: int, c1: int) -> None:
+            with torch.no_grad():  # grad mode is per thread
+                out[:, c0:c1] = torch.ops.torchvision.roi_align(x[:, c0:c1], rois, scale, output_size, output_size,
+                                                                sampling_ratio, aligned)
+
+        for f in [_executor(workers).submit(job, a, b) for a, b in _channel_chunks(c, workers)]:
+            f.result()
+        ctx.save_for_backward(rois)
+        ctx.geometry = (n, c, h, w, output_size, scale, sampling_ratio, aligned)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (rois,) = ctx.saved_tensors
+        n, c, h, w, size, scale, sampling_ratio, aligned = ctx.geometry
+        grad_x = grad.new_empty((n, c, h, w))
+        workers = torch.get_num_threads()
+
+        def job(c0: int, c1: int) -> None:
+            with torch.no_grad():
+                grad_x[:, c0:c1] = torch.ops.torchvision._roi_align_backward(
+                    grad[:, c0:c1].contiguous(), rois, scale, size, size, n, c1 - c0, h, w, sampling_ratio, aligned)
+
+        for f in [_executor(workers).submit(job, a, b) for a, b in _channel_chunks(c, workers)]:
+            f.result()
+        return grad_x, None, None, None, None, None
 
 
 class RoIPooler(nn.Module):
@@ -111,6 +159,10 @@ class RoIPooler(nn.Module):
         if self.pooler_type == "roi_pool":
             return roi_pool(x, rois, self.output_size, scale)
         aligned = self.pooler_type == "roi_align_v2"
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad and torch.get_num_threads() > 1
+                and rois.shape[0] >= 2 * _MIN_BOXES_PER_CHUNK and x.dim() == 4 and x.shape[1] > 1
+                and not torch.compiler.is_compiling()):
+            return _ChannelParallelRoIAlign.apply(x, rois, self.output_size, scale, self.sampling_ratio, aligned)
         return roi_align(x, rois, self.output_size, scale, self.sampling_ratio, aligned=aligned)
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:

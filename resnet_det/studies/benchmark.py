@@ -655,11 +655,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _command() -> str:
+    """The command line as typed: `resnet-det benchmark ...`, `python -m resnet_det benchmark ...`."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    head = Path(sys.argv[0])
+    words = ["python", "-m", head.parent.name] if head.name == "__main__.py" else [head.name]
+    return shlex.join([*words, *sys.argv[1:]])
+
+
 def environment(device: str) -> dict[str, Any]:
     """What the figures were measured on and with: versions, device, threads, speed-relevant variables."""
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        "command": _command(),
         "argv": list(sys.argv),
         "cwd": os.getcwd(),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),

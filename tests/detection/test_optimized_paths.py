@@ -211,3 +211,43 @@ def test_fused_cpu_inference_gives_the_unfused_features(depth: int, monkeypatch:
     loss = sum(v.sum() for v in net(x.requires_grad_()).values())
     loss.backward()
     assert not calls and x.grad is not None, "training and autograd take the plain path"
+
+
+# ------------------------------------------------------------------------- threaded RoIAlign (CPU)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(aligned: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.ops import roi_align
+
+    import detection.poolers as poolers
+    from detection.poolers import RoIPooler
+
+    calls = []
+    apply = poolers._ChannelParallelRoIAlign.apply
+    monkeypatch.setattr(poolers._ChannelParallelRoIAlign, "apply", lambda *a: calls.append(1) or apply(*a))
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 12, 40, 48, generator=g), torch.randn(2, 12, 20, 24, generator=g)]
+    xy = torch.rand(150, 2, generator=g) * 150
+    boxes = torch.cat([xy, xy + torch.rand(150, 2, generator=g) * 120 + 1], dim=1)
+    batch_index = torch.randint(0, 2, (150,), generator=g)
+    pooler = RoIPooler([4, 8], 7, pooler_type="roi_align_v2" if aligned else "roi_align")
+    previous = torch.get_num_threads()
+    results = []
+    for threads in (1, 2):  # 1: torchvision's kernels as they are; 2: channel slices on two threads
+        torch.set_num_threads(threads)
+        try:
+            xs = [f.clone().requires_grad_() for f in feats]
+            out = pooler(xs, boxes, batch_index)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out.detach(), [x.grad for x in xs]))
+        finally:
+            torch.set_num_threads(previous)
+    assert calls, "two threads took the channel-parallel path"
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    level0 = pooler.level_of(boxes) == 0
+    rois = torch.cat([batch_index[:, None].float(), boxes], 1)
+    ref = roi_align(feats[0], rois[level0], 7, 0.25, 2, aligned=aligned)
+    assert torch.equal(o2[level0], ref)
