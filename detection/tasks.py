@@ -21,7 +21,10 @@ def coco_evaluators(iou_types: Sequence[str]) -> EvaluatorsFn:
     """``build_evaluators`` of a task evaluated by COCO AP of ``iou_types`` ("bbox", "segm")."""
 
     def build(dataset: Any, output_dir: Path | None) -> list[DatasetEvaluator]:
-        return [COCOEvaluator(dataset.ann_file, iou_types=tuple(iou_types), label_to_cat_id=dataset.label_to_cat_id,
+        # The dataset's validated ground truth (what the model is evaluated on is what the dataset yields),
+        # not the raw file again: entries the validation skipped (a bbox of strings, a string image id)
+        # must not reach pycocotools.
+        return [COCOEvaluator(dataset.coco, iou_types=tuple(iou_types), label_to_cat_id=dataset.label_to_cat_id,
                               output_dir=output_dir, class_names=dataset.class_names)]
 
     return build

@@ -579,16 +579,19 @@ def test_train_tool_trains_past_skipped_entries(ctx: dict[str, Any], tmp_path: P
     others[0]["id"] = "not a number"
     others[1]["file_name"] = "../../../../etc/passwd"
     (tmp_path / "train.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode("utf-8"))
-    clean = copy.deepcopy(ctx["gt"])  # the evaluator reads the validation file itself: a clean one
-    keep = {im["id"] for im in clean["images"][:2]}
-    clean["images"] = clean["images"][:2]
-    clean["annotations"] = [a for a in clean["annotations"] if a["image_id"] in keep]
-    (tmp_path / "val.json").write_text(json.dumps(clean))
+    # The validation file holds the same bad entries (on fewer images, for speed): the evaluator reads the
+    # dataset's validated ground truth, so pycocotools never sees them either.
+    val = copy.deepcopy(data)
+    keep = boxed | {others[0]["id"], others[1]["id"], others[2]["id"]}
+    val["images"] = [im for im in val["images"] if im["id"] in keep]
+    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in keep]
+    (tmp_path / "val.json").write_text(json.dumps(val))
     code = main(["train", *_tiny_run(tmp_path, "train.json", "val.json")])
     out = capsys.readouterr()
     log = (tmp_path / "run" / "log.txt").read_text()
     assert code == 0 and "Traceback" not in out.err + out.out + log, out.err[-3000:]
-    line = next(x for x in log.splitlines() if "train.json:" in x)
-    for key in ("annotation_invalid_field", "image_bad_id", "image_bad_file_name"):
-        assert f"[{key}]" in line, line
+    for name in ("train.json:", "val.json:"):
+        line = next(x for x in log.splitlines() if name in x)
+        for key in ("annotation_invalid_field", "image_bad_id", "image_bad_file_name"):
+            assert f"[{key}]" in line, line
     assert "3 annotations with an invalid field" in line and "final: bbox/AP" in out.out
