@@ -177,10 +177,13 @@ def test_cuda_graph_predictor_gives_the_eager_detections(dtype: str) -> None:
 # ------------------------------------------------------------------------------ fused CPU convolutions
 @pytest.mark.parametrize("depth", [18, 50])
 def test_fused_cpu_inference_gives_the_unfused_features(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Folded BN + conv, bias, ReLU and residual / FPN additions as one oneDNN kernel: the same maps."""
+    """Folded BN + conv, bias, ReLU and residual / FPN additions as one oneDNN kernel: the same maps in fp32
+    (fused here on purpose: by default only bf16 autocast fuses), close ones under bf16 autocast."""
+    import backbone.layers
     from backbone import FPN, FrozenBatchNorm2d, ResNet
     from backbone.layers import Conv2d, enable_fused_inference, fold_frozen_batchnorm
 
+    monkeypatch.setattr(backbone.layers, "FUSED_DTYPES", (torch.float32, torch.bfloat16))
     torch.manual_seed(0)
     net = FPN(ResNet(depth, width=8, norm="FrozenBN", out_features=("res2", "res3", "res4", "res5")),
               out_channels=16).eval()
@@ -251,3 +254,18 @@ def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(alig
     rois = torch.cat([batch_index[:, None].float(), boxes], 1)
     ref = roi_align(feats[0], rois[level0], 7, 0.25, 2, aligned=aligned)
     assert torch.equal(o2[level0], ref)
+
+
+def test_prepared_models_fuse_under_bf16_autocast_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbone.layers import Conv2d
+
+    model = _model_with_detections().prepare_for_inference()
+    calls = []
+    fused = Conv2d.forward_fused
+    monkeypatch.setattr(Conv2d, "forward_fused", lambda self, *a, **k: calls.append(1) or fused(self, *a, **k))
+    with torch.inference_mode():
+        model(_images())
+        assert not calls, "fp32 keeps the plain path (same speed, no extra weight copies)"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dets = model(_images())
+    assert len(calls) > 10 and all(len(d["boxes"]) > 0 for d in dets)
