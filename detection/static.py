@@ -120,7 +120,7 @@ class StaticPredictor:
     """
 
     def __init__(self, model: FasterRCNN, *, canvas: tuple[int, int] | None = None, dtype: str = "fp32",
-                 cuda_graph: bool | None = None, compile_backbone: bool = False, nms_iterations: int = 24,
+                 cuda_graph: bool | None = None, compile_backbone: bool = False, nms_iterations: int = 16,
                  fixed_iterations: bool | None = None, max_candidates: int = 1000,
                  pooling: str | None = None) -> None:
         if not isinstance(model, FasterRCNN):
@@ -191,8 +191,7 @@ class StaticPredictor:
         """`RPN._proposals` with per-level cluster NMS (the same top-k, decoding, clipping and ordering)."""
         rpn = self.model.rpn
         pre, post = rpn.pre_nms_topk[1], rpn.post_nms_topk[1]
-        boxes_l, probs_l, keep_l = [], [], []
-        ok = torch.ones((), dtype=torch.bool, device=logits.device)
+        boxes_l, probs_l, valid_l = [], [], []
         start = 0
         for n in level_sizes:
             k = min(pre, n)
@@ -202,13 +201,18 @@ class StaticPredictor:
             boxes = rpn.box_coder.decode(deltas.gather(1, i[..., None].expand(-1, -1, 4)), anchors[i])
             boxes = clip_boxes(boxes, image_sizes[:, 0], image_sizes[:, 1])
             probs = torch.sigmoid(s)
-            valid = nonempty(boxes, rpn.min_box_size) & (probs >= rpn.score_thresh)
-            keep, converged = cluster_nms(boxes, valid, rpn.nms_thresh, iterations=iters)
-            ok = ok & converged
             boxes_l.append(boxes)
             probs_l.append(probs)
-            keep_l.append(keep)
-        boxes, probs, keep = torch.cat(boxes_l, 1), torch.cat(probs_l, 1), torch.cat(keep_l, 1)
+            valid_l.append(nonempty(boxes, rpn.min_box_size) & (probs >= rpn.score_thresh))
+        # One NMS for all levels (B, L, K, K), levels padded to the longest with invalid entries: a few kernels
+        # per step instead of a few per level and step.
+        ks = [v.shape[1] for v in valid_l]
+        kmax = max(ks)
+        boxes_pad = torch.stack([torch.cat([b, b.new_zeros(b.shape[0], kmax - b.shape[1], 4)], 1) for b in boxes_l], 1)
+        valid_pad = torch.stack([torch.cat([v, v.new_zeros(v.shape[0], kmax - v.shape[1])], 1) for v in valid_l], 1)
+        keep_pad, ok = cluster_nms(boxes_pad, valid_pad, rpn.nms_thresh, iterations=iters)
+        keep = torch.cat([keep_pad[:, lvl, :k] for lvl, k in enumerate(ks)], 1)
+        boxes, probs = torch.cat(boxes_l, 1), torch.cat(probs_l, 1)
         key = torch.where(keep, probs, torch.full_like(probs, -1.0))
         top_key, top = key.topk(min(post, key.shape[1]), dim=1)
         return boxes.gather(1, top[..., None].expand(-1, -1, 4)), top_key >= 0, ok
