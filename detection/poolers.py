@@ -173,12 +173,12 @@ class RoIPooler(nn.Module):
         """
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
         feats = [f.float() for f in features]
-        threaded = self._use_cpu_threads(feats, rois)
-        if len(feats) == 1 and not threaded:
-            return self._pool(feats[0], rois, self.scales[0])
         if rois.device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
             # torchvision's CPU kernels read NCHW: convert here, once and fast, not inside every call (or worker)
             feats = [to_contiguous_nchw(f) for f in feats]
+        threaded = self._use_cpu_threads(feats, rois)
+        if len(feats) == 1 and not threaded:
+            return self._pool(feats[0], rois, self.scales[0])
         if len(feats) == 1:
             groups = [(feats[0], rois, torch.arange(rois.shape[0], device=rois.device), self.scales[0])]
         else:
