@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from resnet_det.common import autocast
+
 from .boxes import clip_boxes, nonempty
 from .faster_rcnn import FasterRCNN
 from .preprocess import check_images
@@ -150,11 +152,9 @@ class StaticPredictor:
 
     # ------------------------------------------------------------------------------------ the graph
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dt = AMP[self.dtype]
-        if dt is None:
+        if AMP[self.dtype] is None:
             return torch.autocast(self.device.type, enabled=False)
-        # no autocast cache: a CUDA graph must not keep casts made during capture
-        return torch.autocast(self.device.type, dtype=dt, cache_enabled=False)
+        return autocast(self.device, self.dtype)
 
     def forward_fixed(self, batch: Tensor, image_sizes: Tensor) -> dict[str, Tensor]:
         """The fixed-shape path: padded batch `(B, 3, H, W)` and `(B, 2)` sizes -> `boxes (B, D, 4)`,
@@ -260,15 +260,24 @@ class StaticPredictor:
         key = (tuple(batch.shape), batch.dtype, batch.is_contiguous(memory_format=torch.channels_last))
         if key not in self._graphs:
             static_batch, static_sizes = batch.clone(), image_sizes.clone()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up (lazy inits, anchors, cuDNN plans) off the capture
-                for _ in range(2):
-                    self.forward_fixed(static_batch, static_sizes)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self.forward_fixed(static_batch, static_sizes)
+            # Autocast caches the casts of leaf tensors that require grad; casts cached during a capture must not
+            # outlive it, so parameters stop requiring grad while the graph is made (each replay casts again).
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            for p in trainable:
+                p.requires_grad_(False)
+            try:
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):  # warm-up (lazy inits, anchors, cuDNN plans) off the capture
+                    for _ in range(2):
+                        self.forward_fixed(static_batch, static_sizes)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self.forward_fixed(static_batch, static_sizes)
+            finally:
+                for p in trainable:
+                    p.requires_grad_(True)
             self._graphs[key] = (graph, static_batch, static_sizes, static_out)
         graph, static_batch, static_sizes, static_out = self._graphs[key]
         static_batch.copy_(batch)
