@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 DEV=${DEV:-cuda}; PY=${PYTHON:-python3}; BUDGET=${BUDGET:-450}
 if [ "${TINY:-0}" = 1 ]; then
-  H=96; W=128; B=2; IT=2; WU=1; REP=2; TARCH=R18-FPN; IARCH=R18-FPN; IB="1 2"; MS="--tiny"
+  H=96; W=128; B=2; IT=2; WU=1; REP=2; TARCH=R18-FPN; IARCH=R18-FPN; IB="1 2"; MS="--model-size 96 128"
 else
   H=800; W=1333; B=8; IT=10; WU=3; REP=3; TARCH=R101-FPN; IARCH=R50-FPN; IB="1 8"; MS=""
 fi
@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 bench() {  # bench NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
   step "$name" "$limit" "$PY" -m resnet_det benchmark --device "$DEV" --size $H $W --iters $IT --warmup $WU \
-    --repeats $REP --json "$OUT/$name.json" ${MS:+--memory off} "$@"
+    --repeats $REP --json "$OUT/$name.json" ${MS:+--memory off $MS} "$@"
 }
 : > "$OUT/steps.txt"
 step env 60 bash -c "$PY -c 'import torch, torchvision, sys; print(sys.version); print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'; nvidia-smi || true; git log --oneline -1 || true"

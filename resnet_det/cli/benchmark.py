@@ -36,6 +36,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
                    help="input image height and width in pixels (default 800 1333)")
+    p.add_argument("--model-size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"),
+                   help="both detectors' resize rule: shorter side MIN, longer side at most MAX (default 800 1333, "
+                        "torchvision's)")
     p.add_argument("--train-batch", type=int, default=8, help="images per training step (default 8)")
     p.add_argument("--infer-batch", nargs="+", type=int, default=[1, 8],
                    help="inference batch sizes, each measured (default 1 8)")
@@ -64,8 +67,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Measures and prints; returns 0."""
     if args.iters < 1 or args.warmup < 1 or args.repeats < 1 or args.train_batch < 1 or any(
-            b < 1 for b in args.infer_batch):
-        parser.error("--iters, --warmup, --repeats and the batch sizes must be >= 1")
+            b < 1 for b in [*args.infer_batch, *args.model_size]):
+        parser.error("--iters, --warmup, --repeats, the batch sizes and --model-size must be >= 1")
     import torch
 
     from resnet_det.studies.benchmark import HEADER, config_from_settings, environment, speedups, write_json
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     train_batch=args.train_batch, infer_batches=args.infer_batch, iters=args.iters,
                     warmup=args.warmup, repeats=args.repeats, channels_last=args.channels_last,
                     compile_backbone=args.compile, which=args.models, modes=args.modes, prepared=args.prepared,
-                    memory=args.memory)
+                    memory=args.memory, model_size=tuple(args.model_size))
     try:
         cfg = config_from_settings(**settings)
     except ValueError as e:

@@ -146,3 +146,20 @@ def test_a_failing_variant_is_reported_and_the_others_still_measured(monkeypatch
     assert failures == [{"model": "torchvision-cl", "arch": "R18-FPN", "mode": "infer", "dtype": "fp32", "batch": "1",
                          "error": "RuntimeError: no kernel for this setting"}]
     assert any("torchvision-cl" in line and "FAILED: RuntimeError" in line for line in lines)
+
+
+def test_the_command_passes_every_setting_and_records_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from resnet_det.cli import main
+
+    seen = {}
+    monkeypatch.setattr(bm, "run", lambda **kw: seen.update(kw) or [])
+    out = tmp_path / "b.json"
+    assert main(["benchmark", "--device", "cpu", "--size", "64", "96", "--model-size", "64", "96", "--repeats", "5",
+                 "--models", "ours", "torchvision-cl", "--prepared", "--memory", "off", "--json", str(out)]) == 0
+    assert (seen["model_size"], seen["repeats"], seen["memory"], seen["prepared"]) == ((64, 96), 5, "off", True)
+    config = json.loads(out.read_text())["config"]
+    assert config["models"] == ["ours", "torchvision-cl", "ours-prepared"] and config["model_size"] == [64, 96]
+    assert "warm-up 3, 15 timed calls x 5 repeats (interleaved), memory: off" in capsys.readouterr().out
+    assert main(["benchmark", "--device", "cpu", "--memory", "inprocess", "--json", str(out)]) == 2
+    assert "memory 'inprocess' (CUDA only" in capsys.readouterr().err
