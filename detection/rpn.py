@@ -143,6 +143,12 @@ class RPN(nn.Module):
         key = torch.where(survived.view(b, -1), probs, torch.full_like(probs, -1.0))
         k = min(post, key.shape[1])
         top_key, top = key.topk(k, dim=1)
+        if not self.training:
+            # Valid proposals come first (sorted by score): drop the columns no image fills, so the box head does
+            # not run on padding when fewer than `post` proposals survive (small images). One host read; the
+            # NMS above has synchronised already. Training keeps the fixed width (the sampler's random draws).
+            k = max(1, int((top_key >= 0).sum(1).max()))
+            top_key, top = top_key[:, :k], top[:, :k]
         return boxes.gather(1, top[..., None].expand(-1, -1, 4)), top_key >= 0
 
     def _losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, gt: GroundTruth) -> dict[str, Tensor]:

@@ -432,6 +432,25 @@ def test_rpn_and_roi_heads_shapes_and_losses() -> None:
         assert (d["boxes"][:, 2] <= sizes[i, 1]).all() and (d["boxes"][:, 3] <= sizes[i, 0]).all()
 
 
+def test_rpn_inference_drops_padding_columns_only() -> None:
+    """In eval mode the RPN returns only as many proposal columns as the fullest image fills (no box-head work
+    on padding); the valid proposals are exactly those of the fixed-width (training-mode) layout."""
+    feats, _, _, gt, sizes = tiny_heads()
+    names = list(feats)
+    rpn = RPN(names, RPNHead(8, 3), AnchorGenerator(FPN_SIZES, RATIOS, (4, 8, 16, 32, 64)),
+              pre_nms_topk=(200, 200), post_nms_topk=(5000, 5000), batch_size_per_image=32)
+    with torch.no_grad():
+        rpn.train()
+        fixed, fixed_valid, _ = rpn(feats, sizes, gt)
+        rpn.eval()
+        trimmed, valid, _ = rpn(feats, sizes)
+    counts = fixed_valid.sum(1)
+    assert fixed.shape[1] > int(counts.max()), "the fixed layout should carry padding in this setting"
+    assert trimmed.shape[1] == int(counts.max()) and valid[:, -1].any()
+    for i in range(len(sizes)):
+        torch.testing.assert_close(trimmed[i][valid[i]], fixed[i][fixed_valid[i]], rtol=0, atol=0)
+
+
 def test_fast_rcnn_predictor_shapes() -> None:
     pred = FastRCNNPredictor(32, 5)
     scores, deltas = pred(torch.randn(7, 32))
