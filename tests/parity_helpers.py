@@ -10,17 +10,32 @@ import torchvision
 from PIL import Image
 
 
+def _random_bn_statistics(m: torch.nn.Module, g: torch.Generator) -> None:
+    n = m.num_features
+    m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+    m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+
+
+def perturb_frozen_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random statistics in every FrozenBatchNorm2d of our model, so that folding BN has something to fold."""
+    from backbone import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                _random_bn_statistics(m, g)
+
+
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:
     """Random BN statistics and biases, so that every parameter's mapping matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                _random_bn_statistics(m, g)
             elif isinstance(m, torch.nn.Conv2d | torch.nn.Linear | torch.nn.ConvTranspose2d) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.01)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity_helpers import perturb_frozen_bn
 from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
@@ -354,15 +355,7 @@ def test_prepare_for_inference_keeps_detections() -> None:
     """Folding frozen BN into the convolutions and switching to channels-last changes no detection."""
     torch.manual_seed(0)
     model = tiny_model(backbone_norm="FrozenBN")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-trivial statistics, so that folding has something to fold
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    perturb_frozen_bn(model, seed=0)  # non-trivial statistics, so that folding has something to fold
     n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     assert n_frozen > 10
     images, _ = images_and_targets()

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from engine_fakes import FakeDetector, FakeLoader, FixedBatchLoader
+from parity_helpers import perturb_frozen_bn
 from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
@@ -215,18 +216,9 @@ def test_real_stack_killed_in_a_checkpoint_write_resumes_on_cuda(tmp_path):
 
 def _confident_tiny_detector() -> torch.nn.Module:
     """Frozen BN with non-trivial statistics (something to fold) and spread classifier scores."""
-    from backbone import FrozenBatchNorm2d
-
     model = _tiny_detector(backbone_norm="FrozenBN")
-    g = torch.Generator().manual_seed(0)
+    perturb_frozen_bn(model, seed=0)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
         model.roi_heads.predictor.cls_score.weight.mul_(50.0)
     return model
 
