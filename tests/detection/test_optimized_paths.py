@@ -217,8 +217,8 @@ def test_fused_cpu_inference_gives_the_unfused_features(depth: int, monkeypatch:
 
 
 # ------------------------------------------------------------------------- threaded RoIAlign (CPU)
-@pytest.mark.parametrize("aligned", [False, True])
-def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(aligned: bool,
+@pytest.mark.parametrize(("aligned", "channels_last"), [(False, False), (True, False), (False, True)])
+def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(aligned: bool, channels_last: bool,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from torchvision.ops import roi_align
 
@@ -231,6 +231,8 @@ def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(alig
 
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 12, 40, 48, generator=g), torch.randn(2, 12, 20, 24, generator=g)]
+    if channels_last:
+        feats = [f.to(memory_format=torch.channels_last) for f in feats]
     xy = torch.rand(150, 2, generator=g) * 150
     boxes = torch.cat([xy, xy + torch.rand(150, 2, generator=g) * 120 + 1], dim=1)
     batch_index = torch.randint(0, 2, (150,), generator=g)
@@ -254,21 +256,6 @@ def test_channel_parallel_roi_align_gives_torchvisions_values_and_gradients(alig
     rois = torch.cat([batch_index[:, None].float(), boxes], 1)
     ref = roi_align(feats[0], rois[level0], 7, 0.25, 2, aligned=aligned)
     assert torch.equal(o2[level0], ref)
-
-
-def test_prepared_models_fuse_under_bf16_autocast_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from backbone.layers import Conv2d
-
-    model = _model_with_detections().prepare_for_inference()
-    calls = []
-    fused = Conv2d.forward_fused
-    monkeypatch.setattr(Conv2d, "forward_fused", lambda self, *a, **k: calls.append(1) or fused(self, *a, **k))
-    with torch.inference_mode():
-        model(_images())
-        assert not calls, "fp32 keeps the plain path (same speed, no extra weight copies)"
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            dets = model(_images())
-    assert len(calls) > 10 and all(len(d["boxes"]) > 0 for d in dets)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -314,3 +301,22 @@ def test_compiled_backbone_training_step_gives_the_eager_losses_and_gradients() 
         torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-5, atol=1e-6)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_pool_threads_run_torch_ops_on_one_openmp_thread() -> None:
+    """The CPU pooling threads get no OpenMP team of their own (with one, the main thread's convolutions ran at
+    half speed: see detection/poolers.py), and the main thread keeps its thread count."""
+    import sys
+
+    import detection.poolers as poolers
+
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("the pin targets the OpenMP runtime of torch's Linux builds")
+    assert poolers._openmp_pin() is not None, "torch's OpenMP runtime was not found: CPU pooling runs serially"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside = poolers._executor(2).submit(torch.get_num_threads).result()
+        assert inside == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
