@@ -40,6 +40,17 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.01)
 
 
+def per_group_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, thr: float) -> set[int]:
+    """Indices kept by torchvision's plain greedy NMS run on each group separately (the reference)."""
+    from torchvision.ops import nms
+
+    keep: set[int] = set()
+    for g in groups.unique().tolist():
+        idx = (groups == g).nonzero().squeeze(1)
+        keep |= set(idx[nms(boxes[idx], scores[idx], thr)].tolist())
+    return keep
+
+
 def without_common_component(w: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """`w` (rows) with their projection on the direction `mu` removed.
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity_helpers import match_detections
-from torchvision.ops import nms
+from parity_helpers import match_detections, per_group_nms
 
 from detection.models import build_faster_rcnn
 from detection.static import StaticPredictor, cluster_nms
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = dict(backbone_name="resnet18", backbone_width=8, num_classes=7, backbone_norm="FrozenBN", fpn_channels=32,
             fc_dim=64, min_size=(128,), max_size=160, test_min_size=128, test_max_size=160,
             rpn_pre_nms_topk=(600, 300), rpn_post_nms_topk=(300, 150))
-
-
-def _greedy(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, thr: float) -> set[int]:
-    keep = set()
-    for g in groups.unique().tolist():
-        idx = (groups == g).nonzero().squeeze(1)
-        keep |= set(idx[nms(boxes[idx], scores[idx], thr)].tolist())
-    return keep
 
 
 @pytest.mark.parametrize("iterations", [None, 64])
@@ -43,7 +34,7 @@ def test_cluster_nms_is_greedy_nms(iterations: int | None) -> None:
         assert bool(converged)
         for i in range(2):
             idx = valid[i].nonzero().squeeze(1)
-            ref = {int(idx[k]) for k in _greedy(boxes[i][idx], scores[i][idx], groups[i][idx], thr)}
+            ref = {int(idx[k]) for k in per_group_nms(boxes[i][idx], scores[i][idx], groups[i][idx], thr)}
             assert set(order[i][keep[i]].tolist()) == ref, (thr, i)
 
 
