@@ -176,7 +176,7 @@ class RoIHeads(nn.Module):
         pred = deltas.float().view(-1, self.num_classes, 4).gather(1, labels.view(-1, 1, 1).expand(-1, 1, 4)).squeeze(1)
         box = _box_loss(pred, targets, self.box_loss, self.smooth_l1_beta)
         loss_box = (box.sum(-1) * fg).sum() / num
-        return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
     # ----------------------------------------------------------------------------------- common
     def box_features(self, features: dict[str, Tensor], boxes: Tensor) -> Tensor:

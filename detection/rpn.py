@@ -165,7 +165,7 @@ class RPN(nn.Module):
         pred = deltas.gather(1, index[..., None].expand(-1, -1, 4))
         box = _box_loss(pred, targets, self.box_loss, self.smooth_l1_beta)
         loss_box = (box.sum(-1) * pos).sum() / num
-        return {"loss_rpn_cls": loss_obj, "loss_rpn_box": loss_box}
+        return {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}
 
 
 def _box_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:

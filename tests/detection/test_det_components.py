@@ -398,7 +398,7 @@ def test_rpn_and_roi_heads_shapes_and_losses() -> None:
     roi.train()
     proposals, valid, rpn_losses = rpn(feats, sizes, gt)
     assert proposals.shape == (2, 100, 4) and valid.shape == (2, 100) and valid.dtype == torch.bool
-    assert set(rpn_losses) == {"loss_rpn_cls", "loss_rpn_box"}
+    assert set(rpn_losses) == {"loss_objectness", "loss_rpn_box_reg"}
     # Proposals lie inside their own image.
     for i, (hh, ww) in enumerate(sizes.tolist()):
         p = proposals[i][valid[i]]
@@ -409,7 +409,7 @@ def test_rpn_and_roi_heads_shapes_and_losses() -> None:
     assert sampled["fg"][0].any() and not sampled["fg"][1].any()  # image 1 has no ground truth
     assert set(sampled["labels"][0][sampled["fg"][0]].tolist()) <= {1, 3}
     none, roi_losses = roi(feats, proposals, valid, sizes, gt)
-    assert none is None and set(roi_losses) == {"loss_cls", "loss_box_reg"}
+    assert none is None and set(roi_losses) == {"loss_classifier", "loss_box_reg"}
     total = sum(rpn_losses.values()) + sum(roi_losses.values())
     assert all(v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v) for v in (*rpn_losses.values(),
                                                                                            *roi_losses.values()))
@@ -538,5 +538,5 @@ def test_rpn_losses_count_only_sampled_anchors() -> None:
     losses = rpn._losses(anchors, logits, deltas, gt)
     target = BoxCoder((1.0, 1.0, 1.0, 1.0)).encode(anchors[:1], gt_box)
     one_anchor = torch.nn.functional.smooth_l1_loss(torch.zeros(1, 4), target, beta=1 / 9, reduction="sum")
-    torch.testing.assert_close(losses["loss_rpn_box"], one_anchor)
-    torch.testing.assert_close(losses["loss_rpn_cls"], torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(losses["loss_rpn_box_reg"], one_anchor)
+    torch.testing.assert_close(losses["loss_objectness"], torch.tensor(math.log(2.0)))

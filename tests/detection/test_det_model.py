@@ -64,7 +64,7 @@ def train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[
     opt.zero_grad()
     total.backward()
     opt.step()
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     for k, v in losses.items():
         assert v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v), f"{k} = {v}"
     assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
@@ -254,7 +254,7 @@ def test_some_images_without_boxes_train() -> None:
     images, targets = images_and_targets()
     images.insert(1, torch.rand(3, 90, 90))
     losses = train_step(model, images, [targets[0], empty_target(), targets[1]])
-    assert losses["loss_rpn_box"] > 0 and losses["loss_box_reg"] > 0
+    assert losses["loss_rpn_box_reg"] > 0 and losses["loss_box_reg"] > 0
 
 
 def test_all_images_without_boxes_train() -> None:
@@ -263,8 +263,8 @@ def test_all_images_without_boxes_train() -> None:
     images, _ = images_and_targets()
     losses = train_step(model, images, [empty_target(), empty_target()])
     # Nothing to regress: the box losses are exactly zero, the classifiers learn "background".
-    assert losses["loss_rpn_box"] == 0 and losses["loss_box_reg"] == 0
-    assert losses["loss_rpn_cls"] > 0 and losses["loss_cls"] > 0
+    assert losses["loss_rpn_box_reg"] == 0 and losses["loss_box_reg"] == 0
+    assert losses["loss_objectness"] > 0 and losses["loss_classifier"] > 0
 
 
 # ------------------------------------------------------------------------------------ loss regression
@@ -274,9 +274,9 @@ def test_all_images_without_boxes_train() -> None:
 # on purpose, re-record them (print `seeded_losses()`) and say so in the commit message.
 # History: re-recorded after 9c95f08 (top-k balanced sampler: same distribution, another random order;
 # the box losses, which use every positive here, did not change).
-REFERENCE_STEP0 = {"loss_rpn_cls": 0.6939776, "loss_rpn_box": 0.05318539, "loss_cls": 1.407258,
+REFERENCE_STEP0 = {"loss_objectness": 0.6939776, "loss_rpn_box_reg": 0.05318539, "loss_classifier": 1.407258,
                    "loss_box_reg": 0.3602427}
-REFERENCE_STEP1 = {"loss_rpn_cls": 0.6919241, "loss_rpn_box": 0.05022461, "loss_cls": 0.8105619,
+REFERENCE_STEP1 = {"loss_objectness": 0.6919241, "loss_rpn_box_reg": 0.05022461, "loss_classifier": 0.8105619,
                    "loss_box_reg": 0.4472535}
 
 

@@ -34,8 +34,8 @@ from detection.models import build_faster_rcnn, torchvision_spec
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 EVERYTHING = 100_000  # larger than any candidate set: exhaustive sampling
-NAMES = {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_box", "loss_classifier": "loss_cls",
-         "loss_box_reg": "loss_box_reg"}
+# torchvision's loss names, which ours are too (a torchvision training loop reads them unchanged).
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 def _models_and_batch():
@@ -98,10 +98,10 @@ def test_losses_and_gradients_equal_torchvision() -> None:
     assert not any(isinstance(m, TorchvisionFrozenBN) for m in ours.modules())
     expected, got, errors = _losses_and_grads(ref, ours, images, targets, fold=False)
     assert ours.training and not any(conv.training for conv in _folding_convs(ours))
-    assert set(got) == set(NAMES.values())
-    for tv_name, name in NAMES.items():
-        assert expected[tv_name] > 0
-        torch.testing.assert_close(got[name], expected[tv_name], rtol=1e-5, atol=1e-7, msg=name)
+    assert set(got) == set(LOSS_NAMES)
+    for name in LOSS_NAMES:
+        assert expected[name] > 0
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     # 1e-4 of the largest entry (measured: 1.0e-6 at most); a wrong mapping or formula gives O(1) differences.
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-4, f"gradient of {worst}: {errors[worst]:.2e} of its largest entry"
@@ -143,8 +143,8 @@ def test_training_time_bn_fold_is_exact_arithmetic_and_only_changes_float32_roun
     ours.float().zero_grad(set_to_none=True)
     expected, got, errors = _losses_and_grads(ref, ours, images, targets, fold=True)
     assert all(conv.training for conv in _folding_convs(ours))
-    for tv_name, name in NAMES.items():
-        torch.testing.assert_close(got[name], expected[tv_name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     worst_key = max(errors, key=errors.get)
     assert errors[worst_key] <= 1e-2, f"gradient of {worst_key}: {errors[worst_key]:.2e} of its largest entry"
     median = sorted(errors.values())[len(errors) // 2]

@@ -21,7 +21,7 @@ class FakeDetector(nn.Module):
 
     Args:
         num_classes: Classes of the fake classification loss.
-        nan_at: 1-based call number at which `loss_box` becomes NaN.
+        nan_at: 1-based call number at which `loss_box_reg` becomes NaN.
         sigint_at: 1-based call number during which the process sends itself SIGINT.
         interrupt_at: 1-based call number that raises KeyboardInterrupt from inside the forward.
         stochastic: Use dropout and Python/NumPy random jitter (off for gradient comparisons).
@@ -73,7 +73,7 @@ class FakeDetector(nn.Module):
         loss_box = F.smooth_l1_loss(self.box(feats).float(), boxes)
         if self.nan_at == self.calls:
             loss_box = loss_box * float("nan")
-        return {"loss_cls": loss_cls, "loss_box": loss_box}
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
 
 def make_batch(index: int, batch_size: int, *, seed: int = 0, size: int = 24) -> tuple[list[Tensor], list[dict]]:

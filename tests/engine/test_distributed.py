@@ -70,6 +70,6 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
         # A time limit reached on rank 1 alone (after iteration 1) stops both at iteration 3, the first
         # logging all-reduce (log_period=3), with the same checkpoint: no process waits for the other.
         assert res["time_stop"] == (3, True) and res["time_checkpoint"] == "model_0000003"
-    assert "loss_box=nan" in results[1]["nan_error"]
+    assert "loss_box_reg=nan" in results[1]["nan_error"]
     assert "another process" in results[0]["nan_error"]
     assert results[0]["lines"] == [1, 2, 3, 4]  # only rank 0 logs

@@ -32,7 +32,7 @@ def test_training_writes_parseable_metrics_log_and_curves(tmp_path):
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["iteration"] for r in train] == [2, 4, 6, 8]
     for r in train:
-        assert set(r["losses"]) == {"loss_cls", "loss_box"}
+        assert set(r["losses"]) == {"loss_classifier", "loss_box_reg"}
         assert r["total_loss"] == pytest.approx(sum(r["losses"].values()))
         assert r["lr"] > 0 and r["images_per_sec"] > 0 and r["time"] >= 0 and "eta_seconds" in r
     assert train[-1]["lr"] == pytest.approx(0.005)  # after the step at 6

@@ -141,7 +141,7 @@ def test_non_finite_loss_names_iteration_and_losses_and_keeps_the_last_checkpoin
     with pytest.raises(FloatingPointError) as err:
         trainer.train()
     msg = str(err.value)
-    assert "iteration 7" in msg and "loss_box=nan" in msg and "loss_cls=" in msg
+    assert "iteration 7" in msg and "loss_box_reg=nan" in msg and "loss_classifier=" in msg
     assert "model_0000005" in msg  # says what is still good
     ck = Checkpointer(tmp_path)
     assert ck.latest() == "model_0000005"

@@ -71,10 +71,10 @@ def _detections(model: torch.nn.Module, images: list[torch.Tensor], amp: str) ->
 def test_autocast_agrees_with_fp32(model_and_batch, amp: str, roi_tol: float, matched: float) -> None:
     model, images, targets = model_and_batch
     fp32, low = _losses(model, images, targets, "off"), _losses(model, images, targets, amp)
-    assert set(low) == set(fp32) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg"}
-    for key in ("loss_rpn_cls", "loss_rpn_box"):  # measured: 2e-5 at most
+    assert set(low) == set(fp32) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    for key in ("loss_objectness", "loss_rpn_box_reg"):  # measured: 2e-5 at most
         assert low[key] == pytest.approx(fp32[key], rel=1e-3), (key, low[key], fp32[key])
-    for key in ("loss_cls", "loss_box_reg"):
+    for key in ("loss_classifier", "loss_box_reg"):
         assert low[key] == pytest.approx(fp32[key], rel=roi_tol), (key, low[key], fp32[key])
 
     ref, out = _detections(model, images, "off"), _detections(model, images, amp)

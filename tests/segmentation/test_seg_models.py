@@ -34,7 +34,7 @@ def test_mask_rcnn_losses_and_outputs():
     model = H.tiny_mask_rcnn()
     images, targets = H.toy_batch()
     losses = model(images, targets)
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask"}
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
     for k, v in losses.items():
         assert v.dim() == 0 and v.dtype == torch.float32 and math.isfinite(float(v.detach())), k
     # An untrained mask head predicts ~0.5 everywhere: the BCE starts near log(2).
@@ -77,7 +77,7 @@ def test_panoptic_fpn_losses_and_outputs():
     model = H.tiny_panoptic_fpn()
     images, targets = H.toy_batch()
     losses = model(images, targets)
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_sem_seg"}
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_sem_seg"}
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
     model.eval()
     with torch.no_grad():

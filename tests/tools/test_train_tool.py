@@ -78,7 +78,7 @@ def test_a_non_finite_loss_is_exit_3_with_one_line_naming_the_iteration_and_the_
         calls.append(1)
         losses = real(loss_dict)
         if len(calls) == 3:
-            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+            losses["loss_classifier"] = losses["loss_classifier"] * float("nan")
         return losses
 
     monkeypatch.setattr(trainer_module, "_as_scalar_losses", nan_at_the_third_step)
@@ -88,5 +88,5 @@ def test_a_non_finite_loss_is_exit_3_with_one_line_naming_the_iteration_and_the_
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "error:" in x]
     assert "Traceback" not in err and line.startswith("train.py: error: non-finite loss at iteration 3"), line
-    assert "loss_cls=nan" in line and "the last good checkpoint is 'model_0000002'" in line, line
+    assert "loss_classifier=nan" in line and "the last good checkpoint is 'model_0000002'" in line, line
     assert (out / "last_checkpoint").read_text().strip() == "model_0000002"
