@@ -251,3 +251,17 @@ def test_ctrl_c_is_exit_130_with_one_line(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr(_library, "train", interrupted)
     assert main(["train", NAME, *OVERRIDES]) == 130
     assert capsys.readouterr().err == "resnet-det train: interrupted\n"
+
+
+def test_output_piped_into_a_reader_that_closes_early_is_no_traceback(tmp_path: Path) -> None:
+    # `resnet-det configs | head -1`: the reader closes the pipe after one line. Python's default is a
+    # BrokenPipeError traceback from deep in print(); the command exits like `cat` (141) and says nothing.
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    # A pipe buffer holds 64 KiB: ask for more output than that so the writer really meets the closed pipe.
+    proc = subprocess.run([sys.executable, "-c", "import sys\nfrom resnet_det.cli import main\n"
+                           "sys.exit(max(main(['configs']) for _ in range(400)))"],
+                          stdout=reader.stdin, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120)
+    reader.stdin.close()
+    reader.wait(timeout=10)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
