@@ -78,7 +78,10 @@ class DataConfig:
     """Datasets, augmentation and loading."""
 
     root: str | None = None
-    """COCO-format dataset folder; None uses the built-in synthetic shapes dataset."""
+    """Dataset folder (in ``format``'s layout); None uses the built-in synthetic shapes dataset."""
+    format: str = "coco"
+    """Layout of ``root``: coco, yolo (``data.yaml``, ``images/``, ``labels/``), voc (``Annotations/``,
+    ``JPEGImages/``, ``ImageSets/Main/``); see detection.data.formats."""
     train_images: str = "train2017"
     """Training images folder, relative to root."""
     train_annotations: str = "annotations/instances_train2017.json"
@@ -110,6 +113,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        from .data.formats import format_names
+
+        _check(self.format in format_names(), "data.format", self.format, f"must be one of {list(format_names())}")
         _check(0.0 <= self.hflip_prob <= 1.0, "data.hflip_prob", self.hflip_prob, "must be in [0, 1]")
         _check(self.shapes_num_train > 0 and self.shapes_num_val > 0, "data.shapes_num_train/val",
                (self.shapes_num_train, self.shapes_num_val), "must be > 0")

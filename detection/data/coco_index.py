@@ -150,6 +150,8 @@ class DatasetReport:
     skipped: dict[str, int] = field(default_factory=dict)
     fixed: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    """Reason key -> its description, for keys that are not in SKIP_REASONS / FIX_REASONS (other formats')."""
 
     def skip(self, reason: str, example: str, count: int = 1) -> None:
         """Counts ``count`` skipped entries under ``reason`` and keeps a few examples."""
@@ -179,6 +181,7 @@ class DatasetReport:
             "skipped": dict(self.skipped),
             "fixed": dict(self.fixed),
             "examples": {k: list(v) for k, v in self.examples.items()},
+            "reasons": dict(self.reasons),
         }
 
     @classmethod
@@ -195,13 +198,15 @@ class DatasetReport:
         ]
         if self.skipped:
             items = [
-                f"{n} {SKIP_REASONS.get(k, k)} [{k}] (e.g. {'; '.join(self.examples.get(k, []))})"
+                f"{n} {SKIP_REASONS.get(k) or self.reasons.get(k, k)} [{k}] "
+                f"(e.g. {'; '.join(self.examples.get(k, []))})"
                 for k, n in self.skipped.items()
             ]
             parts.append("skipped: " + ", ".join(items))
         if self.fixed:
             items = [
-                f"{n} {FIX_REASONS.get(k, k)} [{k}] (e.g. {'; '.join(self.examples.get(k, []))})"
+                f"{n} {FIX_REASONS.get(k) or self.reasons.get(k, k)} [{k}] "
+                f"(e.g. {'; '.join(self.examples.get(k, []))})"
                 for k, n in self.fixed.items()
             ]
             parts.append("fixed: " + ", ".join(items))

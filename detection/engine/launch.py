@@ -40,27 +40,32 @@ log = logging.getLogger(__name__)
 
 # -------------------------------------------------------------------------------------------- data
 def dataset_paths(cfg: Config, split: str) -> dict[str, Path | None]:
-    """Images folder, annotation file and (optional) semantic folder of a split."""
+    """Images folder, annotation file (COCO) and (optional) semantic folder of a split.
+
+    ``data.root`` null: the built-in synthetic shapes. Otherwise ``data.format``'s layout
+    (:mod:`detection.data.formats`), converted to a COCO file first where the layout is not COCO.
+    """
     data = cfg.data
     if data.root is None:
+        if data.format != "coco":
+            raise ValueError(f"data.format={data.format!r} needs data.root, the dataset folder (e.g. one written by "
+                             f"`resnet-det make-shapes --format {data.format} DIR`); data.root null means the built-in "
+                             "synthetic shapes, which are COCO: drop data.format or set data.format=coco")
         from ..data.shapes import ensure_shapes, shapes_paths
 
         root = ensure_shapes(num_train=data.shapes_num_train, num_val=data.shapes_num_val,
                              image_size=data.shapes_image_size, seed=data.shapes_seed)
         p = shapes_paths(root, split)
         return {"image_root": p["image_root"], "ann_file": p["ann_file"], "semantic_root": p["semantic_root"]}
+    from ..data.formats import get_format
+
     root = Path(data.root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root={data.root!r} is not a folder; point it at a COCO folder with "
-                                f"{data.train_images}/, {data.val_images}/ and annotations/ (or leave it null for the "
-                                "built-in synthetic shapes)")
-    images = root / (data.train_images if split == "train" else data.val_images)
-    ann = root / (data.train_annotations if split == "train" else data.val_annotations)
-    for p in (images, ann):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist (data.root={data.root!r}); expected the COCO layout "
-                                    f"{data.train_images}/, {data.val_images}/, {data.train_annotations}")
-    return {"image_root": images, "ann_file": ann, "semantic_root": None}
+    fmt = get_format(data.format)
+    if not root.exists():
+        raise FileNotFoundError(f"data.root={data.root!r} does not exist; point it at a dataset in {fmt.layout} "
+                                "(or leave it null for the built-in synthetic shapes)")
+    files = fmt.resolve(data, split)
+    return {"image_root": files.image_root, "ann_file": files.ann_file, "semantic_root": files.semantic_root}
 
 
 def build_dataset(cfg: Config, task: Task, split: str) -> Any:

@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "benchmark": "benchmark",
     "benchmark-startup": "benchmark_startup",
     "make-shapes": "make_shapes",
+    "convert": "convert",
     "paper-study": "paper_study",
     "degradation-study": "degradation_study",
 }
