@@ -4,20 +4,27 @@ validation, conversion between layouts, and the synthetic shapes written in thos
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from detection.config import load_config
+from detection.data.coco_index import DatasetError
 from detection.data.formats import (
     DatasetFormat,
+    Source,
     SplitFiles,
+    convert,
     format_names,
     get_format,
     register_format,
 )
 from detection.data.shapes import make_shapes, shapes_paths
-from detection.engine.launch import build_dataset
+from detection.engine.launch import build_dataset, dataset_paths
 from detection.tasks import DETECTION
 from resnet_det.config_files import resolve_config
 
@@ -57,12 +64,18 @@ def _boxes_by_stem(coco: dict) -> dict[str, list[tuple[int, list[float]]]]:
 
 
 # ------------------------------------------------------------------------------------------- registry
-def test_an_unknown_format_is_a_config_error_listing_the_known_ones() -> None:
-    assert format_names()[0] == "coco"
-    with pytest.raises(ValueError, match=r"data\.format.*'coco'"):
+def test_the_formats_are_coco_yolo_and_an_unknown_one_is_a_config_error() -> None:
+    assert format_names()[:2] == ("coco", "yolo")
+    assert _cfg("data.format=yolo").data.format == "yolo"
+    with pytest.raises(ValueError, match=r"data\.format.*'coco', 'yolo'"):
         _cfg("data.format=pascal")
     with pytest.raises(ValueError, match="not a dataset format"):
         get_format("pascal")
+
+
+def test_a_layout_format_without_root_says_how_to_make_one() -> None:
+    with pytest.raises(ValueError, match=r"needs data\.root.*make-shapes --format yolo"):
+        dataset_paths(_cfg("data.format=yolo"), "train")
 
 
 def test_a_format_registered_from_outside_is_used_by_the_dataset_builder(shapes: Path) -> None:
@@ -81,7 +94,154 @@ def test_a_format_registered_from_outside_is_used_by_the_dataset_builder(shapes:
     assert seen == [(str(shapes), "val")] and len(ds) == 4
 
 
+# ------------------------------------------------------------------------------------ shapes round trip
+@pytest.mark.parametrize("fmt", ["yolo"])
+def test_shapes_written_in_a_layout_load_back_to_the_coco_boxes(fmt: str, shapes: Path, tmp_path: Path) -> None:
+    out = convert(Source(root=str(shapes), **SHAPES_SOURCE), "coco", fmt, tmp_path / fmt)
+    for split in ("train", "val"):
+        original = json.loads((shapes / "annotations" / f"instances_{split}.json").read_text())
+        ds = build_dataset(_cfg(f"data.format={fmt}", f"data.root={out}"), DETECTION, split)
+        names = [c["name"] for c in original["categories"]]
+        # VOC has no class list: its names come back sorted; YOLO's data.yaml keeps the order.
+        assert ds.class_names == ["background", *(sorted(names) if fmt == "voc" else names)]
+        got, want = _boxes_by_stem(ds.coco.dataset), _boxes_by_stem(original)
+        assert got.keys() == want.keys() and sum(map(len, want.values())) > 0
+        for stem in want:
+            assert [n for n, _ in got[stem]] == [n for n, _ in want[stem]], stem
+            # YOLO stores 8 decimals of a normalised coordinate, VOC 4 decimals of a pixel: measured 5e-5 px.
+            np.testing.assert_allclose([b for _, b in got[stem]], [b for _, b in want[stem]], atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["yolo"])
+def test_convert_output_evaluates_to_the_native_loaders_ap(fmt: str, shapes: Path, tmp_path: Path) -> None:
+    from pycocotools.cocoeval import COCOeval
+
+    layout = convert(Source(root=str(shapes), **SHAPES_SOURCE), "coco", fmt, tmp_path / fmt)
+    coco_dir = convert(Source(root=str(layout)), fmt, "coco", tmp_path / "as_coco", ["val"])
+    native = build_dataset(_cfg(f"data.format={fmt}", f"data.root={layout}"), DETECTION, "val").coco
+    converted = build_dataset(_cfg(f"data.root={coco_dir}"), DETECTION, "val").coco
+    rng = np.random.default_rng(0)
+    stats = []
+    for gt in (native, converted):
+        dets = []
+        for a in gt.dataset["annotations"]:  # ground truth, jittered: an AP strictly between 0 and 1
+            x, y, w, h = a["bbox"]
+            dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": float(rng.random()),
+                         "bbox": [x + float(rng.normal(0, 2)), y + float(rng.normal(0, 2)), w, h]})
+        rng = np.random.default_rng(0)
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        stats.append(ev.stats)
+    assert 0 < stats[0][0] < 1
+    np.testing.assert_array_equal(stats[0], stats[1])
+
+
+# ------------------------------------------------------------------------------------------ YOLO input
+def _jpg(path: Path, w: int = 40, h: int = 20) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(path)
+    return path
+
+
+def _yolo(root: Path, labels: dict[str, str | None], names=("a", "b")) -> Path:
+    (root / "data.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "data.yaml").write_text(f"train: images/train\nval: images/train\nnames: {list(names)}\n")
+    for stem, text in labels.items():
+        _jpg(root / "images" / "train" / f"{stem}.jpg")
+        if text is not None:
+            (root / "labels" / "train").mkdir(parents=True, exist_ok=True)
+            (root / "labels" / "train" / f"{stem}.txt").write_text(text)
+    return root
+
+
+def test_yolo_label_lines_are_validated_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _yolo(tmp_path / "y", {
+        "good": "0 0.5 0.5 0.5 0.5\n1 0.1 0.1 0.9 0.1 0.5 0.9\n",       # a box (40x20 image) and a triangle
+        "bad": ("0 0.5 0.5 0.5\n"                  # 4 values
+                "0 a 0.5 0.5 0.5\n"                # not a number
+                "2 0.5 0.5 0.5 0.5\n"              # class out of range (nc=2)
+                "0.5 0.5 0.5 0.5 0.5\n"            # class not an integer
+                "0 0.5 0.5 2.0 0.5\n"              # far outside 0..1
+                "1 0.5 0.5 1.01 0.5\n"             # 0.005 outside: clipped
+                "0 0.5 0.5 0 0.5\n"                # zero width
+                "0 0.2 0.2 0.2 0.2\n0 0.2 0.2 0.2 0.2\n"),  # the same line twice
+        "background": None,                        # no label file
+    })
+    os.mkfifo(root / "images" / "train" / "pipe.jpg")  # must be skipped without being opened (never blocks)
+    (root / "images" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.INFO):
+        ds = build_dataset(_cfg("data.format=yolo", f"data.root={root}", "data.keep_empty_train=true"), DETECTION,
+                           "train")
+    gt = ds.coco.dataset
+    conv = next(r for r in caplog.records if "converted to" in r.getMessage()).getMessage()
+    assert "label lines with neither 5 values" in conv
+    assert _counts(tmp_path, "yolo", "train") == {
+        "yolo_unreadable_image": 2, "yolo_field_count": 1, "yolo_not_a_number": 1, "yolo_class_out_of_range": 2,
+        "yolo_outside_image": 1, "yolo_empty_box": 1, "yolo_duplicate_line": 1, "yolo_missing_label_file": 1,
+        "yolo_clipped": 1}
+    files = {img["id"]: img["file_name"] for img in gt["images"]}
+    assert sorted(files.values()) == ["background.jpg", "bad.jpg", "good.jpg"]
+    by_file = {}
+    for a in gt["annotations"]:
+        by_file.setdefault(files[a["image_id"]], []).append(a)
+    box, tri = sorted(by_file["good.jpg"], key=lambda a: a["category_id"])
+    np.testing.assert_allclose(box["bbox"], [10, 5, 20, 10])
+    np.testing.assert_allclose(tri["bbox"], [4, 2, 32, 16])  # the polygon's extent
+    np.testing.assert_allclose(tri["segmentation"][0], [4, 2, 36, 2, 20, 18])
+    assert tri["area"] == pytest.approx(0.5 * 32 * 16)
+    np.testing.assert_allclose(sorted(a["bbox"][2] for a in by_file["bad.jpg"]), [8, 40])  # the clipped box: 40
+
+
+@pytest.mark.parametrize(("yaml_text", "match"), [
+    (None, "data.yaml does not exist"),
+    ("train: images/train\nval: images/train\n", "`names` must be"),
+    ("train: images/train\nval: images/train\nnames: [a, b]\nnc: 3\n", "nc=3 but names has 2"),
+    ("train: images/train\nnames: [a]\n", "no `val:` entry"),
+    ("train: images/nowhere\nval: images/train\nnames: [a]\n", "nowhere does not exist"),
+    (": : :\n", "cannot be read as YAML"),
+])
+def test_a_bad_data_yaml_is_one_clear_error(yaml_text: str | None, match: str, tmp_path: Path) -> None:
+    root = _yolo(tmp_path / "y", {"x": "0 0.5 0.5 0.5 0.5\n"})
+    if yaml_text is None:
+        (root / "data.yaml").unlink()
+    else:
+        (root / "data.yaml").write_text(yaml_text)
+    with pytest.raises((DatasetError, FileNotFoundError), match=match):
+        for split in ("train", "val"):
+            build_dataset(_cfg("data.format=yolo", f"data.root={root}"), DETECTION, split)
+
+
+def test_a_changed_label_file_is_converted_again(tmp_path: Path) -> None:
+    root = _yolo(tmp_path / "y", {"x": "0 0.5 0.5 0.5 0.5\n"})
+    cfg = _cfg("data.format=yolo", f"data.root={root}")
+    assert len(build_dataset(cfg, DETECTION, "val").coco.dataset["annotations"]) == 1
+    (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.5 0.5\n1 0.2 0.2 0.1 0.1\n")
+    assert len(build_dataset(cfg, DETECTION, "val").coco.dataset["annotations"]) == 2
+
+
 # ------------------------------------------------------------------------------------------ the commands
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["yolo"])
+def test_make_shapes_in_a_layout_then_train_on_it(fmt: str, tmp_path: Path) -> None:
+    from resnet_det.cli import main
+
+    data = tmp_path / fmt
+    assert main(["make-shapes", str(data), "--format", fmt, "--num-train", "6", "--num-val", "3",
+                 "--image-size", "64"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "shapes/faster_rcnn_R_50_FPN", f"data.format={fmt}", f"data.root={data}",
+                 "model.backbone.name=resnet18", "model.backbone.width=8", "model.fpn.channels=16",
+                 "model.roi.fc_dim=32", "model.input.min_size=[64]", "model.input.max_size=64",
+                 "model.input.test_min_size=64", "model.input.test_max_size=64", "data.num_workers=0",
+                 "solver.ims_per_batch=2", "solver.max_iter=2", "solver.steps=[100]", "solver.warmup_iters=1",
+                 "train.checkpoint_period=2", "train.max_time_minutes=null", "train.device=cpu",
+                 f"train.output_dir={out}", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iteration"] == 2 and "bbox/AP" in summary["eval"]
+
+
 def test_convert_refuses_a_non_empty_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from resnet_det.cli import main
 

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 #: The formats the library ships, by module name under ``detection.data.formats`` (imported on first use).
 BUILTIN: tuple[str, ...] = (
     "coco",
+    "yolo",
 )
 
 #: Bump when a converter's output changes for the same input (cached conversions are then redone).
