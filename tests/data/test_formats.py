@@ -64,10 +64,10 @@ def _boxes_by_stem(coco: dict) -> dict[str, list[tuple[int, list[float]]]]:
 
 
 # ------------------------------------------------------------------------------------------- registry
-def test_the_formats_are_coco_yolo_and_an_unknown_one_is_a_config_error() -> None:
-    assert format_names()[:2] == ("coco", "yolo")
+def test_the_formats_are_coco_yolo_voc_and_an_unknown_one_is_a_config_error() -> None:
+    assert format_names()[:3] == ("coco", "yolo", "voc")
     assert _cfg("data.format=yolo").data.format == "yolo"
-    with pytest.raises(ValueError, match=r"data\.format.*'coco', 'yolo'"):
+    with pytest.raises(ValueError, match=r"data\.format.*'coco', 'yolo', 'voc'"):
         _cfg("data.format=pascal")
     with pytest.raises(ValueError, match="not a dataset format"):
         get_format("pascal")
@@ -95,7 +95,7 @@ def test_a_format_registered_from_outside_is_used_by_the_dataset_builder(shapes:
 
 
 # ------------------------------------------------------------------------------------ shapes round trip
-@pytest.mark.parametrize("fmt", ["yolo"])
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
 def test_shapes_written_in_a_layout_load_back_to_the_coco_boxes(fmt: str, shapes: Path, tmp_path: Path) -> None:
     out = convert(Source(root=str(shapes), **SHAPES_SOURCE), "coco", fmt, tmp_path / fmt)
     for split in ("train", "val"):
@@ -112,7 +112,7 @@ def test_shapes_written_in_a_layout_load_back_to_the_coco_boxes(fmt: str, shapes
             np.testing.assert_allclose([b for _, b in got[stem]], [b for _, b in want[stem]], atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["yolo"])
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
 def test_convert_output_evaluates_to_the_native_loaders_ap(fmt: str, shapes: Path, tmp_path: Path) -> None:
     from pycocotools.cocoeval import COCOeval
 
@@ -221,9 +221,72 @@ def test_a_changed_label_file_is_converted_again(tmp_path: Path) -> None:
     assert len(build_dataset(cfg, DETECTION, "val").coco.dataset["annotations"]) == 2
 
 
+# ------------------------------------------------------------------------------------------- VOC input
+def _voc_xml(objects: str, size: str = "<size><width>40</width><height>20</height><depth>3</depth></size>") -> str:
+    return f"<annotation><filename>x.jpg</filename>{size}{objects}</annotation>"
+
+
+def _obj(name: str, box: tuple, difficult: int = 0) -> str:
+    b = "".join(f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+    return f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>{b}</bndbox></object>"
+
+
+def test_voc_annotations_are_validated_and_difficult_objects_are_ignore_regions(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "VOC"
+    xmls = {
+        "a": _voc_xml(_obj("dog", (1, 1, 10, 20)) + _obj("wolf", (5, 5, 15, 15), difficult=1)),
+        "nosize": _voc_xml(_obj("dog", (1, 1, 40, 30)), size=""),      # size from the image; box clipped
+        "broken": "<annotation><object>",
+        "badbox": _voc_xml(_obj("dog", ("a", 1, 5, 5)) + "<object><name>wolf</name></object>"),
+        "empty": _voc_xml(_obj("dog", (30, 1, 29, 5))),  # xmax < xmin (xmax == xmin is one pixel wide)
+    }
+    for stem, text in xmls.items():
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{stem}.xml").write_text(text)
+        _jpg(root / "JPEGImages" / f"{stem}.jpg")
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join([*xmls, "missing"]) + "\n")
+    with caplog.at_level(logging.INFO):
+        ds = build_dataset(_cfg("data.format=voc", f"data.root={root}",
+                                "data.train_annotations=ImageSets/Main/train.txt", "data.keep_empty_train=true"),
+                           DETECTION, "train")
+    conv = next(r for r in caplog.records if "converted to" in r.getMessage()).getMessage()
+    assert "[voc_bad_bndbox]" in conv
+    assert _counts(tmp_path, "voc", "train") == {"voc_missing_xml": 1, "voc_bad_xml": 1, "voc_size_from_image": 1,
+                                                 "voc_box_clipped": 1, "voc_bad_bndbox": 2, "voc_empty_box": 1}
+    gt = ds.coco.dataset
+    assert ds.class_names == ["background", "dog", "wolf"]  # not all of VOC's 20: the names found, sorted
+    files = {img["id"]: img["file_name"] for img in gt["images"]}
+    anns = {(files[a["image_id"]], a["category_id"]): a for a in gt["annotations"]}
+    assert anns[("a.jpg", 1)]["bbox"] == [0, 0, 10, 20]        # 1-based inclusive -> continuous
+    assert anns[("a.jpg", 2)]["iscrowd"] == 1                  # difficult: ignored by COCOeval
+    assert anns[("nosize.jpg", 1)]["bbox"] == [0, 0, 40, 20]   # clipped to the image's own 40x20
+    _, target = ds[sorted(files.values()).index("a.jpg")]
+    assert target["labels"].tolist() == [1]                    # the difficult wolf is no training target
+
+
+def test_voc_with_only_voc_class_names_uses_vocs_twenty_classes_in_order(tmp_path: Path) -> None:
+    root = tmp_path / "VOC"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "Annotations" / "x.xml").write_text(_voc_xml(_obj("person", (1, 1, 10, 10))))
+    _jpg(root / "JPEGImages" / "x.jpg")
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "val.txt").write_text("x\n")
+    ds = build_dataset(_cfg("data.format=voc", f"data.root={root}"), DETECTION, "val")
+    assert len(ds.class_names) == 21 and ds.class_names[15] == "person"  # [0] is the background
+    assert ds.coco.dataset["annotations"][0]["category_id"] == 15
+
+
+def test_voc_without_a_split_list_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "VOC" / "Annotations").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/train\.txt does not exist.*Pascal VOC layout"):
+        build_dataset(_cfg("data.format=voc", f"data.root={tmp_path / 'VOC'}"), DETECTION, "train")
+
+
 # ------------------------------------------------------------------------------------------ the commands
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["yolo"])
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
 def test_make_shapes_in_a_layout_then_train_on_it(fmt: str, tmp_path: Path) -> None:
     from resnet_det.cli import main
 

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 BUILTIN: tuple[str, ...] = (
     "coco",
     "yolo",
+    "voc",
 )
 
 #: Bump when a converter's output changes for the same input (cached conversions are then redone).
