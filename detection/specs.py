@@ -355,12 +355,38 @@ class InputSpec(_Spec):
 # --------------------------------------------------------------------------------------------------
 
 
+#: Every task, by name: where its :class:`~detection.engine.task.Task` is declared (``"module:ATTRIBUTE"``). The
+#: one place task names live: ``model.task`` is checked against it when a config loads, and the command line
+#: imports the declaration from here (the task modules sit above the config, which must not import them).
+#: A task of your own: :func:`register_task`.
+TASKS: dict[str, str] = {
+    "detection": "detection.tasks:DETECTION",
+    "instance": "segmentation.tasks:INSTANCE",
+    "semantic": "segmentation.tasks:SEMANTIC",
+    "panoptic_fpn": "segmentation.tasks:PANOPTIC_FPN",
+}
+
+
+def register_task(name: str, declaration: str) -> None:
+    """Makes ``model.task: <name>`` valid; ``declaration`` is ``"module:ATTRIBUTE"`` of its ``Task`` object.
+
+    Raises:
+        ValueError: ``name`` is taken by another declaration, or ``declaration`` is not ``module:ATTRIBUTE``.
+    """
+    if declaration.count(":") != 1 or not all(declaration.split(":")):
+        raise ValueError(f"register_task: declaration must be 'module:ATTRIBUTE', got {declaration!r}")
+    if TASKS.get(name, declaration) != declaration:
+        raise ValueError(f"task {name!r} is already declared as {TASKS[name]!r}")
+    TASKS[name] = declaration
+
+
 @dataclass
 class ModelSpec(_Spec):
     """The whole model: what is built, for how many classes, and each part's settings."""
 
-    task: Literal["detection", "instance", "semantic", "panoptic_fpn"] = "detection"
-    """Boxes (Faster R-CNN), boxes + masks (Mask R-CNN), semantic FPN, or both heads (panoptic FPN)."""
+    task: str = "detection"
+    """A name of :data:`TASKS`: detection (Faster R-CNN), instance (+ masks: Mask R-CNN), semantic (semantic FPN),
+    panoptic_fpn (both heads)."""
     arch: Literal["fpn", "c4"] = "fpn"
     """Feature pyramid on res2..res5, or the paper's C4 design (RoI head on res5 / VGG fc6-fc7)."""
     num_classes: int | None = None
@@ -387,6 +413,10 @@ class ModelSpec(_Spec):
     """Input resizing and normalisation."""
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            close = difflib.get_close_matches(str(self.task), TASKS, n=2)
+            check(False, "model.task", self.task, f"must be one of {sorted(TASKS)}"
+                  + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
         check(self.num_classes is None or self.num_classes > 0, "model.num_classes", self.num_classes,
               "must be > 0 (foreground classes), or null to take it from the dataset")
 

@@ -1,8 +1,9 @@
 """The library calls of ``train``, ``eval`` and ``infer``, in one place, and the task lookup.
 
-The tasks (``model.task``: detection, instance, semantic, panoptic_fpn) are declared at the edge, in
-``detection.tasks`` and ``segmentation.tasks``; this module (the command line) is what looks one up by
-name and hands it to the engine, which never imports a task module.
+The tasks (``model.task``: detection, instance, semantic, panoptic_fpn) are named in one registry,
+:data:`detection.specs.TASKS`, and declared at the edge, in ``detection.tasks`` and ``segmentation.tasks``;
+this module (the command line) is what imports one by name and hands it to the engine, which never imports a
+task module.
 """
 
 from __future__ import annotations
@@ -18,25 +19,24 @@ if TYPE_CHECKING:
     from detection.engine.task import Task
 
 
-def tasks() -> dict[str, Task]:
-    """Every task by name, from the task modules of each package (a name declared twice raises)."""
-    from detection.tasks import TASKS as DETECTION_TASKS
-    from segmentation.tasks import TASKS as SEGMENTATION_TASKS
-
-    found: dict[str, Task] = {}
-    for task in (*DETECTION_TASKS, *SEGMENTATION_TASKS):
-        if task.name in found:
-            raise RuntimeError(f"task {task.name!r} is declared twice (detection.tasks / segmentation.tasks)")
-        found[task.name] = task
-    return found
-
-
 def get_task(name: str) -> Task:
-    """The task of ``model.task``; an unknown name is a ``ValueError`` listing the valid ones."""
-    known = tasks()
-    if name not in known:
-        raise ValueError(f"model.task={name!r} is not a task; use one of {sorted(known)}")
-    return known[name]
+    """The task of ``model.task``, imported from its declaration in :data:`detection.specs.TASKS`.
+
+    Raises:
+        ValueError: ``name`` is not a task (the list of valid ones), or its declaration names another task.
+    """
+    import importlib
+
+    from detection.specs import TASKS
+
+    if name not in TASKS:
+        raise ValueError(f"model.task={name!r} is not a task; use one of {sorted(TASKS)}")
+    module, attribute = TASKS[name].split(":")
+    task = getattr(importlib.import_module(module), attribute)
+    if getattr(task, "name", None) != name:
+        raise ValueError(f"task {name!r} is declared as {TASKS[name]!r}, which is the task "
+                         f"{getattr(task, 'name', task)!r}")
+    return task
 
 
 def train(cfg: Config, *, resume: bool, progress: bool) -> dict[str, Any]:
