@@ -140,6 +140,7 @@ class TideResult:
         per_category_ap50: ``[K]`` base AP50 per category (NaN without gt).
         classified: The per-detection labels.
         oracles: ``{"base" | type: Oracle}``, what each oracle left, per category.
+        t_f, t_b: The thresholds used.
     """
 
     ap50: float
@@ -148,6 +149,8 @@ class TideResult:
     per_category_ap50: np.ndarray
     classified: Classified = field(repr=False)
     oracles: dict[str, Oracle] = field(repr=False, default_factory=dict)
+    t_f: float = 0.5
+    t_b: float = 0.1
 
 
 @dataclass
@@ -235,5 +238,5 @@ def tide(problem: Problem, m: Matching, *, t_f: float = 0.5, t_b: float = 0.1) -
     return TideResult(
         ap50=base, dap={t: dap[t] for t in (*ERROR_TYPES, *SPECIAL_ERROR_TYPES)},
         counts={t: counts[t] for t in (*ERROR_TYPES, *SPECIAL_ERROR_TYPES)},
-        per_category_ap50=per_category_ap(prec0), classified=c, oracles=oracles,
+        per_category_ap50=per_category_ap(prec0), classified=c, oracles=oracles, t_f=t_f, t_b=t_b,
     )
