@@ -40,7 +40,7 @@ from .calibration import Calibration, detection_ece
 from .diagnostics import confusion_matrix, image_ap_gains
 from .matching import AREA_RANGES, MAX_DETS, REC_THRS, Matching, Problem, build_problem, match, precision_table
 from .report import PLOTS, format_tide_table, render_html, write_plots
-from .tide import ERROR_TYPES, SPECIAL_ERROR_TYPES, TideResult, tide
+from .tide import ERROR_TYPES, SPECIAL_ERROR_TYPES, TideResult, tide_breakdown
 
 __all__ = [
     "ANALYSIS_FILENAME",
@@ -178,7 +178,7 @@ def analyze_results(
         sizes = {a: (m50, prec_all[0]) if a == "all" else (mm := match(p, 0.5, a), _precision(p, mm))
                  for a in AREA_RANGES}
         stage("matching")
-        tr = tide(p, match(p, t_f, "all") if t_f != 0.5 else m50, t_f=t_f, t_b=t_b)
+        tr = tide_breakdown(p, match(p, t_f, "all") if t_f != 0.5 else m50, t_f=t_f, t_b=t_b)
         stage("TIDE")
         counted = ~m50.dt_ignored
         scores = p.dt_score[counted]

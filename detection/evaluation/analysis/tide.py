@@ -39,7 +39,7 @@ import numpy as np
 
 from .matching import Matching, Problem, average_precision, per_category_ap, precision_table
 
-__all__ = ["ERROR_TYPES", "SPECIAL_ERROR_TYPES", "Oracle", "TideResult", "classify_errors", "tide"]
+__all__ = ["ERROR_TYPES", "SPECIAL_ERROR_TYPES", "Oracle", "TideResult", "classify_errors", "tide_breakdown"]
 
 ERROR_TYPES: tuple[str, ...] = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 """The six main error types, in the paper's (and tidecv's) order."""
@@ -183,7 +183,7 @@ def _fix_target(label: np.ndarray, target: np.ndarray, score: np.ndarray, code: 
     return winners, suppressed
 
 
-def tide(problem: Problem, m: Matching, *, t_f: float = 0.5, t_b: float = 0.1) -> TideResult:
+def tide_breakdown(problem: Problem, m: Matching, *, t_f: float = 0.5, t_b: float = 0.1) -> TideResult:
     """TIDE's error breakdown (main and special errors) on COCO's matching ``m`` at ``t_f``.
 
     Args:
