@@ -36,7 +36,7 @@ def _problem(gt, results, iou_type: str = "bbox") -> M.Problem:
 
 def _precision(p: M.Problem, m: M.Matching) -> np.ndarray:
     npos = np.bincount(p.gt_cat[~m.gt_ignored], minlength=len(p.cat_ids))
-    return M.precision_table(p.dt_cat, p.dt_score, p.dt_img, m.dt_tp, ~m.dt_ignored, npos)
+    return M.precision_table(p.dt_cat, p.dt_rank, m.dt_tp, ~m.dt_ignored, npos)
 
 
 def _random_set(seed: int) -> tuple[dict, list[dict]]:
@@ -131,8 +131,8 @@ def test_summary_and_tide_base_equal_pycocotools_stats(gt_path, tmp_path):
     assert report["summary"]["AP50"] == ev.stats[1]
     assert report["summary"]["AP75"] == ev.stats[2]
     assert report["tide"]["AP50"] == ev.stats[1]
-    for area, stat in (("small", 3), ("medium", 4), ("large", 5)):  # AP50 per size vs COCOeval's precision
-        prec = ev.eval["precision"][0, :, :, ("all", "small", "medium", "large").index(area), 2]
+    for a, area in enumerate(("small", "medium", "large"), start=1):  # AP50 per size vs COCOeval's precision
+        prec = ev.eval["precision"][0, :, :, a, 2]
         assert report["pr_by_size"][area]["AP50"] == (np.mean(prec[prec > -1]) if (prec > -1).any() else -1.0)
 
 
@@ -279,7 +279,8 @@ def test_tide_cls_fix_takes_the_target_class_and_one_winner_per_gt():
     """Two category-1 detections on a category-2 gt that nothing found: Cls errors; fixing them gives
     the gt one TP (the higher score) and suppresses the other: category 2's AP goes 0 -> 1."""
     gts = [(1, 2, [0.0, 0.0, 10.0, 10.0]), (1, 1, [50.0, 50.0, 10.0, 10.0])]
-    dets = [(1, 1, 0.6, [0.0, 0.0, 10.0, 10.0]), (1, 1, 0.8, [0.0, 0.5, 10.0, 10.0]), (1, 1, 0.9, [50.0, 50.0, 10.0, 10.0])]
+    dets = [(1, 1, 0.6, [0.0, 0.0, 10.0, 10.0]), (1, 1, 0.8, [0.0, 0.5, 10.0, 10.0]),
+            (1, 1, 0.9, [50.0, 50.0, 10.0, 10.0])]
     p = _tiny_problem(gts, dets)
     r = T.tide_breakdown(p, M.match(p, 0.5, "all"))
     assert r.counts["Cls"] == 2 and r.counts["Miss"] == 0
@@ -385,6 +386,6 @@ def test_image_gains_equal_recomputing_the_ap(gt, seed):
         keep = ~m.dt_ignored & ~((p.dt_img == i) & m.dt_fp)
         missed = (p.gt_img == i) & ~m.gt_matched & ~m.gt_ignored
         n2 = npos - np.bincount(p.gt_cat[missed], minlength=npos.size)
-        prec = M.precision_table(p.dt_cat, p.dt_score, p.dt_img, m.dt_tp, keep, n2)
+        prec = M.precision_table(p.dt_cat, p.dt_rank, m.dt_tp, keep, n2)
         prec[:, (npos > 0) & (n2 == 0)] = 0.0
         assert gains[i] == pytest.approx(M.average_precision(prec) - base, abs=1e-14), i

@@ -102,7 +102,7 @@ def _load(results_json: Any, annotations_json: Any, iou_type: str | None) -> tup
 
 def _precision(p: Problem, m: Matching) -> np.ndarray:
     npos = np.bincount(p.gt_cat[~m.gt_ignored], minlength=len(p.cat_ids))
-    return precision_table(p.dt_cat, p.dt_score, p.dt_img, m.dt_tp, ~m.dt_ignored, npos)
+    return precision_table(p.dt_cat, p.dt_rank, m.dt_tp, ~m.dt_ignored, npos)
 
 
 def _mean_valid(a: np.ndarray) -> float:
@@ -283,7 +283,7 @@ def _build_report(p: Problem, coco_gt: Any, iou_type: str, matches: dict[float, 
         "iou_type": iou_type,
         "results": str(results_json) if isinstance(results_json, (str, Path)) else "(list)",
         "annotations": str(annotations_json) if isinstance(annotations_json, (str, Path)) else "(COCO object)",
-        "num_images": int(len(p.img_ids)),
+        "num_images": len(p.img_ids),
         "num_gt": int(p.num_gts),
         "num_crowd": int(p.gt_crowd.sum()),
         "num_detections": int(p.num_dets + p.n_uncounted),

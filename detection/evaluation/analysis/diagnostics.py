@@ -100,7 +100,7 @@ def image_ap_gains(problem: Problem, m: Matching, *, max_cells: int = 1 << 22) -
     if n_valid == 0:
         return gains
     idx = np.flatnonzero(~m.dt_ignored)
-    order = idx[accumulate_order(p.dt_cat[idx], p.dt_score[idx], p.dt_img[idx])]
+    order = idx[accumulate_order(p.dt_cat[idx], p.dt_rank[idx])]
     bounds = np.searchsorted(p.dt_cat[order], np.arange(k + 1))
     fn = ~m.gt_matched & ~m.gt_ignored
     for c in np.flatnonzero(npos > 0).tolist():
@@ -125,8 +125,8 @@ def image_ap_gains(problem: Problem, m: Matching, *, max_cells: int = 1 << 22) -
             chunk = rows[s:s + step]
             row_of[chunk] = np.arange(chunk.size)
             inside = row_of[fp_img] >= 0
-            delta = np.zeros((chunk.size, n_tp))
-            np.add.at(delta, (row_of[fp_img[inside]], fp_k[inside]), 1.0)
+            flat = row_of[fp_img[inside]] * n_tp + fp_k[inside]
+            delta = np.bincount(flat, minlength=chunk.size * n_tp).reshape(chunk.size, n_tp)
             fp_left = fp_before[None, :] - np.cumsum(delta, axis=1)
             pr = tp_sum / (fp_left + tp_sum + _EPS)
             pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]

@@ -75,6 +75,9 @@ class Problem:
         pair_dt, pair_gt, pair_iou: ``[P]`` every (detection, gt) pair of the same image, detection-major
             (a detection's pairs are contiguous, its gts in file order); crowd IoU for crowd gts.
         dt_pair_start, dt_pair_count: ``[D]`` where each detection's pairs are in the pair arrays.
+        pair_same: ``[P]`` bool, detection and gt of the same category.
+        dt_rank: ``[D]`` rank in ``accumulate``'s order regardless of category (``-score``, image, evaluation
+            order): sorting by (category, rank) is that order.
         n_uncounted: detections beyond the 100 best of their image and category (not evaluated).
     """
 
@@ -95,6 +98,8 @@ class Problem:
     pair_iou: np.ndarray
     dt_pair_start: np.ndarray
     dt_pair_count: np.ndarray
+    pair_same: np.ndarray
+    dt_rank: np.ndarray
     n_uncounted: int
 
     @property
@@ -172,8 +177,9 @@ def build_problem(
     g_id = np.fromiter((int(a.get("id", 0)) for a in anns), np.int64, len(anns))
 
     n = len(results)
-    d_img = np.fromiter((img_pos[r["image_id"]] for r in results), np.int64, n)
-    d_cat = np.fromiter((cat_pos[r["category_id"]] for r in results), np.int64, n)
+    # ids were validated against the annotations: a binary search maps them to positions
+    d_img = np.searchsorted(img_ids, np.fromiter((r["image_id"] for r in results), np.int64, n))
+    d_cat = np.searchsorted(cat_ids, np.fromiter((r["category_id"] for r in results), np.int64, n))
     d_score = np.fromiter((float(r["score"]) for r in results), np.float64, n)
     if progress:
         progress("read")
@@ -226,11 +232,13 @@ def build_problem(
                                        [int(c) for c in g_crowd[gs:gs + g_count[i]]]), dtype=np.float64)
             p0 = pair_start[ds]
             pair_iou[p0:p0 + ious.size] = ious.reshape(-1)
+    rank = np.empty(len(d_img), np.int64)
+    rank[np.lexsort((np.arange(len(d_img)), d_img, -d_score))] = np.arange(len(d_img))
     return Problem(
         img_ids=img_ids, cat_ids=cat_ids, gt_img=g_img, gt_cat=g_cat, gt_area=g_area, gt_crowd=g_crowd,
         gt_ann_id=g_id, dt_img=d_img, dt_cat=d_cat, dt_score=d_score, dt_area=d_area, dt_index=order,
         pair_dt=pair_dt, pair_gt=pair_gt, pair_iou=pair_iou, dt_pair_start=pair_start, dt_pair_count=per_dt,
-        n_uncounted=n_uncounted,
+        pair_same=d_cat[pair_dt] == g_cat[pair_gt], dt_rank=rank, n_uncounted=n_uncounted,
     )
 
 
@@ -303,7 +311,7 @@ def match(problem: Problem, iou_thr: float = 0.5, area: str = "all") -> Matching
     p = problem
     gt_ignored = p.gt_crowd | (p.gt_area < lo) | (p.gt_area > hi)
     thr = min(iou_thr, 1 - 1e-10)
-    same = (p.dt_cat[p.pair_dt] == p.gt_cat[p.pair_gt]) & (p.pair_iou >= thr)
+    same = p.pair_same & (p.pair_iou >= thr)
     dt_group = p.dt_img * len(p.cat_ids) + p.dt_cat
     e = np.flatnonzero(same & ~gt_ignored[p.pair_gt])
     dt_match = _greedy(p.pair_dt[e], p.pair_gt[e], p.pair_iou[e], dt_group,
@@ -350,20 +358,23 @@ def category_precision(tp: np.ndarray, npos: int) -> np.ndarray | None:
     return q
 
 
-def accumulate_order(dt_cat: np.ndarray, dt_score: np.ndarray, dt_img: np.ndarray) -> np.ndarray:
+def accumulate_order(dt_cat: np.ndarray, dt_rank: np.ndarray) -> np.ndarray:
     """The order in which ``accumulate`` sees detections: category, ``-score``, image, per-image order.
 
-    The per-image order is the evaluation order (the arrays' own order), so that is the last key.
+    Args:
+        dt_cat: ``[n]`` categories (possibly changed by an oracle).
+        dt_rank: ``[n]`` :attr:`Problem.dt_rank` of the same detections.
     """
-    return np.lexsort((np.arange(dt_cat.size), dt_img, -dt_score, dt_cat))
+    return np.argsort(dt_cat * (int(dt_rank.max(initial=0)) + 1) + dt_rank, kind="stable")
 
 
-def precision_table(dt_cat: np.ndarray, dt_score: np.ndarray, dt_img: np.ndarray, dt_tp: np.ndarray,
-                    counted: np.ndarray, npos: np.ndarray) -> np.ndarray:
+def precision_table(dt_cat: np.ndarray, dt_rank: np.ndarray, dt_tp: np.ndarray, counted: np.ndarray,
+                    npos: np.ndarray) -> np.ndarray:
     """``[101, K]`` precision (pycocotools' ``precision[t, :, :, a, m]``), -1 for categories without gt.
 
     Args:
-        dt_cat, dt_score, dt_img: ``[D]`` per detection (evaluation order).
+        dt_cat: ``[D]`` category per detection (evaluation order).
+        dt_rank: ``[D]`` :attr:`Problem.dt_rank`.
         dt_tp: ``[D]`` bool, TP.
         counted: ``[D]`` bool, counted (TP or FP; false for ignored or suppressed detections).
         npos: ``[K]`` non-ignored gts per category.
@@ -371,7 +382,7 @@ def precision_table(dt_cat: np.ndarray, dt_score: np.ndarray, dt_img: np.ndarray
     k = len(npos)
     out = -np.ones((len(REC_THRS), k))
     idx = np.flatnonzero(counted)
-    order = idx[accumulate_order(dt_cat[idx], dt_score[idx], dt_img[idx])]
+    order = idx[accumulate_order(dt_cat[idx], dt_rank[idx])]
     cats = dt_cat[order]
     bounds = np.searchsorted(cats, np.arange(k + 1))
     tp = dt_tp[order]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,7 +70,7 @@ def format_tide_table(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib is imported lazily
+def _figure(w: float, h: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), dpi=100)
@@ -254,7 +253,8 @@ body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em 
 padding:0 1em}h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;height:auto;display:block;
-margin:.6em 0}p.note{color:#555;font-size:.9em;max-width:60em}.scroll{max-height:32em;overflow:auto;display:inline-block}
+margin:.6em 0}p.note{color:#555;font-size:.9em;max-width:60em}
+.scroll{max-height:32em;overflow:auto;display:inline-block}
 """
 
 

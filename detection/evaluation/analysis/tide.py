@@ -206,7 +206,7 @@ def tide_breakdown(problem: Problem, m: Matching, *, t_f: float = 0.5, t_b: floa
 
     def ap(name: str, dt_cat: np.ndarray, dt_tp: np.ndarray, keep: np.ndarray,
            n_pos: np.ndarray) -> tuple[float, np.ndarray]:
-        prec = precision_table(dt_cat, p.dt_score, p.dt_img, dt_tp, keep, n_pos)
+        prec = precision_table(dt_cat, p.dt_rank, dt_tp, keep, n_pos)
         prec[:, base_cats & (n_pos == 0)] = 0.0  # emptied by an oracle: AP 0, still in the mean
         oracles[name] = Oracle(precision=prec, num_dets=np.bincount(dt_cat[keep], minlength=k), num_gts=n_pos)
         return average_precision(prec), prec
