@@ -6,7 +6,8 @@ The set: 5,000 images (640x480), 36,781 ground-truth boxes over 80 categories (c
 skewed like COCO's, 1% crowds, sizes spread over small / medium / large), 100 detections per image:
 half near a ground-truth box (jittered, 90% with its category), half anywhere. The command runs in
 its own process (``--no-progress``); wall time and the child's peak RSS (``getrusage``) are reported
-with the stage times the analysis logs, and written to ``DIR/result.json``.
+with its CPU time (user + system: less sensitive than wall time to other processes on a shared
+machine), the load average and the stage times the analysis logs, and written to ``DIR/result.json``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
-        peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_gib, cpu_s = usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
@@ -105,7 +107,9 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
                    f"numpy {np.__version__}",
         "num_images": report["num_images"], "num_gt": report["num_gt"], "num_detections": report["num_detections"],
-        "wall_s": round(wall, 2), "peak_rss_gib": round(peak_gib, 2), "stages_s": report["timings_s"],
+        "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 2), "peak_rss_gib": round(peak_gib, 2),
+        "stages_s": report["timings_s"],
         "AP": report["summary"]["AP"], "AP50": report["summary"]["AP50"], "D-ECE": report["calibration"]["D-ECE"],
         "tide_dAP50": report["tide"]["dAP"],
     }

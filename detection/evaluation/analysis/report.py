@@ -164,8 +164,11 @@ def _plot_per_category(report: Mapping[str, Any], path: Path) -> bool:
     if not rows:
         return False
     n = len(rows)
-    fig = _figure(7.0, max(2.5, 0.6 + 0.16 * n))
+    height = max(2.5, 0.9 + 0.16 * n)
+    fig = _figure(7.0, height)
     ax = fig.subplots()
+    # fixed margins: tight_layout measures every label several times (seconds with 80 categories)
+    fig.subplots_adjust(left=0.25, right=0.97, top=1 - 0.45 / height, bottom=0.5 / height)
     y = np.arange(n)
     ax.barh(y, [r["AP50"] for r in rows], color="#a0cbe8", label="AP50")
     ax.barh(y, [r["AP"] for r in rows], color="#4e79a7", height=0.5, label="AP (IoU .50:.95)")
@@ -176,7 +179,6 @@ def _plot_per_category(report: Mapping[str, Any], path: Path) -> bool:
     ax.set_title(f"Per-category AP, worst first ({report['iou_type']})", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path)
     return True
 
@@ -199,15 +201,20 @@ def _plot_confusion(report: Mapping[str, Any], path: Path) -> bool:
     size = min(16.0, max(5.0, 0.17 * len(rows) + 2.5))
     fig = _figure(size, size * 0.92)
     ax = fig.subplots()
-    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    from matplotlib.colors import PowerNorm
+
+    # a square-root scale: the off-diagonal shares (a few percent) stay visible next to the diagonal
+    im = ax.imshow(norm, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
     fs = 8 if len(rows) <= 20 else 6 if len(rows) <= 45 else 5
     ax.set_xticks(range(len(cols)), labels_c, rotation=90, fontsize=fs)
     ax.set_yticks(range(len(rows)), labels_r, fontsize=fs)
     ax.set_xlabel("predicted category (last column: missed)")
     ax.set_ylabel("ground-truth category (last row: background false positives)")
-    ax.set_title(f"Confusion at IoU 0.50 ({report['iou_type']}), each row normalised to 1", fontsize=10)
+    ax.set_title(f"Confusion at IoU 0.50 ({report['iou_type']}), each row normalised to 1 "
+                 "(square-root colour scale)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    fig.tight_layout()
+    margin = 1.3 / size  # room for the tick labels, without tight_layout's repeated measuring
+    fig.subplots_adjust(left=margin, bottom=margin, right=0.97, top=1 - 0.5 / size)
     fig.savefig(path)
     return True
 
