@@ -2,6 +2,7 @@
 
     resnet-det train shapes/faster_rcnn_R_50_FPN [key.sub=value ...] [--resume] [--no-progress]
     resnet-det eval CONFIG --checkpoint W        |  resnet-det eval --results R.json --annotations A.json
+    resnet-det analyze --results R.json --annotations A.json --output-dir D   (TIDE, calibration, ...)
     resnet-det infer CONFIG --checkpoint W --input IMG_OR_DIR --output OUT
     resnet-det configs                           (the shipped configs, by name)
     resnet-det benchmark | make-shapes | paper-study | degradation-study ...
@@ -37,6 +38,7 @@ __all__ = ["COMMANDS", "CommandError", "RunFailedError", "main"]
 COMMANDS: dict[str, str] = {
     "train": "train",
     "eval": "eval",
+    "analyze": "analyze",
     "infer": "infer",
     "configs": "configs",
     "benchmark": "benchmark",

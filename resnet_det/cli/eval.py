@@ -47,6 +47,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--output-dir", help="write metrics.json and the plots here (checkpoint mode: "
                         "sets train.output_dir, the files go to its eval/ folder)")
+    parser.add_argument("--analyze", action="store_true", help="results mode: also run `resnet-det analyze` "
+                        "(TIDE, calibration, ...) into OUTPUT_DIR/analysis")
     return parser
 
 
@@ -57,7 +59,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error("results mode needs both --results and --annotations")
         if args.config is not None or args.checkpoint is not None or args.overrides or args.print_config:
             parser.error("--results/--annotations cannot be combined with CONFIG/--checkpoint/--print-config")
+        if args.analyze and args.output_dir is None:
+            parser.error("--analyze needs --output-dir (the analysis goes to OUTPUT_DIR/analysis)")
         return _results(args)
+    if args.analyze:
+        parser.error("--analyze works in results mode; for a checkpoint, run `resnet-det analyze` on the "
+                     "coco_instances_results.json its evaluation wrote")
     if args.config is None:
         parser.error("give --results and --annotations (results mode) or CONFIG --checkpoint PATH")
     if args.print_config:
@@ -82,6 +89,12 @@ def _results(args: argparse.Namespace) -> int:
         raise
     except (OSError, ValueError) as e:
         raise CommandError(one_line(e)) from None
+    if args.analyze:
+        from .analyze import analyze
+
+        iou_type = args.iou_types[0] if args.iou_types else None
+        analyze(args.results, args.annotations, str(Path(args.output_dir) / "analysis"), iou_type=iou_type,
+                progress=not args.no_progress)
     return 0
 
 
