@@ -12,35 +12,40 @@ Importing this package loads the model layer only (no trainer, datasets, evaluat
 
 from __future__ import annotations
 
-from .convert import convert_torchvision_detection, load_detector_weights, load_torchvision_detector
-from .faster_rcnn import FasterRCNN
-from .models import (
-    build_box_head,
-    build_box_predictor,
-    build_c4_trunk_and_head,
-    build_faster_rcnn,
-    build_fpn_backbone,
-    build_preprocessor,
-    build_roi_heads,
-    build_rpn,
-    build_trunk,
-    fasterrcnn_resnet50_fpn,
-    fasterrcnn_resnet50_fpn_v2,
-    torchvision_spec,
-)
-from .preprocess import Preprocessor
-from .roi_heads import RoIHeads
-from .rpn import RPN
-from .specs import (
-    BackboneSpec,
-    FPNSpec,
-    InputSpec,
-    MaskSpec,
-    ModelSpec,
-    ROISpec,
-    RPNSpec,
-    SemanticSpec,
-)
+from typing import TYPE_CHECKING
+
+from resnet_det.common.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names, for type checkers; at run time they are imported on first use
+    from .convert import convert_torchvision_detection, load_detector_weights, load_torchvision_detector
+    from .faster_rcnn import FasterRCNN
+    from .models import (
+        build_box_head,
+        build_box_predictor,
+        build_c4_trunk_and_head,
+        build_faster_rcnn,
+        build_fpn_backbone,
+        build_preprocessor,
+        build_roi_heads,
+        build_rpn,
+        build_trunk,
+        fasterrcnn_resnet50_fpn,
+        fasterrcnn_resnet50_fpn_v2,
+        torchvision_spec,
+    )
+    from .preprocess import Preprocessor
+    from .roi_heads import RoIHeads
+    from .rpn import RPN
+    from .specs import (
+        BackboneSpec,
+        FPNSpec,
+        InputSpec,
+        MaskSpec,
+        ModelSpec,
+        ROISpec,
+        RPNSpec,
+        SemanticSpec,
+    )
 
 __all__ = [
     "RPN",
@@ -71,3 +76,34 @@ __all__ = [
     "load_torchvision_detector",
     "torchvision_spec",
 ]
+
+# Lazy (resnet_det.common.lazy): importing this package loads none of its submodules until a name is used.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "convert_torchvision_detection": ".convert",
+    "load_detector_weights": ".convert",
+    "load_torchvision_detector": ".convert",
+    "FasterRCNN": ".faster_rcnn",
+    "build_box_head": ".models",
+    "build_box_predictor": ".models",
+    "build_c4_trunk_and_head": ".models",
+    "build_faster_rcnn": ".models",
+    "build_fpn_backbone": ".models",
+    "build_preprocessor": ".models",
+    "build_roi_heads": ".models",
+    "build_rpn": ".models",
+    "build_trunk": ".models",
+    "fasterrcnn_resnet50_fpn": ".models",
+    "fasterrcnn_resnet50_fpn_v2": ".models",
+    "torchvision_spec": ".models",
+    "Preprocessor": ".preprocess",
+    "RoIHeads": ".roi_heads",
+    "RPN": ".rpn",
+    "BackboneSpec": ".specs",
+    "FPNSpec": ".specs",
+    "InputSpec": ".specs",
+    "MaskSpec": ".specs",
+    "ModelSpec": ".specs",
+    "ROISpec": ".specs",
+    "RPNSpec": ".specs",
+    "SemanticSpec": ".specs",
+})

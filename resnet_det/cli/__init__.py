@@ -5,7 +5,7 @@
     resnet-det analyze --results R.json --annotations A.json --output-dir D   (TIDE, calibration, ...)
     resnet-det infer CONFIG --checkpoint W --input IMG_OR_DIR --output OUT
     resnet-det configs                           (the shipped configs, by name)
-    resnet-det benchmark | make-shapes | paper-study | degradation-study ...
+    resnet-det benchmark | benchmark-eval | make-shapes | paper-study | degradation-study ...
 
 One module per subcommand, each with ``HELP`` (its line in ``resnet-det --help``),
 ``build_parser(prog)`` and ``run(args, parser) -> exit code``. Options and ``key=value`` overrides
@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "configs": "configs",
     "benchmark": "benchmark",
     "benchmark-startup": "benchmark_startup",
+    "benchmark-eval": "benchmark_eval",
     "make-shapes": "make_shapes",
     "convert": "convert",
     "paper-study": "paper_study",

@@ -8,34 +8,39 @@
 - :mod:`.logs`: the one logging setup (console + rank-0 ``log.txt``), progress bars that keep out of files.
 """
 
-from .amp import AMP_DTYPES, autocast, check_autocast
-from .checks import check
-from .dist import (
-    all_gather_object,
-    all_reduce_dict,
-    barrier,
-    cleanup,
-    get_local_rank,
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_distributed,
-    is_main_process,
-    resolve_device,
-    unwrap_model,
-    wrap_ddp,
-)
-from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
-from .logs import (
-    LOG_FILENAME,
-    PROJECT_LOGGERS,
-    log_report,
-    logging_scope,
-    progress_bar,
-    setup_logger,
-    stderr_is_terminal,
-)
-from .rng import get_rng_states, preserve_rng_states, seed_everything, set_rng_states
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names, for type checkers; at run time they are imported on first use
+    from .amp import AMP_DTYPES, autocast, check_autocast
+    from .checks import check
+    from .dist import (
+        all_gather_object,
+        all_reduce_dict,
+        barrier,
+        cleanup,
+        get_local_rank,
+        get_rank,
+        get_world_size,
+        init_distributed,
+        is_distributed,
+        is_main_process,
+        resolve_device,
+        unwrap_model,
+        wrap_ddp,
+    )
+    from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
+    from .logs import (
+        LOG_FILENAME,
+        PROJECT_LOGGERS,
+        log_report,
+        logging_scope,
+        progress_bar,
+        setup_logger,
+        stderr_is_terminal,
+    )
+    from .rng import get_rng_states, preserve_rng_states, seed_everything, set_rng_states
 
 __all__ = [
     "AMP_DTYPES",
@@ -71,3 +76,39 @@ __all__ = [
     "unwrap_model",
     "wrap_ddp",
 ]
+
+# Lazy (resnet_det.common.lazy): importing this package loads none of its submodules until a name is used.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "AMP_DTYPES": ".amp",
+    "autocast": ".amp",
+    "check_autocast": ".amp",
+    "check": ".checks",
+    "all_gather_object": ".dist",
+    "all_reduce_dict": ".dist",
+    "barrier": ".dist",
+    "cleanup": ".dist",
+    "get_local_rank": ".dist",
+    "get_rank": ".dist",
+    "get_world_size": ".dist",
+    "init_distributed": ".dist",
+    "is_distributed": ".dist",
+    "is_main_process": ".dist",
+    "resolve_device": ".dist",
+    "unwrap_model": ".dist",
+    "wrap_ddp": ".dist",
+    "TMP_MARK": ".io",
+    "atomic_write": ".io",
+    "fsync_dir": ".io",
+    "temp_file_owner": ".io",
+    "LOG_FILENAME": ".logs",
+    "PROJECT_LOGGERS": ".logs",
+    "log_report": ".logs",
+    "logging_scope": ".logs",
+    "progress_bar": ".logs",
+    "setup_logger": ".logs",
+    "stderr_is_terminal": ".logs",
+    "get_rng_states": ".rng",
+    "preserve_rng_states": ".rng",
+    "seed_everything": ".rng",
+    "set_rng_states": ".rng",
+})

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "TMP_MARK",
     "FileLoadError",
@@ -157,6 +155,8 @@ def load_weights_only(path: str | os.PathLike[str], *, what: str = "file") -> An
     path = Path(path)
     if not path.is_file():
         raise FileLoadError(f"{what} {path} does not exist", path, "it does not exist")
+    import torch  # here, not at the top: the atomic writer and its users must not pay for a torch import
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -30,8 +30,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .dist import get_rank
-
 __all__ = [
     "LOG_FILENAME",
     "PROJECT_LOGGERS",
@@ -123,7 +121,11 @@ def setup_logger(
     """
     names = _names(name)
     loggers = [logging.getLogger(n) for n in names]
-    main = (get_rank() if rank is None else rank) == 0
+    if rank is None:
+        from .dist import get_rank  # here: torch.distributed is imported only when the rank is not given
+
+        rank = get_rank()
+    main = rank == 0
     wanted = level if main else max(level, logging.WARNING)
     for logger in loggers:
         # Only ever raise the verbosity: a level the application set lower (DEBUG) stays.
