@@ -1,7 +1,11 @@
 """Parity with torchvision and timm: their random weights, saved to a file, loaded into ours.
 
-Logits and stage features must match to 1e-5 (fp32). BN statistics and affine parameters are
-perturbed so that a wrong mapping of any of them shows.
+Logits and stage features must match to 1e-5 absolute (fp32), as the README says. BN statistics and affine
+parameters are perturbed so that a wrong mapping of any of them shows.
+
+Measured (this CPU, 2026-12-02): every comparison here is bit-identical (0.0) except the timm resnetv2_50
+logits, 1.2e-7 (logits up to 0.29, stage features up to 19); the bound of 1e-5 leaves room for another
+CPU's kernels (summation order), while a wrong mapping gives differences of the order of the values.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import backbone
 from backbone import load_weights
 
-TOL = 1e-5
+TOL = 1e-5  # absolute; measured 0.0 (1.2e-7 for the resnetv2_50 logits)
 
 
 def _perturb_bn(model: torch.nn.Module) -> None:
@@ -122,14 +126,12 @@ def test_timm_resnetv2_50_parity(tmp_path: Path, tiny_coco_src: Path) -> None:
     x = real_images(tiny_coco_src)
     with torch.no_grad():
         logits_ref = ref(x)
-        # Logits reach ~10; 1e-5 absolute holds on the pre-activation net's features, and logits
-        # match to 1e-5 relative to their scale.
-        assert _max_diff(ours(x), logits_ref) <= TOL * max(1.0, logits_ref.abs().max().item())
+        assert _max_diff(ours(x), logits_ref) <= TOL  # measured 1.2e-7 (logits up to 0.29)
         body = backbone.build_backbone("resnet50v2")
         load_weights(body, str(path))
         got = body.eval()(x)
         ref_stages = ref.stem(x)
         for i, name in enumerate(("res2", "res3", "res4", "res5")):
             ref_stages = ref.stages[i](ref_stages)
-            assert _max_diff(got[name], ref_stages) <= TOL * max(1.0, ref_stages.abs().max().item()), name
-        assert _max_diff(ours.forward_features(x), ref.forward_features(x)) <= TOL * 10
+            assert _max_diff(got[name], ref_stages) <= TOL, name  # measured 0.0 (values up to 1.7)
+        assert _max_diff(ours.forward_features(x), ref.forward_features(x)) <= TOL  # measured 0.0

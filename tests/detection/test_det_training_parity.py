@@ -15,10 +15,15 @@ Frozen BN in training: our convolutions fold a frozen BN into their weights on t
 as torchvision does in eval mode. The first test compares torchvision's order with torchvision's order
 (the folding convolutions set to eval mode: the detector itself trains), at 1e-4 of the largest gradient
 entry. The second proves the fold is exact arithmetic (float64) and measures what its different float32
-rounding does to the whole detector's gradients (see the numbers there).
+rounding does to the whole detector's gradients (see the numbers there). The third checks the path training
+really takes (the fold on, float32) against torchvision's backbone and FPN computed in float64, at 1e-5 of the
+largest gradient entry (measured: 1.35e-6 at most over six seeds; torchvision's own float32 order is within
+1.5e-6 of the same reference).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -146,6 +151,43 @@ def test_training_time_bn_fold_is_exact_arithmetic_and_only_changes_float32_roun
     for name in LOSS_NAMES:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     worst_key = max(errors, key=errors.get)
+    # Measured on this seed: 9.8e-4 (worst), 1.3e-4 (median); the 1e-2 bound is the figure of the variants.
     assert errors[worst_key] <= 1e-2, f"gradient of {worst_key}: {errors[worst_key]:.2e} of its largest entry"
     median = sorted(errors.values())[len(errors) // 2]
     assert median <= 1e-3, f"the median parameter's error is {median:.1e} (measured 1.3e-4)"
+
+
+def test_bn_folded_backbone_gradients_equal_torchvision_in_float64() -> None:
+    """The fold in float32, as training runs it, against the exact answer: torchvision's backbone + FPN (conv,
+    then its own FrozenBatchNorm2d) in float64, on a random projection of the five FPN outputs.
+
+    Why a bound of 1e-5 holds here and not on the whole detector: one image of 64x96 px has few pre-activations
+    within float32 rounding of a ReLU's edge, and no top-k / NMS / matching follows. Measured, worst parameter
+    relative to its largest entry, seeds 1-6: ours (fold, float32) 1.1e-6 to 1.35e-6 (1.2e-6 on seed 1, the
+    one used); torchvision's float32 order 1.15e-6 to 1.5e-6, except seed 4 where one of its pre-activations
+    lands on the other side of a ReLU and 11 parameters are off by up to 2.2e-2. At 2x128x160 px such flips
+    came on 2 of 4 seeds (either library), the reason why the whole-detector test above bounds at 1e-2.
+    """
+    ref, ours, _, _ = _models_and_batch()
+    ref.train()
+    ours.train()
+    assert len(_folding_convs(ours)) == 53 and all(conv.training for conv in _folding_convs(ours))  # the fold is on
+    exact = copy.deepcopy(ref.backbone).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 64, 96, generator=g)
+    got = ours.backbone(x)
+    want = exact(x.double())
+    assert list(got) == ["p2", "p3", "p4", "p5", "p6"] and list(want) == ["0", "1", "2", "3", "pool"]
+    projection = [torch.randn(v.shape, generator=g, dtype=torch.float64) for v in want.values()]
+    for name, a, b in zip(got, got.values(), want.values()):  # the features first (measured: 1.3e-6 at most)
+        err = float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
+        assert err <= 1e-5, f"feature {name}: {err:.2e} of its largest entry"
+    sum((v * w.float()).sum() for v, w in zip(got.values(), projection)).backward()
+    sum((v * w).sum() for v, w in zip(want.values(), projection)).backward()
+    reference = convert_torchvision_detection(
+        {f"backbone.{k}": p.grad for k, p in exact.named_parameters() if p.grad is not None})
+    grads = {f"backbone.{k}": p.grad for k, p in ours.backbone.named_parameters() if p.grad is not None}
+    assert set(grads) == set(reference) and len(grads) == 69  # every trunk and FPN parameter
+    errors = {k: float((grads[k].double() - reference[k]).abs().max() / reference[k].abs().max()) for k in grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, f"gradient of {worst}: {errors[worst]:.2e} of its largest entry (measured 1.2e-6)"

@@ -63,17 +63,22 @@ def _detections(model: torch.nn.Module, images: list[torch.Tensor], amp: str) ->
 
 
 @pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize(("amp", "roi_tol", "matched"), [
-    # measured on this model and batch: bf16 RoI losses 9.7e-3, top-20 matched 79/80; fp16 1.5e-2 and 80/80.
-    ("bf16", 5e-2, 0.9),
-    ("fp16", 5e-2, 0.95),
+@pytest.mark.parametrize(("amp", "roi_tol", "score_tol", "matched"), [
+    # Measured on this model and batch (2 cores, 1 thread, 2026-12-02): RPN losses 2.0e-5 relative at most
+    # (bf16) and 1.3e-5 (fp16); RoI losses 9.7e-3 (bf16, loss_box_reg; loss_classifier 9.3e-4) and 1.5e-2
+    # (fp16, loss_box_reg; loss_classifier 3.4e-5); the 3 best scores 3.3e-3 (bf16) and 4.7e-4 (fp16) relative;
+    # top-20 matched 79/80 (bf16) and 80/80 (fp16). The RoI bounds are twice the measured figure: one other
+    # proposal among the 64 RoIs of an image moves a loss term by a fraction of 1/64, a step of that size.
+    ("bf16", 2e-2, 1e-2, 76 / 80),
+    ("fp16", 3e-2, 2e-3, 78 / 80),
 ])
-def test_autocast_agrees_with_fp32(model_and_batch, amp: str, roi_tol: float, matched: float) -> None:
+def test_autocast_agrees_with_fp32(model_and_batch, amp: str, roi_tol: float, score_tol: float,
+                                   matched: float) -> None:
     model, images, targets = model_and_batch
     fp32, low = _losses(model, images, targets, "off"), _losses(model, images, targets, amp)
     assert set(low) == set(fp32) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
-    for key in ("loss_objectness", "loss_rpn_box_reg"):  # measured: 2e-5 at most
-        assert low[key] == pytest.approx(fp32[key], rel=1e-3), (key, low[key], fp32[key])
+    for key in ("loss_objectness", "loss_rpn_box_reg"):  # float rounding only (measured: 2.0e-5 at most)
+        assert low[key] == pytest.approx(fp32[key], rel=1e-4), (key, low[key], fp32[key])
     for key in ("loss_classifier", "loss_box_reg"):
         assert low[key] == pytest.approx(fp32[key], rel=roi_tol), (key, low[key], fp32[key])
 
@@ -86,8 +91,8 @@ def test_autocast_agrees_with_fp32(model_and_batch, amp: str, roi_tol: float, ma
         iou = box_iou(boxes, o["boxes"])
         found += int(((iou >= 0.9) & (labels[:, None] == o["labels"][None])).any(dim=1).sum())
         total += len(boxes)
-        # The best scores agree to autocast's rounding (measured: 3.3e-3 relative for bf16, 4.7e-4 for fp16).
-        torch.testing.assert_close(o["scores"][:3], r["scores"][:3], rtol=1e-2, atol=0)
+        # The best scores agree to autocast's rounding (measured: see the parameters).
+        torch.testing.assert_close(o["scores"][:3], r["scores"][:3], rtol=score_tol, atol=0)
     assert found >= matched * total, f"{found} of the {total} best fp32 detections found under {amp}"
 
 
