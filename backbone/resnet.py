@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone
+from .base import Backbone, check_image_batch
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, c2_msra_fill, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -29,6 +29,8 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 # CIFAR-style nets have 6n+2 layers: 3 stages of n basic blocks with 16/32/64 channels.
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+torch.fx.wrap("check_image_batch")  # an opaque, still-checking call under torch.fx tracing (see base.py)
 
 
 def _relu(x: Tensor) -> Tensor:
@@ -194,8 +196,7 @@ class _StagedBackbone(Backbone):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)` images. Returns: the selected maps, high to low resolution."""
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        x = check_image_batch(x, type(self).__name__)
         outputs: dict[str, Tensor] = {}
         x = self.stem(x)
         if "stem" in self._out_features:
@@ -391,4 +392,3 @@ __all__ = [
     "ResNet",
     "count_trainable",
 ]
-_ = torch  # torch is used in the docstring example
