@@ -27,9 +27,10 @@ MIN_SIZE = 32
 POOLINGS = (None, "avg", "max")
 
 
-def check_classifier_input(x: Tensor, channels: int, height: int | None, width: int | None) -> Tensor:
+def check_classifier_input(x: Tensor, channels: int, height: int | None, width: int | None,
+                           min_size: int = MIN_SIZE) -> Tensor:
     """Raise a clear `ValueError` unless `x` is a `(N, channels, H, W)` batch of the declared size with
-    sides >= `MIN_SIZE`; returns `x` unchanged.
+    sides >= `min_size`; returns `x` unchanged.
 
     Listed with `torch.fx.wrap` below: under `torch.fx` tracing (and torchvision's
     `create_feature_extractor`) it is one opaque call node that still checks when the graph runs, since a
@@ -43,8 +44,8 @@ def check_classifier_input(x: Tensor, channels: int, height: int | None, width: 
     if (height is not None and x.shape[2] != height) or (width is not None and x.shape[3] != width):
         raise ValueError(f"this model was built for input_shape ({channels}, {height}, {width}); got "
                          f"({x.shape[1]}, {x.shape[2]}, {x.shape[3]})")
-    if x.shape[2] < MIN_SIZE or x.shape[3] < MIN_SIZE:
-        raise ValueError(f"input sides must be at least {MIN_SIZE}, got ({x.shape[2]}, {x.shape[3]})")
+    if x.shape[2] < min_size or x.shape[3] < min_size:  # (an argument: TorchScript reads no int globals)
+        raise ValueError(f"input sides must be at least {min_size}, got ({x.shape[2]}, {x.shape[3]})")
     return x
 
 
@@ -129,6 +130,8 @@ class ImageClassifier(nn.Module):
     Forward: `(N, 3, H, W)` -> `(N, classes)` logits with the top; without it `(N, C)` when pooling,
     else the `(N, C, H/32, W/32)` map.
     """
+
+    __jit_unused_properties__ = ("backbone",)  # TorchScript: a Python-side alias, not used by forward
 
     def __init__(self, body: Backbone, *, include_top: bool = True, pooling: str | None = None, classes: int = 1000,
                  input_shape: tuple[int, int | None, int | None] = (3, None, None), head_norm: nn.Module | None = None,

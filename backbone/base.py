@@ -66,9 +66,18 @@ class Backbone(nn.Module):
     resolution) in `__init__`.
     """
 
+    # TorchScript: the shapes (ShapeSpec dataclasses) and these Python-side properties are not part of any
+    # forward; without these lists `torch.jit.script` would try to compile them.
+    __jit_ignored_attributes__ = ("_out_feature_shapes",)
+    __jit_unused_properties__ = ("out_features", "size_divisibility", "feature_info")
+
     if TYPE_CHECKING:  # for type checkers only: TorchScript reads class annotations and has no `tuple[str, ...]`
         _out_features: tuple[str, ...]
         _out_feature_shapes: dict[str, ShapeSpec]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._type_name = type(self).__name__  # for error messages in forward (TorchScript has no type(self))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -134,7 +134,8 @@ class TimmClassifier(ImageClassifier):
         self.num_features = channels
         self.head_hidden_size = VGG_FC_HIDDEN if isinstance(body, VGG) else channels
         self.feature_info = [{"num_chs": c, "reduction": r, "module": m} for m, c, r in _taps(body)]
-        self._built_index = len(self.feature_info) - 1  # the deepest feature left after pruning
+        self._last_index = len(self.feature_info) - 1
+        self._built_index = self._last_index  # the deepest feature left after pruning
 
     # -- timm's classifier API -------------------------------------------------------------------
     def get_classifier(self) -> nn.Module:
@@ -161,7 +162,8 @@ class TimmClassifier(ImageClassifier):
     def forward_features(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` images -> the unpooled ``(N, num_features, H/s, W/s)`` map."""
         self._require_full_trunk("forward_features")
-        return super().forward_features(x)
+        x = self.body(self._check_input(x))[self.feature_name]  # (ImageClassifier's; TorchScript has no super())
+        return F.relu(self.head_norm(x)) if self.head_norm is not None else x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pooling (+ VGG's fc6/fc7), dropout and the classifier on a ``forward_features`` map.
@@ -169,13 +171,11 @@ class TimmClassifier(ImageClassifier):
         Returns: ``(N, num_classes)`` logits; ``(N, head_hidden_size)`` with ``pre_logits`` or without a
         classifier; the ``(N, num_features, h, w)`` map itself when ``global_pool=""``.
         """
-        if not self.global_pool:
+        if self.global_pool == "":
             return x
-        pool = F.adaptive_avg_pool2d if self.global_pool == "avg" else F.adaptive_max_pool2d
-        if self.fc_head is not None:  # VGG: torchvision's adaptive 7x7 pooling, then fc6/fc7
-            x = self.fc_head(pool(x, (7, 7)))
-        else:
-            x = pool(x, 1).flatten(1)
+        size = 7 if self.fc_head is not None else 1  # VGG: torchvision's adaptive 7x7 pooling, then fc6/fc7
+        x = F.adaptive_avg_pool2d(x, size) if self.global_pool == "avg" else F.adaptive_max_pool2d(x, size)
+        x = self.fc_head(x) if self.fc_head is not None else x.flatten(1)
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
         if pre_logits or self.fc is None:
@@ -186,7 +186,7 @@ class TimmClassifier(ImageClassifier):
         return self.forward_head(self.forward_features(x))
 
     def _require_full_trunk(self, what: str) -> None:
-        if self._built_index != len(self.feature_info) - 1:
+        if self._built_index != self._last_index:
             raise ValueError(f"{what}: this model was pruned to feature index {self._built_index} by "
                              "prune_intermediate_layers (features only); create a new one for the full network")
 

@@ -109,12 +109,15 @@ class VGG(Backbone):
         """Args: x: `(N, 3, H, W)`. Returns: the selected maps (`conv<k>` after the block's last ReLU)."""
         x = check_image_batch(x, "VGG")
         outputs: dict[str, Tensor] = {}
-        for i, name in enumerate(self.block_names, start=1):
-            x = getattr(self, name)(x)
-            if f"conv{i}" in self._out_features:
-                outputs[f"conv{i}"] = x
-        if "pool5" in self._out_features:
-            outputs["pool5"] = self.pool5(x)
+        # named_children, not getattr(self, name): TorchScript takes only literal getattr names (children are
+        # in registration order: block1..block5, pool5)
+        for name, module in self.named_children():
+            if name in self.block_names:
+                x = module(x)
+                if "conv" + name[5:] in self._out_features:  # block<k> gives conv<k>
+                    outputs["conv" + name[5:]] = x
+            elif name == "pool5":
+                outputs["pool5"] = module(x)  # built only when selected
         return outputs
 
 
