@@ -12,10 +12,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone
+from .base import Backbone, shape_str
 from .layers import NormSpec, get_norm
 from .resnet import ResNet
 from .vgg import VGG, VGGFCHead
@@ -24,6 +25,31 @@ from .weights import LoadReport, load_weights, resolve_imagenet_weights
 DEFAULT_SIZE = 224
 MIN_SIZE = 32
 POOLINGS = (None, "avg", "max")
+
+
+def check_classifier_input(x: Tensor, channels: int, height: int | None, width: int | None,
+                           min_size: int = MIN_SIZE) -> Tensor:
+    """Raise a clear `ValueError` unless `x` is a `(N, channels, H, W)` batch of the declared size with
+    sides >= `min_size`; returns `x` unchanged.
+
+    Listed with `torch.fx.wrap` below: under `torch.fx` tracing (and torchvision's
+    `create_feature_extractor`) it is one opaque call node that still checks when the graph runs, since a
+    trace cannot branch on the tensor's rank and sides.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected a (N, 3, H, W) tensor, got shape {shape_str(x)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"expected {channels} channels in dim 1 of the (N, C, H, W) input, got shape {shape_str(x)} "
+                         "(channels-last arrays must be permuted: x.permute(0, 3, 1, 2))")
+    if (height is not None and x.shape[2] != height) or (width is not None and x.shape[3] != width):
+        raise ValueError(f"this model was built for input_shape ({channels}, {height}, {width}); got "
+                         f"({x.shape[1]}, {x.shape[2]}, {x.shape[3]})")
+    if x.shape[2] < min_size or x.shape[3] < min_size:  # (an argument: TorchScript reads no int globals)
+        raise ValueError(f"input sides must be at least {min_size}, got ({x.shape[2]}, {x.shape[3]})")
+    return x
+
+
+torch.fx.wrap("check_classifier_input")
 
 
 def _check_weights(weights: str | os.PathLike | None) -> None:
@@ -105,6 +131,8 @@ class ImageClassifier(nn.Module):
     else the `(N, C, H/32, W/32)` map.
     """
 
+    __jit_unused_properties__ = ("backbone",)  # TorchScript: a Python-side alias, not used by forward
+
     def __init__(self, body: Backbone, *, include_top: bool = True, pooling: str | None = None, classes: int = 1000,
                  input_shape: tuple[int, int | None, int | None] = (3, None, None), head_norm: nn.Module | None = None,
                  fc_head: nn.Module | None = None) -> None:
@@ -127,21 +155,13 @@ class ImageClassifier(nn.Module):
     def backbone(self) -> Backbone:
         return self.body
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected a (N, 3, H, W) tensor, got shape {tuple(x.shape)}")
+    def _check_input(self, x: Tensor) -> Tensor:
         c, h, w = self.input_shape
-        if x.shape[1] != c:
-            raise ValueError(f"expected {c} channels in dim 1 of the (N, C, H, W) input, got shape {tuple(x.shape)} "
-                             "(channels-last arrays must be permuted: x.permute(0, 3, 1, 2))")
-        if (h is not None and x.shape[2] != h) or (w is not None and x.shape[3] != w):
-            raise ValueError(f"this model was built for input_shape (3, {h}, {w}); got {tuple(x.shape[1:])}")
-        if x.shape[2] < MIN_SIZE or x.shape[3] < MIN_SIZE:
-            raise ValueError(f"input sides must be at least {MIN_SIZE}, got {tuple(x.shape[2:])}")
+        return check_classifier_input(x, c, h, w)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last 4D map (after the final BN+ReLU of v2 nets)."""
-        self._check_input(x)
+        x = self._check_input(x)
         x = self.body(x)[self.feature_name]
         if self.head_norm is not None:
             x = F.relu(self.head_norm(x))

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from .shape_spec import ShapeSpec
+
+
+def shape_str(x: Tensor) -> str:
+    """`x.shape` written as a tuple, ``"(2, 3, 64, 64)"`` (TorchScript-compatible, unlike ``tuple(x.shape)``)."""
+    return "(" + ", ".join([str(s) for s in x.shape]) + ")"
+
+
+def check_image_batch(x: Tensor, where: str) -> Tensor:
+    """Raise a clear `ValueError` unless `x` is a `(N, C, H, W)` batch; returns `x` unchanged.
+
+    The check reads the tensor's rank, which `torch.fx` cannot branch on while tracing: every module
+    that calls it lists it with `torch.fx.wrap("check_image_batch")`, so a symbolic trace (and
+    torchvision's `create_feature_extractor`) records one opaque call node that runs this same check,
+    with the same message, when the traced graph runs. Eager, `torch.compile` and TorchScript run it
+    as plain code.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"{where} expects a (N, C, H, W) tensor, got shape {shape_str(x)}")
+    return x
+
+
+torch.fx.wrap("check_image_batch")
 
 
 class FeatureInfo:
@@ -42,8 +66,18 @@ class Backbone(nn.Module):
     resolution) in `__init__`.
     """
 
-    _out_features: tuple[str, ...]
-    _out_feature_shapes: dict[str, ShapeSpec]
+    # TorchScript: the shapes (ShapeSpec dataclasses) and these Python-side properties are not part of any
+    # forward; without these lists `torch.jit.script` would try to compile them.
+    __jit_ignored_attributes__ = ("_out_feature_shapes",)
+    __jit_unused_properties__ = ("out_features", "size_divisibility", "feature_info")
+
+    if TYPE_CHECKING:  # for type checkers only: TorchScript reads class annotations and has no `tuple[str, ...]`
+        _out_features: tuple[str, ...]
+        _out_feature_shapes: dict[str, ShapeSpec]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._type_name = type(self).__name__  # for error messages in forward (TorchScript has no type(self))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -130,13 +130,14 @@ class Conv2d(nn.Conv2d):
     without separate passes over the activations (the sum is rounded to bf16 once instead of twice).
     """
 
-    fused_inference: bool = False
+    fused_inference = False  # class default (no annotation: TorchScript cannot read string annotations here)
 
     def __init__(self, *args, norm: nn.Module | None = None, activation: nn.Module | None = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.norm = norm if norm is not None else nn.Identity()
         self.activation = activation if activation is not None else nn.Identity()
+        self.fused_inference = False  # an instance attribute: TorchScript does not see class attributes
 
     def can_fuse(self, x: Tensor) -> bool:
         """True when this call can take the fused CPU inference path."""
@@ -173,18 +174,21 @@ class Conv2d(nn.Conv2d):
                                                               "relu" if relu else None, [], "")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_inference and self.can_fuse(x):
-            return self.forward_fused(x)
-        if self.training and isinstance(self.norm, FrozenBatchNorm2d):
-            # Frozen BN is an affine map of the conv's output channels: fold it into the (possibly
-            # trainable) weights on the fly, conv(x, W * s) + b, instead of two extra passes over the
-            # activations (and their backward). In eval mode the separate ops are kept so outputs match
-            # torchvision's bit for bit; `fold_frozen_batchnorm` folds permanently for inference.
-            scale, shift = self.norm.scale_and_shift()
-            weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
-            bias = shift.to(self.weight.dtype) if self.bias is None else self.bias * scale + shift
-            x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-            return self.activation(x)
+        # Both shortcuts below are eager-only (oneDNN ops, module isinstance checks): TorchScript leaves the
+        # `not is_scripting()` block uncompiled and runs the plain path, which computes the same function.
+        if not torch.jit.is_scripting():
+            if self.fused_inference and self.can_fuse(x):
+                return self.forward_fused(x)
+            if self.training and isinstance(self.norm, FrozenBatchNorm2d):
+                # Frozen BN is an affine map of the conv's output channels: fold it into the (possibly
+                # trainable) weights on the fly, conv(x, W * s) + b, instead of two extra passes over the
+                # activations (and their backward). In eval mode the separate ops are kept so outputs match
+                # torchvision's bit for bit; `fold_frozen_batchnorm` folds permanently for inference.
+                scale, shift = self.norm.scale_and_shift()
+                weight = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
+                bias = shift.to(self.weight.dtype) if self.bias is None else self.bias * scale + shift
+                x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+                return self.activation(x)
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return self.activation(self.norm(x))
 

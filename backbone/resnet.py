@@ -9,12 +9,13 @@ stages are built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone
+from .base import Backbone, check_image_batch
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, c2_msra_fill, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -29,6 +30,8 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 # CIFAR-style nets have 6n+2 layers: 3 stages of n basic blocks with 16/32/64 channels.
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+torch.fx.wrap("check_image_batch")  # an opaque, still-checking call under torch.fx tracing (see base.py)
 
 
 def _relu(x: Tensor) -> Tensor:
@@ -58,10 +61,12 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         projected_or_identity = self.shortcut is not None or (not self.pad_shortcut and self.shortcut_stride == 1)
-        if self.use_shortcut and projected_or_identity and self.conv2.fused_inference and self.conv2.can_fuse(x):
-            # CPU inference after folding: conv2 + bias + shortcut + ReLU as one kernel (see Conv2d)
-            sc = self.shortcut(x) if self.shortcut is not None else x
-            return self.conv2.forward_fused(self.conv1(x), add=sc, relu=True)
+        # (not one `and`: TorchScript prunes only a whole `if not torch.jit.is_scripting()` block, uncompiled)
+        if not torch.jit.is_scripting():  # noqa: SIM102 - the eager-only fused path
+            if self.use_shortcut and projected_or_identity and self.conv2.fused_inference and self.conv2.can_fuse(x):
+                # CPU inference after folding: conv2 + bias + shortcut + ReLU as one kernel (see Conv2d)
+                sc = self.shortcut(x) if self.shortcut is not None else x
+                return self.conv2.forward_fused(self.conv1(x), add=sc, relu=True)
         out = self.conv2(self.conv1(x))  # a fresh tensor: the in-place add and ReLU below are safe
         if self.use_shortcut:
             if self.shortcut is not None:
@@ -98,10 +103,12 @@ class BottleneckBlock(nn.Module):
         self.conv3 = Conv2d(bottleneck_channels, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_shortcut and self.conv3.fused_inference and self.conv3.can_fuse(x):
-            # CPU inference after folding: conv3 + bias + shortcut + ReLU as one kernel (see Conv2d)
-            sc = self.shortcut(x) if self.shortcut is not None else x
-            return self.conv3.forward_fused(self.conv2(self.conv1(x)), add=sc, relu=True)
+        # (not one `and`: TorchScript prunes only a whole `if not torch.jit.is_scripting()` block, uncompiled)
+        if not torch.jit.is_scripting():  # noqa: SIM102 - the eager-only fused path
+            if self.use_shortcut and self.conv3.fused_inference and self.conv3.can_fuse(x):
+                # CPU inference after folding: conv3 + bias + shortcut + ReLU as one kernel (see Conv2d)
+                sc = self.shortcut(x) if self.shortcut is not None else x
+                return self.conv3.forward_fused(self.conv2(self.conv1(x)), add=sc, relu=True)
         # conv3's output is a fresh tensor (conv, norm): adding the shortcut and the ReLU in place saves
         # two passes over memory per block (measurable on CPUs), and autograd needs neither input.
         out = self.conv3(self.conv2(self.conv1(x)))
@@ -190,20 +197,23 @@ def _check_freeze_at(freeze_at: int, n_stages: int, names: Sequence[str]) -> Non
 class _StagedBackbone(Backbone):
     """Shared logic of the ResNet families: stem + named stages, selection and freezing."""
 
-    stage_names: tuple[str, ...]
+    if TYPE_CHECKING:  # not a runtime class annotation: TorchScript has no `tuple[str, ...]`
+        stage_names: tuple[str, ...]
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)` images. Returns: the selected maps, high to low resolution."""
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        x = check_image_batch(x, self._type_name)
         outputs: dict[str, Tensor] = {}
         x = self.stem(x)
         if "stem" in self._out_features:
             outputs["stem"] = x
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            if name in self._out_features:
-                outputs[name] = x
+        # named_children, not getattr(self, name): TorchScript takes only literal getattr names (children are
+        # in registration order: stem, res2, ...)
+        for name, stage in self.named_children():
+            if name in self.stage_names:
+                x = stage(x)
+                if name in self._out_features:
+                    outputs[name] = x
         return outputs
 
     def split_last_stage(self) -> tuple[_StagedBackbone, nn.Module]:
@@ -391,4 +401,3 @@ __all__ = [
     "ResNet",
     "count_trainable",
 ]
-_ = torch  # torch is used in the docstring example

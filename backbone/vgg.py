@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .base import Backbone
+from .base import Backbone, check_image_batch
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
 # Convolutions per block and their width: configuration "D" of the VGG paper.
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 VGG_OUTPUTS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+VGG_FC_HIDDEN = 4096  # width of fc6 and fc7
+
+torch.fx.wrap("check_image_batch")  # an opaque, still-checking call under torch.fx tracing (see base.py)
 
 
 class VGG(Backbone):
@@ -83,17 +87,37 @@ class VGG(Backbone):
             setattr(self, name, FrozenBatchNorm2d.convert(module))
         self.freeze_at = freeze_at
 
+    def truncate(self, last: str) -> None:
+        """Drop every layer after output `last`, in place (``"conv4"``: block5 and pool5 go); the outputs
+        after it are deselected (``(last,)`` if none is left). Weights of the kept layers are untouched.
+
+        Raises:
+            ValueError: `last` is not an output this VGG has built.
+        """
+        if last not in self._out_feature_shapes:
+            raise ValueError(f"truncate({last!r}): this VGG builds {tuple(self._out_feature_shapes)}")
+        keep = VGG_OUTPUTS[: VGG_OUTPUTS.index(last) + 1]
+        for name in self.block_names[len(keep):]:
+            delattr(self, name)
+        self.block_names = self.block_names[: len(keep)]
+        if "pool5" not in keep and hasattr(self, "pool5"):
+            del self.pool5
+        self._out_feature_shapes = {n: s for n, s in self._out_feature_shapes.items() if n in keep}
+        self._out_features = tuple(n for n in self._out_features if n in keep) or (last,)
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)`. Returns: the selected maps (`conv<k>` after the block's last ReLU)."""
-        if x.dim() != 4:
-            raise ValueError(f"VGG expects a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        x = check_image_batch(x, "VGG")
         outputs: dict[str, Tensor] = {}
-        for i, name in enumerate(self.block_names, start=1):
-            x = getattr(self, name)(x)
-            if f"conv{i}" in self._out_features:
-                outputs[f"conv{i}"] = x
-        if "pool5" in self._out_features:
-            outputs["pool5"] = self.pool5(x)
+        # named_children, not getattr(self, name): TorchScript takes only literal getattr names (children are
+        # in registration order: block1..block5, pool5)
+        for name, module in self.named_children():
+            if name in self.block_names:
+                x = module(x)
+                if "conv" + name[5:] in self._out_features:  # block<k> gives conv<k>
+                    outputs["conv" + name[5:]] = x
+            elif name == "pool5":
+                outputs["pool5"] = module(x)  # built only when selected
         return outputs
 
 
@@ -104,7 +128,8 @@ class VGGFCHead(nn.Module):
     Input: `(N, C, 7, 7)` (flattened inside). Output: `(N, hidden)`.
     """
 
-    def __init__(self, in_channels: int = 512, resolution: int = 7, hidden: int = 4096, dropout: float = 0.5) -> None:
+    def __init__(self, in_channels: int = 512, resolution: int = 7, hidden: int = VGG_FC_HIDDEN,
+                 dropout: float = 0.5) -> None:
         super().__init__()
         self.fc6 = nn.Linear(in_channels * resolution * resolution, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
