@@ -1,7 +1,7 @@
 """Box coding and small box utilities. Boxes are `(..., 4)` xyxy in absolute pixels.
 
-Decoding and encoding always run in fp32 (also under autocast): `exp` of an fp16 delta overflows
-long before a box is absurd.
+Decoding and encoding run in fp32 at least (also under autocast): `exp` of an fp16 delta overflows
+long before a box is absurd. A float64 model stays in float64 (`at_least_fp32`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from torch import Tensor
 
 # Largest log-scale a delta may apply: a box may grow at most 1000/16 times (detectron2/torchvision).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """`x` in fp32, or unchanged when it is float64: half-precision values are widened for box arithmetic and
+    losses, while a `model.double()` keeps its precision end to end (torchvision's detectors run in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class BoxCoder:
@@ -31,8 +37,9 @@ class BoxCoder:
         self.clip = clip
 
     def encode(self, reference: Tensor, targets: Tensor) -> Tensor:
-        """Deltas that take `reference` (..., 4) to `targets` (..., 4); fp32."""
-        reference, targets = reference.float(), targets.float()
+        """Deltas that take `reference` (..., 4) to `targets` (..., 4); fp32 (float64 if either input is)."""
+        dtype = torch.promote_types(at_least_fp32(reference).dtype, at_least_fp32(targets).dtype)
+        reference, targets = reference.to(dtype), targets.to(dtype)
         wx, wy, ww, wh = self.weights
         ew = reference[..., 2] - reference[..., 0]
         eh = reference[..., 3] - reference[..., 1]
@@ -48,11 +55,12 @@ class BoxCoder:
 
     def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
         """Apply deltas `(..., 4*K)` to reference boxes `(..., 4)`; returns `(..., K, 4)` flattened to
-        `(..., 4*K)` like the input, in fp32.
+        `(..., 4*K)` like the input, in fp32 (float64 if either input is).
 
         Written with the same operation order as torchvision so converted models give the same boxes.
         """
-        deltas, reference = deltas.float(), reference.float()
+        dtype = torch.promote_types(at_least_fp32(deltas).dtype, at_least_fp32(reference).dtype)
+        deltas, reference = deltas.to(dtype), reference.to(dtype)
         wx, wy, ww, wh = self.weights
         widths = reference[..., 2] - reference[..., 0]
         heights = reference[..., 3] - reference[..., 1]
@@ -91,8 +99,9 @@ def nonempty(boxes: Tensor, min_size: float) -> Tensor:
 
 
 def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of `(N, 4)` and `(M, 4)` boxes -> `(N, M)`, in fp32."""
-    a, b = a.float(), b.float()
+    """IoU of `(N, 4)` and `(M, 4)` boxes -> `(N, M)`, in fp32 (float64 if either input is)."""
+    dtype = torch.promote_types(at_least_fp32(a).dtype, at_least_fp32(b).dtype)
+    a, b = a.to(dtype), b.to(dtype)
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])

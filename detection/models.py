@@ -20,6 +20,7 @@ that seeded initialisations are reproducible from one version to the next.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,7 @@ __all__ = [
     "load_model_weights",
     "pooled_features",
     "resolve_spec",
+    "torchvision_overrides",
     "torchvision_spec",
 ]
 
@@ -326,17 +328,117 @@ def _classes_in_state_dict(sd: dict[str, Tensor]) -> int | None:
     return None
 
 
+# torchvision's keyword arguments of its R-CNN builders whose value maps onto one spec setting of ours.
+_TORCHVISION_RENAMED = {
+    "image_mean": "pixel_mean", "image_std": "pixel_std",
+    "rpn_fg_iou_thresh": "rpn_fg_iou", "rpn_bg_iou_thresh": "rpn_bg_iou",
+    "box_score_thresh": "roi_score_thresh", "box_nms_thresh": "roi_nms_thresh",
+    "box_detections_per_img": "roi_detections_per_img", "box_fg_iou_thresh": "roi_fg_iou",
+    "box_bg_iou_thresh": "roi_bg_iou", "box_batch_size_per_image": "roi_batch_size_per_image",
+    "box_positive_fraction": "roi_positive_fraction", "bbox_reg_weights": "roi_bbox_reg_weights",
+}
+# (our (train, test) pair, index) of torchvision's separate train / test top-k arguments.
+_TORCHVISION_TOPK = {
+    "rpn_pre_nms_top_n_train": ("rpn_pre_nms_topk", 0), "rpn_pre_nms_top_n_test": ("rpn_pre_nms_topk", 1),
+    "rpn_post_nms_top_n_train": ("rpn_post_nms_topk", 0), "rpn_post_nms_top_n_test": ("rpn_post_nms_topk", 1),
+}
+# torchvision arguments that take modules: the spec describes the parts instead.
+_TORCHVISION_MODULES = ("backbone", "norm_layer", "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head",
+                        "box_predictor", "mask_roi_pool", "mask_head", "mask_predictor")
+_TORCHVISION_TRAINABLE_MAX = 5  # stem + res2..res5, as torchvision's trainable_backbone_layers counts them
+
+
+def torchvision_overrides(spec: ModelSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Spec overrides from keyword arguments of torchvision's R-CNN builders, with torchvision's meaning;
+    the spec's own spellings pass through unchanged (and win over a torchvision spelling of the same value).
+
+    `min_size` / `max_size` set the training *and* the test size (torchvision's one transform resizes both;
+    at test time it uses the last `min_size`); `rpn_pre_nms_top_n_train` / `_test` (and `post`) fill our
+    `(train, test)` pairs; `box_*`, `rpn_*_iou_thresh`, `image_mean` / `image_std`, `bbox_reg_weights` are
+    renamed (`bbox_reg_weights=None` keeps the default).
+
+    Raises:
+        ValueError: a module-valued argument (`rpn_head=`, `box_predictor=`, ...): build the parts with
+            `build_faster_rcnn` / `build_mask_rcnn` or assign the module after building.
+    """
+    out = dict(kwargs)
+    modules = [k for k in _TORCHVISION_MODULES if k in out]
+    if modules:
+        raise ValueError(f"{', '.join(modules)}: torchvision's module arguments are not taken here; the spec describes "
+                         "the parts (e.g. rpn_conv_depth=2, box_head='4conv1fc', fc_dim=...), or replace the module on "
+                         "the built model (model.roi_heads.predictor = FastRCNNPredictor(...))")
+    for tv_name, ours in _TORCHVISION_RENAMED.items():
+        if tv_name in out:
+            value = out.pop(tv_name)
+            if tv_name == "bbox_reg_weights" and value is None:
+                continue
+            out.setdefault(ours, tuple(value) if tv_name in ("image_mean", "image_std", "bbox_reg_weights") else value)
+    pairs: dict[str, list[int]] = {}
+    for tv_name, (ours, i) in _TORCHVISION_TOPK.items():
+        if tv_name in out:
+            section, field_name = ours.split("_", 1)
+            pair = pairs.setdefault(ours, list(getattr(getattr(spec, section), field_name)))
+            pair[i] = out.pop(tv_name)
+    for ours, pair in pairs.items():
+        out.setdefault(ours, tuple(pair))
+    if "min_size" in out:  # torchvision's: training and test
+        sizes = out.pop("min_size")
+        sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
+        out.setdefault("input_min_size", sizes)
+        if "test_min_size" not in out:
+            out.setdefault("input_test_min_size", sizes[-1] if sizes else 0)  # () is refused by the spec
+    if "max_size" in out:
+        size = out.pop("max_size")
+        out.setdefault("input_max_size", size)
+        if "test_max_size" not in out:
+            out.setdefault("input_test_max_size", size)
+    return out
+
+
+def _backbone_weights_file(weights_backbone: object) -> str:
+    """`weights_backbone` (torchvision's ResNet-50 weight name or member, "imagenet", or a file) as what
+    `backbone.weights` takes: "imagenet" or a path (torchvision's file from torch's hub cache, verified)."""
+    if weights_backbone == "imagenet" or _is_file_reference(weights_backbone):
+        return os.fspath(weights_backbone)  # type: ignore[arg-type]
+    return str(resolve_torchvision_weights(torchvision_weights_entry("resnet50", weights_backbone)))
+
+
+def _trainable_to_freeze_at(trainable: object, is_trained: bool, overrides: dict[str, Any]) -> int | None:
+    """`backbone_freeze_at` from torchvision's `trainable_backbone_layers` (None: the default for `is_trained`),
+    following torchvision: 3 trainable stages by default with weights, all of them without."""
+    if trainable is not None and ("backbone_freeze_at" in overrides or "freeze_at" in overrides):
+        raise ValueError("give trainable_backbone_layers (torchvision's) or backbone_freeze_at (ours), not both: "
+                         "backbone_freeze_at = 5 - trainable_backbone_layers")
+    if trainable is None:
+        return _TORCHVISION_TRAINABLE_MAX - 3 if is_trained else None
+    top = _TORCHVISION_TRAINABLE_MAX
+    if isinstance(trainable, bool) or not isinstance(trainable, int) or not 0 <= trainable <= top:
+        raise ValueError(f"trainable_backbone_layers={trainable!r}: give an int from 0 (all frozen) to "
+                         f"{_TORCHVISION_TRAINABLE_MAX} (stem and res2..res5 trainable)")
+    if not is_trained:
+        warnings.warn(f"trainable_backbone_layers={trainable} has no effect without weights or weights_backbone "
+                      "(torchvision's rule): every backbone stage stays trainable", UserWarning, stacklevel=4)
+        return None
+    return _TORCHVISION_TRAINABLE_MAX - trainable
+
+
 def build_torchvision_detector(name: str, builder: Callable[..., nn.Module],
                                spec_fn: Callable[..., ModelSpec], *, weights: object = None,
-                               num_classes: int | None = None, **overrides: Any) -> nn.Module:
+                               num_classes: int | None = None, weights_backbone: object = None,
+                               trainable_backbone_layers: int | None = None, **overrides: Any) -> nn.Module:
     """Shared by the torchvision-named builders: resolve `weights`, settle `num_classes`, build, load.
 
     `weights`: None; a checkpoint file (torchvision's or ours); or torchvision's weight name for `name`
     ("DEFAULT", "COCO_V1", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" or the enum member), whose file is
     taken from torch's hub cache (`torch.hub.get_dir()/checkpoints`, its hash prefix verified) or downloaded
     when downloads are allowed. `num_classes` (background included) defaults to the weights' (91 without
-    weights); a different value raises. With weights, the stem and res2 are frozen by default, as
-    torchvision's `trainable_backbone_layers=3`.
+    weights); a different value raises.
+
+    torchvision's other arguments mean what they mean there: `weights_backbone` (None here by default, nothing
+    is fetched; torchvision's ResNet-50 weight name, "imagenet" or a file; ignored when `weights` is given),
+    `trainable_backbone_layers` (0..5; default 3 with weights or backbone weights, else 5 and a warning
+    if another value is given), and the keyword arguments `torchvision_overrides` translates (`min_size`,
+    `box_score_thresh`, ...). Our spec settings (`test_min_size=`, `backbone_width=`, ...) are accepted too.
     """
     state: dict[str, Tensor] | None = None
     entry = None
@@ -355,31 +457,47 @@ def build_torchvision_detector(name: str, builder: Callable[..., nn.Module],
                          f"(background included); omit num_classes or pass num_classes={from_weights}")
     if entry is not None:
         state = read_state_dict(resolve_torchvision_weights(entry))
+    base = spec_fn(name, num_classes=num_classes)
+    overrides = torchvision_overrides(base, overrides)
     if state is not None:
-        overrides = {"backbone_freeze_at": 2, **overrides}
-    model = builder(spec_fn(name, num_classes=num_classes), **overrides)
+        weights_backbone = None  # the full checkpoint holds the backbone too (torchvision's rule)
+    freeze_at = _trainable_to_freeze_at(trainable_backbone_layers, state is not None or weights_backbone is not None,
+                                        overrides)
+    if freeze_at is not None:
+        overrides = {"backbone_freeze_at": freeze_at, **overrides}
+    if weights_backbone is not None:
+        overrides["backbone_weights"] = _backbone_weights_file(weights_backbone)
+    model = builder(base, **overrides)
     if state is not None:
         load_detector_weights(model, state)
     return model
 
 
 def fasterrcnn_resnet50_fpn(*, weights: object = None, num_classes: int | None = None,
+                            weights_backbone: object = None, trainable_backbone_layers: int | None = None,
                             **overrides: Any) -> FasterRCNN:
-    """torchvision's `fasterrcnn_resnet50_fpn` architecture as our `FasterRCNN` (see
-    `build_torchvision_detector` for `weights` and `num_classes`, background included).
+    """torchvision's `fasterrcnn_resnet50_fpn` architecture as our `FasterRCNN`, taking torchvision's arguments
+    (see `build_torchvision_detector`: `weights`, `num_classes` background included, `weights_backbone`,
+    `trainable_backbone_layers`, `min_size`, `box_score_thresh`, ...) or our spec settings.
 
     Example::
 
         model = fasterrcnn_resnet50_fpn(weights="COCO_V1").eval()   # the file from torch's hub cache
         model = fasterrcnn_resnet50_fpn(weights="path/to/checkpoint.pth", test_min_size=600)
+        model = fasterrcnn_resnet50_fpn(num_classes=2, min_size=100, max_size=100)   # torchvision's keywords
     """
     return build_torchvision_detector("fasterrcnn_resnet50_fpn", build_faster_rcnn, torchvision_spec,
-                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+                                      weights=weights, num_classes=num_classes, weights_backbone=weights_backbone,
+                                      trainable_backbone_layers=trainable_backbone_layers,
+                                      **overrides)  # type: ignore[return-value]
 
 
 def fasterrcnn_resnet50_fpn_v2(*, weights: object = None, num_classes: int | None = None,
+                               weights_backbone: object = None, trainable_backbone_layers: int | None = None,
                                **overrides: Any) -> FasterRCNN:
     """torchvision's `fasterrcnn_resnet50_fpn_v2` (BN trunk and FPN, 2-conv RPN head, 4conv1fc box head) as
     our `FasterRCNN`; arguments as `fasterrcnn_resnet50_fpn`."""
     return build_torchvision_detector("fasterrcnn_resnet50_fpn_v2", build_faster_rcnn, torchvision_spec,
-                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+                                      weights=weights, num_classes=num_classes, weights_backbone=weights_backbone,
+                                      trainable_backbone_layers=trainable_backbone_layers,
+                                      **overrides)  # type: ignore[return-value]

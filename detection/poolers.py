@@ -153,7 +153,8 @@ class RoIPooler(nn.Module):
 
     Boxes are mapped with `floor(k0 + log2(sqrt(area) / 224) + 1e-6)` clamped to the available levels,
     the torchvision/Detectron rule. Pooling runs in fp32 whatever the features' dtype (autocast-safe:
-    RoIAlign has no half kernel on every device), and returns `(K, C, output_size, output_size)`.
+    RoIAlign has no half kernel on every device), in float64 for float64 features, and returns
+    `(K, C, output_size, output_size)`.
     """
 
     def __init__(self, strides: Sequence[int], output_size: int, *, sampling_ratio: int = 2,
@@ -221,8 +222,10 @@ class RoIPooler(nn.Module):
             boxes: `(K, 4)` xyxy in input-image pixels.
             batch_index: `(K,)` image of each box.
         """
-        rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
-        feats = [f.float() for f in features]
+        # fp32 whatever the features' dtype (half maps under autocast), float64 kept for a `model.double()`.
+        dtype = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+        rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).to(dtype)
+        feats = [f.to(dtype) for f in features]
         if rois.device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
             # torchvision's CPU kernels read NCHW: convert here, once and fast, not inside every call (or worker)
             feats = [to_contiguous_nchw(f) for f in feats]

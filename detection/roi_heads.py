@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from backbone.layers import Conv2d, NormSpec, get_norm
 
-from .boxes import BoxCoder, batched_nms_exact, clip_boxes, nonempty
+from .boxes import BoxCoder, at_least_fp32, batched_nms_exact, clip_boxes, nonempty
 from .matcher import IGNORE, Matcher, sample_balanced
 from .poolers import RoIPooler
 from .rpn import _box_loss
@@ -169,11 +169,12 @@ class RoIHeads(nn.Module):
                ) -> dict[str, Tensor]:
         valid, fg, labels = sampled["valid"].flatten(), sampled["fg"].flatten(), sampled["labels"].flatten()
         num = valid.sum().clamp(min=1)
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        ce = F.cross_entropy(at_least_fp32(logits), labels, reduction="none")
         loss_cls = (ce * valid).sum() / num
         target_boxes = gt.boxes[sampled["matched"].flatten()] if gt.boxes.numel() else rois
         targets = self.box_coder.encode(rois, target_boxes)
-        pred = deltas.float().view(-1, self.num_classes, 4).gather(1, labels.view(-1, 1, 1).expand(-1, 1, 4)).squeeze(1)
+        pred = at_least_fp32(deltas).view(-1, self.num_classes, 4)
+        pred = pred.gather(1, labels.view(-1, 1, 1).expand(-1, 1, 4)).squeeze(1)
         box = _box_loss(pred, targets, self.box_loss, self.smooth_l1_beta)
         loss_box = (box.sum(-1) * fg).sum() / num
         return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
@@ -198,17 +199,17 @@ class RoIHeads(nn.Module):
         return self.postprocess(logits, deltas, proposals, valid, image_sizes), {}
 
     # ---------------------------------------------------------------------------------- inference
-    @torch.no_grad()
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: Tensor, valid: Tensor, image_sizes: Tensor
                     ) -> list[dict[str, Tensor]]:
         """Per-class boxes, score threshold, per-class NMS and top-k, batched over images.
 
         Returns one dict per image with `boxes (D, 4)`, `scores (D,)`, `labels (D,)` in the padded
-        batch's (resized) coordinates.
+        batch's (resized) coordinates. Like torchvision's, differentiable when called with gradients enabled
+        (boxes and scores carry `grad_fn`); under `torch.no_grad()` / `inference_mode` nothing is recorded.
         """
         b, p = valid.shape
         c = self.num_classes
-        scores = F.softmax(logits.float(), dim=-1).view(b, p, c)
+        scores = F.softmax(at_least_fp32(logits), dim=-1).view(b, p, c)
         boxes = self.box_coder.decode(deltas.view(b, p, -1), proposals).view(b, p, c, 4)
         boxes = clip_boxes(boxes.view(b, p * c, 4), image_sizes[:, 0], image_sizes[:, 1]).view(b, p, c, 4)
         boxes, scores = boxes[:, :, 1:], scores[:, :, 1:]  # drop the background class
@@ -218,7 +219,7 @@ class RoIHeads(nn.Module):
         cls = flat % (c - 1)
         kept = flat[batched_nms_exact(boxes.reshape(-1, 4)[flat], scores.flatten()[flat], img * c + cls,
                                       self.nms_thresh, img, b)]
-        survivors = torch.full((b * p * (c - 1),), -1.0, device=scores.device)
+        survivors = torch.full((b * p * (c - 1),), -1.0, dtype=scores.dtype, device=scores.device)
         survivors[kept] = scores.flatten()[kept]
         k = min(self.detections_per_img, survivors.numel() // b)
         top_scores, top = survivors.view(b, -1).topk(k, dim=1)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from backbone.layers import Conv2d
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, batched_nms_exact, clip_boxes, nonempty
+from .boxes import BoxCoder, at_least_fp32, batched_nms_exact, clip_boxes, nonempty
 from .matcher import Matcher, sample_balanced
 from .structures import GroundTruth
 
@@ -95,7 +95,7 @@ class RPN(nn.Module):
         """
         feats = [features[f] for f in self.in_features]
         logits, deltas = self.head(feats)
-        logits, deltas = logits.float(), deltas.float()
+        logits, deltas = at_least_fp32(logits), at_least_fp32(deltas)
         grid_sizes = [tuple(f.shape[-2:]) for f in feats]
         anchors_per_level = self.anchor_generator(grid_sizes, feats[0].device, image_size=padded_size)
         anchors = torch.cat(anchors_per_level)
@@ -158,7 +158,7 @@ class RPN(nn.Module):
         sampled_labels = labels.gather(1, index)
         pos = valid & (sampled_labels == 1)
         num = valid.sum().clamp(min=1)
-        obj = F.binary_cross_entropy_with_logits(logits.gather(1, index), pos.float(), reduction="none")
+        obj = F.binary_cross_entropy_with_logits(logits.gather(1, index), pos.to(logits.dtype), reduction="none")
         loss_obj = (obj * valid).sum() / num
         target_boxes = gt.boxes[matched.gather(1, index)] if gt.boxes.numel() else anchors[index]
         targets = self.box_coder.encode(anchors[index], target_boxes)

@@ -340,6 +340,8 @@ class InputSpec(_Spec):
     """Per-channel standard deviation the images are divided by (ImageNet's)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_size, int) and not isinstance(self.min_size, bool):
+            self.min_size = (self.min_size,)  # one size, as the Preprocessor takes it
         check(len(self.min_size) > 0 and all(s > 0 for s in self.min_size), "model.input.min_size", self.min_size,
               "give at least one size, each > 0, e.g. [800]")
         check(self.max_size > 0 and self.test_min_size > 0 and self.test_max_size > 0,

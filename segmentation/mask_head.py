@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from backbone.layers import Conv2d, NormSpec, get_norm
+from detection.boxes import at_least_fp32
 from detection.poolers import RoIPooler
 from detection.roi_heads import RoIHeads
 from detection.structures import GroundTruth
@@ -105,7 +106,7 @@ def crop_mask_targets(masks: Sequence[Tensor], boxes: Tensor, image_index: Tenso
 
 
 def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-    """Mean binary cross-entropy of each RoI's own-class mask, in fp32.
+    """Mean binary cross-entropy of each RoI's own-class mask, in fp32 (float64 for float64 logits).
 
     Args:
         logits: `(P, num_classes, M, M)` (any float dtype).
@@ -113,8 +114,8 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         targets: `(P, M, M)` in `[0, 1]`.
     """
     m = logits.shape[-1]
-    own = logits.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, m, m)).squeeze(1).float()
-    return F.binary_cross_entropy_with_logits(own, targets.float())
+    own = at_least_fp32(logits.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, m, m)).squeeze(1))
+    return F.binary_cross_entropy_with_logits(own, targets.to(own.dtype))
 
 
 # ------------------------------------------------------------------------------------------- paste
@@ -151,7 +152,8 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
     resize the padded mask bilinearly (`align_corners=False`) to the box's pixels `x0..x1, y0..y1`
     (inclusive) and copy the part inside the image. Bilinear resizing is separable, so each mask is
     `Wy @ mask @ Wx^T` with per-RoI interpolation matrices: one batched matmul instead of one resize per
-    RoI. Runs in fp32 (autocast is switched off: bf16 would move the 0.5 threshold).
+    RoI. Runs in fp32 (autocast is switched off: bf16 would move the 0.5 threshold), in float64 for float64
+    masks; differentiable with respect to `masks`.
 
     Args:
         masks: `(D, M, M)` or `(D, 1, M, M)` probabilities.
@@ -160,25 +162,26 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
         padding: zeros added around each mask before resizing (1 in torchvision).
 
     Returns:
-        `(D, 1, H, W)` float32 probabilities (0 outside each box).
+        `(D, 1, H, W)` float32 (float64 for float64 masks) probabilities (0 outside each box).
     """
     h, w = image_size
     d = masks.shape[0]
     if d == 0:
-        return masks.new_zeros((0, 1, h, w), dtype=torch.float32)
+        return masks.new_zeros((0, 1, h, w), dtype=at_least_fp32(masks).dtype)
     if boxes.shape != (d, 4):
         raise ValueError(f"paste_masks_in_image: boxes has shape {tuple(boxes.shape)}, expected ({d}, 4) for "
                          f"{d} masks")
     m = masks.shape[-1]
     with torch.autocast(masks.device.type, enabled=False):
-        padded = F.pad(masks.reshape(d, m, m).float(), (padding,) * 4)
+        padded = F.pad(at_least_fp32(masks.reshape(d, m, m)), (padding,) * 4)
         samples = m + 2 * padding
-        boxes = boxes.float()
+        boxes = at_least_fp32(boxes)
         half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * (float(samples) / m)
         centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
         grown = torch.cat([centre - half, centre + half], dim=1).to(torch.int64)  # truncation, as torchvision
         wy = _interpolation_matrix(grown[:, 1], grown[:, 3], h, samples)
         wx = _interpolation_matrix(grown[:, 0], grown[:, 2], w, samples)
+        wy, wx = wy.to(padded.dtype), wx.to(padded.dtype)  # no-op in fp32; a float64 model keeps float64
         return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
 
 
@@ -227,7 +230,7 @@ class MaskRoIHeads(RoIHeads):
         labels = sampled["labels"].flatten()[positive]
         logits = self.mask_logits(features, boxes, image_index)
         if not has_positive:
-            return logits.float().sum() * 0.0
+            return at_least_fp32(logits).sum() * 0.0
         if gt.masks is None:
             raise ValueError("MaskRoIHeads needs ground-truth masks in training: give every target 'masks' "
                              "(uint8 [K, H, W], one per box, at the image's size)")
@@ -243,22 +246,22 @@ class MaskRoIHeads(RoIHeads):
                                     logits.shape[-1])
         return mask_loss(logits, labels, targets)
 
-    @torch.no_grad()
     def predict_masks(self, features: dict[str, Tensor], detections: list[dict[str, Tensor]]) -> None:
-        """Add `masks` `(D_i, 1, M, M)` float32 probabilities (of each detection's class) to each image's
-        detections, all images in one head call."""
+        """Add `masks` `(D_i, 1, M, M)` float32 (float64 in a float64 model) probabilities of each detection's
+        class to each image's detections, all images in one head call; differentiable with gradients enabled,
+        as torchvision's."""
         counts = [len(d["boxes"]) for d in detections]
         m = 2 * self.mask_pooler.output_size
         boxes = torch.cat([d["boxes"] for d in detections])
         if boxes.shape[0] == 0:
             for d in detections:
-                d["masks"] = boxes.new_zeros((0, 1, m, m), dtype=torch.float32)
+                d["masks"] = boxes.new_zeros((0, 1, m, m), dtype=at_least_fp32(boxes).dtype)
             return
         image_index = torch.repeat_interleave(torch.arange(len(detections), device=boxes.device),
                                               torch.as_tensor(counts, device=boxes.device))
         logits = self.mask_logits(features, boxes, image_index)
         labels = torch.cat([d["labels"] for d in detections])
-        probs = logits.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])).float().sigmoid()
+        probs = at_least_fp32(logits.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:]))).sigmoid()
         for d, p in zip(detections, probs.split(counts)):
             d["masks"] = p
 

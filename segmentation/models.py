@@ -325,17 +325,24 @@ def _torchvision_mask_model_spec(name: str, *, num_classes: int) -> ModelSpec:
     return torchvision_mask_spec(name, num_classes=num_classes)[0]
 
 
-def maskrcnn_resnet50_fpn(*, weights: object = None, num_classes: int | None = None, **overrides: Any) -> MaskRCNN:
+def maskrcnn_resnet50_fpn(*, weights: object = None, num_classes: int | None = None, weights_backbone: object = None,
+                          trainable_backbone_layers: int | None = None, **overrides: Any) -> MaskRCNN:
     """torchvision's `maskrcnn_resnet50_fpn` as our `MaskRCNN`: `weights` None, a checkpoint file, or
     torchvision's weight name ("DEFAULT", "COCO_V1", ...; the file from torch's hub cache, verified);
-    `num_classes` background included, default the weights' (91). See
-    `detection.models.build_torchvision_detector`."""
+    `num_classes` background included, default the weights' (91); torchvision's other arguments
+    (`weights_backbone`, `trainable_backbone_layers`, `min_size`, `box_score_thresh`, ...) or our spec settings.
+    See `detection.models.build_torchvision_detector`."""
     return build_torchvision_detector("maskrcnn_resnet50_fpn", build_mask_rcnn, _torchvision_mask_model_spec,
-                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+                                      weights=weights, num_classes=num_classes, weights_backbone=weights_backbone,
+                                      trainable_backbone_layers=trainable_backbone_layers,
+                                      **overrides)  # type: ignore[return-value]
 
 
 def maskrcnn_resnet50_fpn_v2(*, weights: object = None, num_classes: int | None = None,
+                             weights_backbone: object = None, trainable_backbone_layers: int | None = None,
                              **overrides: Any) -> MaskRCNN:
     """torchvision's `maskrcnn_resnet50_fpn_v2` as our `MaskRCNN`; arguments as `maskrcnn_resnet50_fpn`."""
     return build_torchvision_detector("maskrcnn_resnet50_fpn_v2", build_mask_rcnn, _torchvision_mask_model_spec,
-                                      weights=weights, num_classes=num_classes, **overrides)  # type: ignore[return-value]
+                                      weights=weights, num_classes=num_classes, weights_backbone=weights_backbone,
+                                      trainable_backbone_layers=trainable_backbone_layers,
+                                      **overrides)  # type: ignore[return-value]
