@@ -143,15 +143,22 @@ class DetectorForExport(nn.Module):
             hw = torch.stack([torch.ones((), dtype=torch.float64) * h_in, torch.ones((), dtype=torch.float64) * w_in])
             scale = torch.minimum(self.resize[0] / hw.min(), self.resize[1] / hw.max())
             out = torch.floor(hw * scale).to(torch.int64)
-            h, w = out[0].item(), out[1].item()
-            torch._check(h >= 1)
-            torch._check(w >= 1)
+        else:
+            out = torch.stack([torch.ones((), dtype=torch.int64) * h_in, torch.ones((), dtype=torch.int64) * w_in])
+        d = self.size_divisibility
+        # The padded size as (number of d-blocks) * d: sizes of that form keep the symbolic shapes of every
+        # strided convolution simple (export time), where ceil(h / d) * d nested in each layer's floor does not.
+        blocks = (out + d - 1) // d
+        h, w, bh, bw = out[0].item(), out[1].item(), blocks[0].item(), blocks[1].item()
+        for v in (h, w, bh, bw):
+            torch._check(v >= 1)
+        torch._check(bh * d >= h)
+        torch._check(bw * d >= w)
+        hp, wp = bh * d, bw * d
+        if self.resize is not None:
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)
         else:
-            h, w = h_in, w_in
             x = x[None]
-        d = self.size_divisibility
-        hp, wp = (h + d - 1) // d * d, (w + d - 1) // d * d
         x = F.pad(x, (0, wp - w, 0, hp - h))
         size = torch.stack([torch.ones(()) * h, torch.ones(()) * w])
         original = torch.stack([torch.ones(()) * h_in, torch.ones(()) * w_in])
@@ -177,36 +184,48 @@ class DetectorForExport(nn.Module):
             out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4).to(torch.float32))
         return out
 
-    def proposals(self, features: dict[str, Tensor], padded: tuple[int, int], size: Tensor) -> Tensor:
-        """The RPN's proposals `(P, 4)` in the resized image, by decreasing objectness (P <= post_nms_topk)."""
+    def nms(self, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+        """`grouped_nms` of `(G, N, 4)` boxes and `(G, N)` scores (negative: no candidate) -> `(K, 2)`."""
+        if self.nms_backend == "onnx":
+            return grouped_nms(boxes.contiguous(), scores.contiguous(), iou_threshold)
+        return _grouped_nms_float64(boxes, scores, iou_threshold)
+
+    def proposals(self, features: dict[str, Tensor], padded: tuple[int, int], size: Tensor) -> tuple[Tensor, Tensor]:
+        """The RPN's `(post_nms_topk, 4)` proposals in the resized image, by decreasing objectness, and their
+        validity `(post_nms_topk,)` (an image may have fewer).
+
+        Every shape after the per-level top-k is static: a level's logits are padded with `pre_nms_topk` -inf
+        entries (marked invalid), so the top-k takes exactly `pre_nms_topk` of each level; the valid ones are
+        the eager model's `min(pre_nms_topk, level size)` candidates.
+        """
         rpn = self.rpn
         feats = [features[f] for f in rpn.in_features]
         logits, deltas = rpn.head(feats)
         logits, deltas = logits[0].float(), deltas[0].float()
         anchors = self.anchors(feats, padded)
         pre, post = rpn.pre_nms_topk[1], rpn.post_nms_topk[1]
-        boxes_l, probs_l, kept_l = [], [], []
-        start, offset = 0, 0
+        boxes_l, scores_l = [], []
+        start = 0
         for a in anchors:
             n = a.shape[0]
-            k = torch.sym_min(pre, n)
-            s, i = logits[start:start + n].topk(k)
+            level = torch.cat([logits[start:start + n], logits.new_full((pre,), float("-inf"))])
+            s, i = level.topk(pre)
+            real = i < n
+            i = torch.where(real, i, torch.zeros_like(i))
             b = rpn.box_coder.decode(deltas[start:start + n][i], a[i])
             b = clip_boxes(b[None], size[0:1], size[1:2])[0]
             p = torch.sigmoid(s)
-            # NMS per level: a level's candidates are one group (torchvision's NMS, ONNX NonMaxSuppression).
-            cand = (nonempty(b, rpn.min_box_size) & (p >= rpn.score_thresh)).nonzero().squeeze(1)
-            kept_l.append(cand[nms(b[cand], p[cand], rpn.nms_thresh)] + offset)
+            valid = real & nonempty(b, rpn.min_box_size) & (p >= rpn.score_thresh)
             boxes_l.append(b)
-            probs_l.append(p)
+            scores_l.append(torch.where(valid, p, torch.full_like(p, -1.0)))
             start += n
-            offset = offset + k
-        boxes, probs = torch.cat(boxes_l), torch.cat(probs_l)
-        kept = torch.cat(kept_l)
-        survived = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).index_fill(0, kept, True)
-        key = torch.where(survived, probs, torch.full_like(probs, -1.0))
-        top_key, top = key.topk(torch.sym_min(post, key.shape[0]))
-        return boxes[top[top_key >= 0]]
+        boxes, scores = torch.stack(boxes_l), torch.stack(scores_l)  # (L, pre, 4), (L, pre)
+        kept = self.nms(boxes, scores, rpn.nms_thresh)  # NMS per level, as the eager model
+        flat = kept[:, 0] * pre + kept[:, 1]
+        survived = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).index_fill(0, flat, True)
+        key = torch.where(survived, scores.flatten(), torch.full_like(scores.flatten(), -1.0))
+        top_key, top = key.topk(min(post, key.shape[0]))
+        return boxes.reshape(-1, 4)[top], top_key >= 0
 
     # --------------------------------------------------------------------------------- RoI heads
     def pool(self, pooler: nn.Module, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
@@ -230,7 +249,8 @@ class DetectorForExport(nn.Module):
         return roi_align(x, rois, pooler.output_size, scale, pooler.sampling_ratio,
                          aligned=pooler.pooler_type == "roi_align_v2")
 
-    def detect(self, features: dict[str, Tensor], proposals: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def detect(self, features: dict[str, Tensor], proposals: Tensor, valid: Tensor, size: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """Box head + post-processing (`RoIHeads.postprocess` for one image): `(boxes, scores, labels)` in the
         resized image, by decreasing score."""
         heads = self.roi_heads
@@ -241,12 +261,9 @@ class DetectorForExport(nn.Module):
         boxes = heads.box_coder.decode(deltas, proposals).view(p, c, 4)
         boxes = clip_boxes(boxes.view(1, p * c, 4), size[0:1], size[1:2]).view(p, c, 4)
         boxes, scores = boxes[:, 1:].transpose(0, 1), scores[:, 1:].t()  # (C-1, P, 4), (C-1, P): class-major
-        keep = (scores > heads.score_thresh) & nonempty(boxes, heads.min_box_size)
+        keep = valid[None] & (scores > heads.score_thresh) & nonempty(boxes, heads.min_box_size)
         masked = torch.where(keep, scores, torch.full_like(scores, -1.0))
-        if self.nms_backend == "onnx":
-            kept = grouped_nms(boxes.contiguous(), masked, heads.nms_thresh)
-        else:
-            kept = _grouped_nms_float64(boxes, masked, heads.nms_thresh)
+        kept = self.nms(boxes, masked, heads.nms_thresh)  # per class
         cls, idx = kept[:, 0], kept[:, 1]
         kept_scores = masked[cls, idx]
         top_scores, top = kept_scores.topk(torch.sym_min(heads.detections_per_img, kept_scores.shape[0]))
@@ -258,8 +275,8 @@ class DetectorForExport(nn.Module):
         (+ `masks (D, 1, H, W)` with a mask branch)."""
         x, size, original = self.preprocess(image)
         features = self.backbone(x)
-        proposals = self.proposals(features, (x.shape[-2], x.shape[-1]), size)
-        boxes, scores, labels = self.detect(features, proposals, size)
+        proposals, valid = self.proposals(features, (x.shape[-2], x.shape[-1]), size)
+        boxes, scores, labels = self.detect(features, proposals, valid, size)
         ratio = (original / size).flip(0).repeat(2)  # (w, h, w, h): the eager resize_boxes arithmetic
         out_boxes = boxes * ratio
         if self.mask_branch is None:
