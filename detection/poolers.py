@@ -222,6 +222,10 @@ class RoIPooler(nn.Module):
             batch_index: `(K,)` image of each box.
         """
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).float()
+        # torchvision's CPU roi_align dies by SIGSEGV on one NaN or +inf coordinate: such a box (only a diverged
+        # model makes one; the RPN already drops and zeroes its non-finite proposals) is pooled as the empty box
+        # at the origin instead. One elementwise op, no host synchronisation.
+        rois = torch.where(torch.isfinite(rois), rois, torch.zeros_like(rois))
         feats = [f.float() for f in features]
         if rois.device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
             # torchvision's CPU kernels read NCHW: convert here, once and fast, not inside every call (or worker)
