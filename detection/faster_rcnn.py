@@ -72,6 +72,19 @@ class FasterRCNN(nn.Module):
             return {**rpn_losses, **roi_losses}
         return self.postprocess(detections, sizes, original_sizes)
 
+    def nonfinite_images(self) -> list[int]:
+        """Indices, in the last eval-mode batch, of the images that got no detections because the model produced
+        non-finite values (NaN/inf) for them: in the RPN's candidates or in the box head's outputs.
+
+        Reads two small device tensors (one host synchronisation): call it after an inference forward, not in a
+        training step.
+        """
+        bad = None
+        for flags in (getattr(self.rpn, "last_nonfinite", None), getattr(self.roi_heads, "last_nonfinite", None)):
+            if isinstance(flags, Tensor) and (bad is None or flags.shape == bad.shape):
+                bad = flags > 0 if bad is None else bad | (flags > 0)
+        return [] if bad is None else bad.nonzero().flatten().tolist()
+
     @staticmethod
     def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:

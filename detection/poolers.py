@@ -225,6 +225,10 @@ class RoIPooler(nn.Module):
         # fp32 whatever the features' dtype (half maps under autocast), float64 kept for a `model.double()`.
         dtype = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1).to(dtype)
+        # torchvision's CPU roi_align dies by SIGSEGV on one NaN or +inf coordinate: such a box (only a diverged
+        # model makes one; the RPN already drops and zeroes its non-finite proposals) is pooled as the empty box
+        # at the origin instead. One elementwise op, no host synchronisation.
+        rois = torch.where(torch.isfinite(rois), rois, torch.zeros_like(rois))
         feats = [f.to(dtype) for f in features]
         if rois.device.type == "cpu" and not (torch.is_grad_enabled() and any(f.requires_grad for f in feats)):
             # torchvision's CPU kernels read NCHW: convert here, once and fast, not inside every call (or worker)

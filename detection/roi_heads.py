@@ -131,6 +131,7 @@ class RoIHeads(nn.Module):
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.box_loss, self.smooth_l1_beta, self.min_box_size = box_loss, smooth_l1_beta, min_box_size
+        self.last_nonfinite: Tensor | None = None  # (B,) bool: images emptied as non-finite by the last postprocess
 
     # ------------------------------------------------------------------------------------ training
     def sample(self, proposals: Tensor, valid: Tensor, gt: GroundTruth) -> dict[str, Tensor]:
@@ -212,8 +213,15 @@ class RoIHeads(nn.Module):
         scores = F.softmax(at_least_fp32(logits), dim=-1).view(b, p, c)
         boxes = self.box_coder.decode(deltas.view(b, p, -1), proposals).view(b, p, c, 4)
         boxes = clip_boxes(boxes.view(b, p * c, 4), image_sizes[:, 0], image_sizes[:, 1]).view(b, p, c, 4)
+        # An image whose box head gave a non-finite score or box on a valid proposal (a diverged model) gets no
+        # detections at all; `FasterRCNN.nonfinite_images` names it to the caller.
+        finite = torch.isfinite(scores).all(-1) & torch.isfinite(boxes).flatten(2).all(-1)
+        bad_image = (valid & ~finite).any(1)
+        if not torch.compiler.is_compiling():
+            self.last_nonfinite = bad_image
         boxes, scores = boxes[:, :, 1:], scores[:, :, 1:]  # drop the background class
-        keep = valid[:, :, None] & (scores > self.score_thresh) & nonempty(boxes, self.min_box_size)
+        keep = (valid & ~bad_image[:, None])[:, :, None] & (scores > self.score_thresh) & nonempty(boxes,
+                                                                                                self.min_box_size)
         flat = keep.flatten().nonzero().squeeze(1)  # data-dependent: the inference path synchronises here
         img = flat // (p * (c - 1))
         cls = flat % (c - 1)

@@ -80,6 +80,7 @@ class RPN(nn.Module):
         self.nms_thresh, self.min_box_size, self.score_thresh = nms_thresh, min_box_size, score_thresh
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
+        self.last_nonfinite: Tensor | None = None
 
     def forward(self, features: dict[str, Tensor], image_sizes: Tensor, gt: GroundTruth | None = None,
                 padded_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -128,9 +129,20 @@ class RPN(nn.Module):
         level = torch.cat(levels)[None].expand(b, -1)
         sel_deltas = deltas.gather(1, idx[..., None].expand(-1, -1, 4))
         boxes = self.box_coder.decode(sel_deltas, anchors[idx])  # (B, K, 4)
+        # Non-finite candidates (a diverged model, NaN weights) are dropped, counted per image, and their boxes
+        # zeroed: even an invalid proposal is pooled (fixed shapes), and torchvision's CPU roi_align crashes the
+        # process (SIGSEGV) on one NaN or +inf coordinate. Device ops only: no host synchronisation here.
+        finite = torch.isfinite(boxes).all(-1) & torch.isfinite(scores_t)
+        if not torch.compiler.is_compiling():  # a traced / exported graph keeps no Python-side state
+            self.last_nonfinite = (~finite).sum(1)  # (B,) candidates dropped as non-finite in the last forward
+        boxes = torch.where(finite[..., None], boxes, torch.zeros_like(boxes))
         boxes = clip_boxes(boxes, image_sizes[:, 0], image_sizes[:, 1])
         probs = torch.sigmoid(scores_t)
-        keep = nonempty(boxes, self.min_box_size) & (probs >= self.score_thresh)
+        keep = finite & nonempty(boxes, self.min_box_size) & (probs >= self.score_thresh)
+        if not self.training:
+            # At inference an image with any non-finite candidate gets no proposals at all (hence no detections):
+            # its features are not trustworthy; `FasterRCNN.nonfinite_images` names it to the caller.
+            keep = keep & finite.all(1, keepdim=True)
         # NMS per (image, level): data-dependent output, so this is where the RPN must synchronise.
         groups = torch.arange(b, device=boxes.device)[:, None] * len(level_sizes) + level
         flat_keep = keep.flatten().nonzero().squeeze(1)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,10 @@ from resnet_det.common import atomic_write, autocast, progress_bar
 
 from ..data.images import load_image
 from ..evaluation import instances_to_coco_json
+from ..evaluation.evaluator import nonfinite_check, warn_nonfinite
 from ..visualize import draw_instances, side_by_side, to_pil
+
+_log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -58,14 +62,22 @@ def predict(model: nn.Module, paths: Sequence[Path], *, device: torch.device, ba
             amp: str = "off") -> Iterator[tuple[Path, np.ndarray, dict[str, torch.Tensor]]]:
     """Yield `(path, image HxWx3 uint8, output)` per image; unreadable files raise with their name."""
     model.eval()
+    check_nonfinite = nonfinite_check(model)
+    n_nonfinite = 0
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         arrays = [load_image(p) for p in chunk]
         images = [torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays]
         with autocast(device, amp):
             outputs = model(images)
+        for i in check_nonfinite() if check_nonfinite is not None else ():
+            n_nonfinite += 1
+            warn_nonfinite(str(chunk[i]), n_nonfinite)
         for p, a, o in zip(chunk, arrays, outputs):
             yield p, a, {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
+    if n_nonfinite:
+        _log.warning("%d of %d images got no detections: the model produced non-finite values (NaN/inf) for them",
+                     n_nonfinite, len(paths))
 
 
 def render(image: np.ndarray, output: Mapping[str, torch.Tensor], *, class_names: Sequence[str] | None = None,
@@ -125,11 +137,15 @@ def visualize_dataset(model: nn.Module, dataset: Any, output_dir: str | Path, *,
     model.eval()
     written: list[Path] = []
     count = min(num_images, len(dataset))
+    check_nonfinite, n_nonfinite = nonfinite_check(model), 0
     with progress_bar(total=count, desc="visualize", unit="img", enabled=progress) as bar:
         for index in range(count):
             image, target = dataset[index]
             with autocast(device, amp):
                 (output,) = model([image.to(device)])
+            if check_nonfinite is not None and check_nonfinite():
+                n_nonfinite += 1
+                warn_nonfinite(f"image {target.get('image_id', index)}", n_nonfinite)
             output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
             gt = draw_instances(image, target, class_names=names)
             pred = draw_instances(image, output, class_names=names, score_thresh=score_thresh)

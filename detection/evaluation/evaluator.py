@@ -121,6 +121,39 @@ def _to_cpu(output: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Non-finite images named one warning each, up to this many; the rest are counted in one line at the end.
+MAX_NONFINITE_WARNINGS = 20
+
+
+def nonfinite_check(model: nn.Module) -> Any:
+    """The model's ``nonfinite_images()`` (the detectors of this project have one), or None."""
+    check = getattr(getattr(model, "module", model), "nonfinite_images", None)
+    return check if callable(check) else None
+
+
+def _image_name(loader: Any, target: Mapping[str, Any]) -> str:
+    """``image 139 (000000000139.jpg)`` when the loader's dataset knows the file, else ``image 139``."""
+    image_id = target.get("image_id") if isinstance(target, Mapping) else None
+    dataset = getattr(loader, "dataset", None)
+    ids, info = getattr(dataset, "ids", None), getattr(dataset, "image_info", None)
+    if image_id is not None and ids is not None and callable(info):
+        try:
+            return f"image {image_id} ({info(list(ids).index(image_id))['file_name']})"
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+    return f"image {image_id}"
+
+
+def warn_nonfinite(name: str, count: int) -> None:
+    """The one warning for an image whose outputs were non-finite (``count``: images so far, this one included)."""
+    if count <= MAX_NONFINITE_WARNINGS:
+        _log.warning("%s: the model produced non-finite values (NaN/inf) for it; it gets no detections. The "
+                     "weights are NaN or the activations overflow: check the checkpoint (and, for a model trained "
+                     "from scratch, the normalisation: model.backbone.norm=GN/BN/SyncBN rather than FrozenBN)", name)
+    elif count == MAX_NONFINITE_WARNINGS + 1:
+        _log.warning("more images with non-finite outputs: not named one by one (the total is logged at the end)")
+
+
 def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
@@ -168,6 +201,8 @@ def inference_on_dataset(
     model.eval()
     start = last_log = time.perf_counter()
     n_images = 0
+    check_nonfinite = nonfinite_check(model)
+    n_nonfinite = 0
     try:
         with progress_bar(total=total, desc="eval", unit="batch", enabled=progress and main, leave=False) as bar:
             for index, batch in enumerate(loader):
@@ -184,6 +219,9 @@ def inference_on_dataset(
                 if len(outputs) != len(images):
                     raise ValueError(f"the model returned {len(outputs)} outputs for {len(images)} images "
                                      f"(batch {index}); it must return one dict per image in eval mode")
+                for i in check_nonfinite() if check_nonfinite is not None else ():
+                    n_nonfinite += 1
+                    warn_nonfinite(_image_name(loader, targets[i]), n_nonfinite)
                 evaluator.process(targets, [_to_cpu(o) for o in outputs])
                 n_images += len(images)
                 if bar is not None:
@@ -197,6 +235,9 @@ def inference_on_dataset(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
+    if n_nonfinite:
+        _log.warning("%d of %d images (this process) got no detections: the model produced non-finite values "
+                     "(NaN/inf) for them", n_nonfinite, n_images)
     if main:
         _log.info("inference on %d images (this process) took %.1f s (%.4f s/image)", n_images, seconds,
                   seconds / max(1, n_images))
