@@ -49,6 +49,8 @@ from .specs import ModelSpec
 __all__ = [
     "Config",
     "DataConfig",
+    "EmaConfig",
+    "EvalConfig",
     "SolverConfig",
     "TrainConfig",
     "config_from_dict",
@@ -161,6 +163,9 @@ class SolverConfig:
     """lr multiplier at iteration 0, rising linearly to 1 at warmup_iters."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value; None disables clipping."""
+    accumulate: int = 1
+    """Gradient accumulation: each iteration (optimizer step) runs this many forward/backward passes of
+    ims_per_batch / accumulate images each; ims_per_batch stays the images per optimizer step."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "solver.lr", self.lr, "must be > 0")
@@ -184,6 +189,10 @@ class SolverConfig:
                "must be in (0, 1]")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "solver.clip_grad_norm",
                self.clip_grad_norm, "must be > 0, or null to disable clipping")
+        _check(self.accumulate >= 1, "solver.accumulate", self.accumulate, "must be >= 1 (1 = no accumulation)")
+        _check(self.ims_per_batch % self.accumulate == 0, "solver.ims_per_batch", self.ims_per_batch,
+               f"must be divisible by solver.accumulate={self.accumulate} (ims_per_batch is the images per "
+               "optimizer step, each pass loads ims_per_batch / accumulate)")
 
     @property
     def scaled_lr(self) -> float:
@@ -191,6 +200,28 @@ class SolverConfig:
         if self.reference_batch_size is None:
             return self.lr
         return self.lr * self.ims_per_batch / self.reference_batch_size
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (timm's ModelEmaV3), updated after every optimizer step."""
+
+    decay: float = 0.9998
+    """Decay once warmed up: ema = decay * ema + (1 - decay) * weights."""
+    warmup_iters: int = 2000
+    """Decay warm-up: decay * (1 - exp(-t / warmup_iters)) at optimizer step t; 0 = none."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.decay < 1.0, "train.ema.decay", self.decay, "must be in [0, 1), e.g. 0.9998")
+        _check(self.warmup_iters >= 0, "train.ema.warmup_iters", self.warmup_iters, "must be >= 0 (0 = no warm-up)")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (the config's ``test`` section)."""
+
+    use_ema: bool = False
+    """Evaluate (during training and with resnet-det eval on a checkpoint) the EMA weights of train.ema."""
 
 
 @dataclass
@@ -224,6 +255,9 @@ class TrainConfig:
     dist_timeout_minutes: float = 10.0
     """With several processes: how long a collective waits for a process that stopped answering before
     every other process fails with a clear error (torch's own default is 30 minutes)."""
+    ema: EmaConfig | None = None
+    """EMA of the weights ({decay, warmup_iters}; {} for the defaults); null = none. Stored in checkpoints,
+    model_final_ema.safetensors at the end."""
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_period > 0, "train.checkpoint_period", self.checkpoint_period, "must be > 0")
@@ -250,6 +284,8 @@ class Config:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Run settings."""
+    test: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from .checkpoint import (
     load_model_weights,
     make_trainer_state,
 )
+from .ema import ModelEma
 from .hooks import (
     EvalHook,
     HookBase,
@@ -37,6 +38,7 @@ __all__ = [
     "LossRecorder",
     "MetricsLogger",
     "MetricsWriter",
+    "ModelEma",
     "NonFiniteGuard",
     "PeriodicCheckpointer",
     "TimeLimit",

@@ -423,6 +423,15 @@ class Checkpointer:
         self._prune()
         return weights_path
 
+    def export_weights(self, stem: str, tensors: Mapping[str, torch.Tensor], *, iteration: int) -> Path:
+        """Writes weights alone as ``<stem>.safetensors`` (atomically; not a checkpoint: no trainer state,
+        the pointer does not move). Used for the EMA weights at the end of training."""
+        self._check_name(stem)
+        path = self.output_dir / f"{stem}{WEIGHTS_SUFFIX}"
+        metadata = {"format": "pt", "checkpoint": stem, "iteration": str(int(iteration))}
+        self._write(stem, path, safetensors_bytes(dict(tensors), metadata=metadata))
+        return path
+
     def _write(self, name: str, path: Path, data: bytes) -> None:
         try:
             atomic_write(path, data)
@@ -496,6 +505,7 @@ class Checkpointer:
         loader: Any,
         *,
         name: str | None = None,
+        ema: Any = None,
     ) -> int:
         """Restores the latest (or the named) checkpoint into the given objects.
 
@@ -514,6 +524,9 @@ class Checkpointer:
             scaler: The grad scaler, or None.
             loader: The training loader (``load_state_dict``), or None.
             name: A checkpoint to restore instead of the one in ``last_checkpoint`` (no fallback).
+            ema: The weights' EMA (:class:`~.ema.ModelEma`), or None. Restored from the state's ``ema``
+                entry; a checkpoint saved without one restarts the average from the resumed weights (with
+                a warning).
 
         Returns:
             The iteration to continue from (0 when there is no checkpoint).
@@ -537,6 +550,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} does not fit this model: {_first_line(err)} (was it saved "
                                   "with another model config?)", where) from err
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state.get("ema") is not None:
+                try:
+                    ema.load_state_dict(state["ema"])
+                except ValueError as err:
+                    raise CheckpointError(f"checkpoint {where}: {err}", where) from err
+            else:
+                _log.warning("checkpoint %s has no EMA state (saved without train.ema); the average starts again "
+                             "from the resumed weights", name)
+                ema.reset(model)
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         scaler_state = state.get("grad_scaler") or {}

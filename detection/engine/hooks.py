@@ -40,6 +40,7 @@ Invariants, and the tests that prove them (tests/engine):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -364,7 +365,8 @@ class PeriodicCheckpointer(HookBase):
 class EvalHook(HookBase):
     """Evaluates every ``period`` iterations (0: only at the end) and once at the end.
 
-    ``eval_fn(model, iteration)`` gets the unwrapped model in eval mode, under ``torch.no_grad()``,
+    ``eval_fn(model, iteration)`` gets the unwrapped model in eval mode (holding the EMA weights when the
+    trainer has ``eval_with_ema``), under ``torch.no_grad()``,
     with every RNG state saved and restored around it, so the training trajectory does not depend
     on the evaluation period. The final results are in ``trainer.eval_results``.
     """
@@ -391,8 +393,10 @@ class EvalHook(HookBase):
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
+        # test.use_ema: the averaged weights are evaluated; the trained ones come back bit for bit after.
+        weights = t.ema.swapped_into(model) if t.ema is not None and t.eval_with_ema else contextlib.nullcontext()
         try:
-            with preserve_rng_states(), torch.no_grad():
+            with preserve_rng_states(), torch.no_grad(), weights:
                 results = self.eval_fn(model, t.iter)
         finally:
             model.train(was_training)

@@ -33,7 +33,7 @@ from resnet_det.common.dist import ProcessGroupError, is_process_group_failure
 from ..config import Config
 from ..convert import load_detector_weights
 from .task import Task
-from .trainer import build_trainer
+from .trainer import build_trainer, check_global_batch
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
         model.backbone = torch.compile(model.backbone)
     from ..data.build import build_train_loader
 
-    loader = build_train_loader(train_set, images_per_batch=cfg.solver.ims_per_batch,
+    check_global_batch(cfg, world)
+    # ims_per_batch is the images per optimizer step; with accumulation each pass loads 1/k of them.
+    loader = build_train_loader(train_set, images_per_batch=cfg.solver.ims_per_batch // cfg.solver.accumulate,
                                 num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                 aspect_grouping=cfg.data.aspect_grouping)
     device = resolve_device(cfg.train.device)
@@ -205,6 +207,30 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
     return result
 
 
+def ema_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint of ours (``test.use_ema``): from its trainer state's ``ema`` entry, or
+    the file itself when it is an EMA export (``model_final_ema.safetensors``).
+
+    Raises:
+        ValueError: The checkpoint has no EMA (trained without ``train.ema``) or no trainer state beside it.
+    """
+    from .checkpoint import STATE_SUFFIX, WEIGHTS_SUFFIX, _load_trainer_state, load_model_weights
+
+    path = Path(checkpoint)
+    stem = path.name.removesuffix(WEIGHTS_SUFFIX).removesuffix(STATE_SUFFIX)
+    if stem.endswith("_ema") and path.with_name(stem + WEIGHTS_SUFFIX).is_file():
+        return load_model_weights(path.with_name(stem + WEIGHTS_SUFFIX))
+    state_path = path.with_name(stem + STATE_SUFFIX)
+    if not state_path.is_file():
+        raise ValueError(f"test.use_ema=true: {checkpoint} has no trainer state {state_path.name} beside it to read "
+                         "the EMA from; give one of our checkpoints (model_final) or its model_final_ema.safetensors")
+    ema = _load_trainer_state(state_path).get("ema")
+    if not ema:
+        raise ValueError(f"test.use_ema=true: checkpoint {stem} holds no EMA (it was trained without train.ema); "
+                         "drop test.use_ema to evaluate its weights")
+    return dict(ema["weights"])
+
+
 def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: bool = True) -> dict[str, Any]:
     """Build the config's model, load `checkpoint` (ours or torchvision's), evaluate on the val split."""
     _check_task(cfg, task)
@@ -214,7 +240,7 @@ def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: b
         # The checkpoint replaces every weight: don't read model.weights / model.backbone.weights first.
         spec = cfg.model.replace(weights=None, backbone_weights=None)
         model = build_model(dataclasses.replace(cfg, model=spec), task, val_set.num_classes)
-        load_detector_weights(model, checkpoint)
+        load_detector_weights(model, ema_weights(checkpoint) if cfg.test.use_ema else checkpoint)
         device = resolve_device(cfg.train.device)
         model.to(device)
         return evaluate(model, val_set, task, device=device, amp=cfg.train.amp,

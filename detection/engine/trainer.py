@@ -37,6 +37,7 @@ Invariants (each proven by the test named):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -63,6 +64,7 @@ from resnet_det.common import (
 
 from ..config import Config, dump_config
 from .checkpoint import Checkpointer, make_trainer_state
+from .ema import ModelEma
 from .hooks import (
     EvalFn,
     EvalHook,
@@ -76,7 +78,8 @@ from .hooks import (
 from .logger import MetricsLogger, flatten_metrics
 from .solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["AMP_DTYPES", "EvalFn", "LossRecorder", "Trainer", "TrainerBase", "build_trainer"]
+__all__ = ["AMP_DTYPES", "EvalFn", "LossRecorder", "ModelEma", "Trainer", "TrainerBase", "build_trainer",
+           "check_global_batch"]
 
 _log = logging.getLogger(__name__)
 
@@ -308,6 +311,13 @@ class Trainer(TrainerBase):
         progress: Show a progress bar on the main process (only when stderr is a terminal; the
             periodic log lines are the progress otherwise).
         curves: Draw ``curves.png`` when training ends.
+        accumulate: Gradient accumulation: an iteration is ``accumulate`` forward/backward passes over
+            consecutive loader batches (each loss divided by ``accumulate``: the gradient of the mean over
+            all of them), then one optimizer step. Iterations, the LR schedule, logging and checkpoints count
+            optimizer steps; under DDP the inner passes skip the gradient all-reduce (``no_sync``).
+        ema: An EMA of the weights (:class:`~.ema.ModelEma`), updated after every optimizer step and
+            stored in the checkpoints; ``model_final_ema.safetensors`` holds it at the end.
+        eval_with_ema: Evaluate the EMA weights instead of the trained ones (``test.use_ema``).
     """
 
     #: Target entries moved to the device; other entries are passed on as they are.
@@ -335,6 +345,9 @@ class Trainer(TrainerBase):
         tensorboard: bool = False,
         progress: bool = True,
         curves: bool = True,
+        accumulate: int = 1,
+        ema: ModelEma | None = None,
+        eval_with_ema: bool = False,
     ) -> None:
         super().__init__()
 
@@ -348,6 +361,12 @@ class Trainer(TrainerBase):
         positive("keep_checkpoints", keep_checkpoints)
         positive("eval_period", eval_period, allow_zero=True)
         positive("log_period", log_period)
+        positive("accumulate", accumulate)
+        if ema is not None and not isinstance(ema, ModelEma):
+            raise TypeError(f"Trainer ema must be a detection.engine.ModelEma or None, got {type(ema).__name__}")
+        if eval_with_ema and ema is None:
+            raise ValueError("Trainer eval_with_ema=True needs an EMA (train.ema: {decay: ...}); test.use_ema=true "
+                             "without train.ema has no averaged weights to evaluate")
         if amp not in AMP_DTYPES:
             raise ValueError(f"Trainer amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
@@ -382,6 +401,9 @@ class Trainer(TrainerBase):
         self.tensorboard = tensorboard
         self.progress = progress
         self.curves = curves
+        self.accumulate = accumulate
+        self.ema = ema
+        self.eval_with_ema = eval_with_ema
         use_scaler = amp == "fp16" if grad_scaler_enabled is None else grad_scaler_enabled
         try:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
@@ -426,13 +448,17 @@ class Trainer(TrainerBase):
         Returns:
             The detached loss terms of this step (on the device; reading them synchronises).
         """
-        images, targets = self._next_batch()
-        with autocast(self.device, self.amp):
-            loss_dict = _as_scalar_losses(self.model(images, targets))
-        # Losses are summed in float32 even under autocast: a bf16 sum of several terms loses digits.
-        losses = torch.stack([v.reshape(()).float() for v in loss_dict.values()])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses.sum()).backward()
+        if self.accumulate == 1:
+            images, targets = self._next_batch()
+            with autocast(self.device, self.amp):
+                loss_dict = _as_scalar_losses(self.model(images, targets))
+            # Losses are summed in float32 even under autocast: a bf16 sum of several terms loses digits.
+            losses = torch.stack([v.reshape(()).float() for v in loss_dict.values()])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses.sum()).backward()
+            keys = tuple(loss_dict)
+        else:
+            keys, losses = self._accumulate_gradients()
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
@@ -441,10 +467,35 @@ class Trainer(TrainerBase):
         self.scaler.update()
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
         self._scheduler_step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.updating = False
         values = losses.detach()
-        self.recorder.record(tuple(loss_dict), values, iteration=self.iter + 1)
-        return dict(zip(loss_dict, values.unbind(0)))
+        self.recorder.record(keys, values, iteration=self.iter + 1)
+        return dict(zip(keys, values.unbind(0)))
+
+    def _accumulate_gradients(self) -> tuple[tuple[str, ...], Tensor]:
+        """``accumulate`` forward/backward passes into the gradients; returns the mean loss terms.
+
+        Each pass's loss is divided by ``accumulate``, so the gradient is the mean over the passes: for a
+        model without batch statistics, the gradient of one pass over all their images. Under DDP the
+        passes before the last run in ``no_sync()``: the gradients are all-reduced once per optimizer step.
+        """
+        k = self.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        no_sync = getattr(self.model, "no_sync", None)
+        for micro in range(k):
+            images, targets = self._next_batch()
+            inner = micro < k - 1 and callable(no_sync)
+            with no_sync() if inner else contextlib.nullcontext():  # type: ignore[misc]
+                with autocast(self.device, self.amp):
+                    loss_dict = _as_scalar_losses(self.model(images, targets))
+                losses = torch.stack([v.reshape(()).float() for v in loss_dict.values()])
+                self.scaler.scale(losses.sum() / k).backward()
+            for name, value in zip(loss_dict, losses.detach().unbind(0)):
+                sums[name] = sums[name] + value if name in sums else value
+        return tuple(sums), torch.stack(list(sums.values())) / k
 
     def _scheduler_step(self) -> None:
         if self.scaler.is_enabled():
@@ -504,11 +555,18 @@ class Trainer(TrainerBase):
     def save_checkpoint(self, name: str, *, gather: bool = True) -> None:
         """Saves the weights and the trainer state as ``name`` (rank 0 writes; ``gather`` collects
         every rank's loader/RNG state and is then a collective)."""
+        extra: dict[str, Any] = {"max_iter": self.max_iter}
+        if self.accumulate > 1:
+            extra["accumulate"] = self.accumulate
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
         state = make_trainer_state(
-            self.iter, self.optimizer, self.scheduler, self.scaler, self.train_loader, gather=gather,
-            extra={"max_iter": self.max_iter},
+            self.iter, self.optimizer, self.scheduler, self.scaler, self.train_loader, gather=gather, extra=extra,
         )
         path = self.checkpointer.save(name, self.model, state)
+        if path is not None and self.ema is not None and name == "model_final":
+            ema_path = self.checkpointer.export_weights(f"{name}_ema", self.ema.weights(), iteration=self.iter)
+            _log.info("saved the EMA weights %s (iteration %d)", ema_path.name, self.iter)
         self.last_saved_iter = self.iter
         if path is not None:
             _log.info("saved checkpoint %s (iteration %d)", path.name, self.iter)
@@ -540,7 +598,7 @@ class Trainer(TrainerBase):
             self.start_iter = 0
             if resume:
                 self.start_iter = self.checkpointer.resume(
-                    self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader
+                    self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader, ema=self.ema
                 )
             latest = self.checkpointer.resumed_from if resume else None
             self.iter = self.start_iter
@@ -580,6 +638,19 @@ class Trainer(TrainerBase):
         }
 
 
+def check_global_batch(cfg: Config, world: int) -> None:
+    """Raises ValueError unless ``solver.ims_per_batch`` splits over ``world`` processes and ``solver.accumulate``
+    passes (each pass of each process then loads ``ims_per_batch / (world * accumulate)`` images)."""
+    k = cfg.solver.accumulate
+    per = world * k
+    if cfg.solver.ims_per_batch % per != 0:
+        raise ValueError(
+            f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must be divisible by "
+            f"the number of processes ({world})" + (f" times solver.accumulate ({k})" if k > 1 else "")
+            + f"; e.g. solver.ims_per_batch={per * max(1, cfg.solver.ims_per_batch // per)}"
+        )
+
+
 def build_trainer(
     cfg: Config,
     model: nn.Module,
@@ -593,33 +664,34 @@ def build_trainer(
     Call :func:`~resnet_det.common.init_distributed` (before building the loader) and
     :func:`~resnet_det.common.seed_everything` (before building the model) first. This moves the
     model to the device (channels_last if ``train.channels_last``), builds the optimizer and the
-    schedule, wraps the model in DDP when several processes run, and writes the resolved config to
-    ``<output_dir>/config.yaml`` on the main process. ``train.compile`` is left to the model
-    builder, which knows which parts compile well.
+    schedule, the weights' EMA (``train.ema``), wraps the model in DDP when several processes run, and
+    writes the resolved config to ``<output_dir>/config.yaml`` on the main process. ``train.compile`` is
+    left to the model builder, which knows which parts compile well.
 
     Args:
         cfg: The experiment config.
         model: The (unwrapped) detector, on any device.
-        train_loader: The endless training loader (see :class:`Trainer`).
+        train_loader: The endless training loader (see :class:`Trainer`); with ``solver.accumulate`` k,
+            its batches hold ``solver.ims_per_batch / k`` images over all processes.
         eval_fn: Evaluation callback (see :class:`Trainer`).
         progress: Show a progress bar.
 
     Returns:
         The trainer; call ``train(resume=...)``.
     """
-    world = get_world_size()
-    if cfg.solver.ims_per_batch % world != 0:
-        raise ValueError(
-            f"solver.ims_per_batch={cfg.solver.ims_per_batch} is the global batch and must be divisible by "
-            f"the number of processes ({world}); e.g. "
-            f"solver.ims_per_batch={world * max(1, cfg.solver.ims_per_batch // world)}"
-        )
+    check_global_batch(cfg, get_world_size())
+    k = cfg.solver.accumulate
+    if cfg.test.use_ema and cfg.train.ema is None:
+        raise ValueError("test.use_ema=true needs train.ema (e.g. train.ema={decay: 0.9998, warmup_iters: 2000}): "
+                         "without it there are no averaged weights to evaluate")
     device = resolve_device(cfg.train.device)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
+    ema = (ModelEma(model, decay=cfg.train.ema.decay, warmup_iters=cfg.train.ema.warmup_iters)
+           if cfg.train.ema is not None else None)
     model = wrap_ddp(model, device)
     if is_main_process():
         dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
@@ -641,4 +713,7 @@ def build_trainer(
         max_time_minutes=cfg.train.max_time_minutes,
         tensorboard=cfg.train.tensorboard,
         progress=progress,
+        accumulate=k,
+        ema=ema,
+        eval_with_ema=cfg.test.use_ema,
     )

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from detection.config import SolverConfig, load_config
-from detection.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from detection.engine import Checkpointer, ModelEma, Trainer, build_lr_scheduler, build_optimizer, build_trainer
 from detection.models import build_faster_rcnn
 from resnet_det.common import autocast
 
@@ -72,6 +72,21 @@ def test_training_steps_do_not_synchronise_with_the_host(tmp_path, amp):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(dt == (torch.bfloat16 if amp == "bf16" else torch.float32) for dt in trainer.model.autocast_dtypes)
+
+
+def test_ema_and_accumulation_add_no_host_synchronisation(tmp_path):
+    # The EMA's decay is a Python float of the update count, accumulation only loops: device ops only.
+    trainer = _trainer(tmp_path, max_iter=10, accumulate=2, clip_grad_norm=5.0)
+    trainer.ema = ModelEma(trainer.model, decay=0.99, warmup_iters=3)
+    trainer.run_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.run_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.ema.updates == 4
 
 
 def test_fp16_with_grad_scaler_on_cuda(tmp_path):
