@@ -113,7 +113,7 @@ def main() -> int:
         "num_images": report["num_images"], "num_gt": report["num_gt"], "num_detections": report["num_detections"],
         "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
         "load_average_1min_after": round(os.getloadavg()[0], 2), "peak_rss_gib": round(peak_gib, 2),
-        "stages_s": report["timings_s"],
+        "stages_s": report["timings_s"], "stages_cpu_s": report["timings_cpu_s"],
         "AP": report["summary"]["AP"], "AP50": report["summary"]["AP50"], "D-ECE": report["calibration"]["D-ECE"],
         "tide_dAP50": report["tide"]["dAP"],
     }
