@@ -18,6 +18,8 @@ from detection.evaluation.analysis import diagnostics as diag
 from detection.evaluation.analysis import matching as M
 from detection.evaluation.analysis import tide as T
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
 
 def _results(gt, seed: int) -> list[dict]:
     l2c, _ = evalhelpers.label_maps(gt)
