@@ -56,7 +56,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="write metrics.json and the plots here (checkpoint mode: "
                         "sets train.output_dir, the files go to its eval/ folder)")
     parser.add_argument("--analyze", action="store_true", help="results mode: also run `resnet-det analyze` "
-                        "(TIDE, calibration, ...) into OUTPUT_DIR/analysis")
+                        "(TIDE, calibration, ...) into OUTPUT_DIR/analysis, on the first of --iou-types")
     return parser
 
 

@@ -18,6 +18,8 @@ from detection.evaluation.analysis import diagnostics as diag
 from detection.evaluation.analysis import matching as M
 from detection.evaluation.analysis import tide as T
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
 
 def _results(gt, seed: int) -> list[dict]:
     l2c, _ = evalhelpers.label_maps(gt)
@@ -241,6 +243,30 @@ def test_tide_differs_from_tidecv_on_crowd_covered_detections(gt, gt_path, tmp_p
     assert ours == theirs - added
 
 
+def test_tide_differs_from_tidecv_beyond_100_detections_per_image(gt, gt_path, tmp_path):
+    """COCO keeps the 100 best detections per image *and category*; tidecv the 100 best per image.
+    With 130 detections on one image (no category over 100) ours counts all of them, like pycocotools."""
+    img = max(gt.getImgIds(), key=lambda i: len(gt.getAnnIds(imgIds=[i])))
+    anns = gt.loadAnns(gt.getAnnIds(imgIds=[img]))
+    cats = sorted(gt.getCatIds())
+    rng = np.random.default_rng(0)
+    results = []
+    for n in range(130):
+        a = anns[n % len(anns)]
+        x, y, w, h = a["bbox"]
+        results.append({"image_id": img, "category_id": cats[n % 3] if n % 2 else a["category_id"],
+                        "bbox": [x + float(rng.normal(0, 2)), y + float(rng.normal(0, 2)), w, h],
+                        "score": float(rng.random())})
+    p = _problem(gt, results)
+    r = T.tide_breakdown(p, M.match(p, 0.5, "all"))
+    assert p.num_dets == 130
+    stats, _, _ = evalhelpers.pycocotools_direct(gt_path, results, "bbox")
+    assert r.ap50 == stats[1]
+    run, _, _ = _tidecv(gt_path, results, tmp_path)
+    assert sum(len(o.data_points) for o in run.ap_data.objs.values()) + sum(
+        type(e).__name__ != "MissedError" and e.pred["used"] is None for e in run.errors) == 100
+
+
 def _tiny_problem(gts: list[tuple[int, int, list[float]]], dets: list[tuple[int, int, float, list[float]]],
                   crowd: tuple[int, ...] = ()) -> M.Problem:
     """gts: (image, category, box); dets: (image, category, score, box); boxes xywh."""
@@ -273,6 +299,38 @@ def test_tide_constructed_case_has_the_known_answer():
         assert r.dap[name] == pytest.approx(0.0, abs=1e-15), name
     # category 1's Loc and Cls detections rank below its TP, so removing every FP changes nothing there
     assert r.dap["FP"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_tide_differs_from_tidecv_when_cls_and_loc_errors_share_a_gt():
+    """A missed category-1 gt with a Loc error on it (category 1, IoU 1/3, score .9) and a Cls error
+    (category 2, IoU .9, score .5). Our Cls oracle turns the Cls error into the gt's TP: category 1
+    goes from AP 0 to 1/2 (the unfixed Loc error still outranks it). tidecv's shared bookkeeping gives
+    the gt to the Loc error, which the Cls oracle does not fix: the Cls error is only suppressed and
+    category 1 stays at 0. Both Loc oracles give the gt to the Loc error: category 1 AP 1."""
+    tidecv = pytest.importorskip("tidecv")
+    g = [0.0, 0.0, 10.0, 10.0]
+    gts = [(1, 1, g), (1, 2, [50.0, 50.0, 10.0, 10.0])]
+    dets = [(1, 1, 0.9, [0.0, 5.0, 10.0, 10.0]), (1, 2, 0.5, [0.0, 0.0, 10.0, 9.0]),
+            (1, 2, 0.8, [50.0, 50.0, 10.0, 10.0])]
+    p = _tiny_problem(gts, dets)
+    r = T.tide_breakdown(p, M.match(p, 0.5, "all"))
+    assert r.counts["Loc"] == 1 and r.counts["Cls"] == 1
+    # base: category 1 AP 0, category 2 AP 1 (its TP outranks the Cls error) -> 0.5
+    assert r.ap50 == pytest.approx(0.5, abs=1e-15)
+    assert r.dap["Cls"] == pytest.approx(0.25, abs=1e-15)
+    assert r.dap["Loc"] == pytest.approx(0.5, abs=1e-15)
+
+    gt_data, det_data = tidecv.Data("gt"), tidecv.Data("dets")
+    for im, c, b in gts:
+        gt_data.add_ground_truth(im, c, b)
+    for im, c, sc, b in dets:
+        det_data.add_detection(im, c, sc, b)
+    t = tidecv.TIDE()
+    with contextlib.redirect_stdout(io.StringIO()):
+        t.evaluate(gt_data, det_data, mode=tidecv.TIDE.BOX)
+        main = t.get_main_errors()["dets"]
+    assert main["Cls"] == pytest.approx(0.0, abs=1e-12)
+    assert main["Loc"] == pytest.approx(50.0, abs=1e-12)  # the Loc oracle does get the gt, in both
 
 
 def test_tide_cls_fix_takes_the_target_class_and_one_winner_per_gt():

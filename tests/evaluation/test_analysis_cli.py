@@ -145,3 +145,17 @@ def test_eval_analyze_writes_the_analysis_next_to_the_metrics(tmp_path, results_
     with pytest.raises(SystemExit):
         main(["eval", "--results", str(results_file), "--annotations", gt, "--analyze"])
     assert "--analyze needs --output-dir" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_only(results_file, tiny_coco_src, monkeypatch, capsys):
+    from detection.evaluation.analysis import analyze_results
+    from resnet_det.common import logs
+
+    gt = tiny_coco_src / "annotations.json"
+    analyze_results(results_file, gt, progress=True)
+    assert "analyze:" not in capsys.readouterr().err  # stderr captured: not a terminal, no bar
+    monkeypatch.setattr(logs, "stderr_is_terminal", lambda: True)
+    analyze_results(results_file, gt, progress=True)
+    assert re.search(r"analyze: .*\d+/\d+", capsys.readouterr().err)  # tqdm's "analyze: ... 6/8"
+    analyze_results(results_file, gt, progress=False)
+    assert "analyze:" not in capsys.readouterr().err

@@ -188,33 +188,36 @@ def _plot_confusion(report: Mapping[str, Any], path: Path) -> bool:
     mat = np.asarray(cm["matrix"], dtype=float)
     names = list(cm["categories"])
     k = len(names)
-    # only the categories that occur (a gt or a detection), plus background / missed
-    used = np.flatnonzero((mat[:k].sum(1) + mat[:, :k].sum(0)) > 0)
-    if used.size == 0:
+    # rows: the categories with gt (+ background); columns: those that occur in any row (+ missed)
+    row_cats = np.flatnonzero(mat[:k].sum(1) > 0)
+    col_cats = np.flatnonzero(mat[:, :k].sum(0) > 0)
+    if row_cats.size + col_cats.size == 0:
         return False
-    rows = np.r_[used, k]
-    cols = np.r_[used, k]
+    rows = np.r_[row_cats, k]
+    cols = np.r_[col_cats, k]
     sub = mat[np.ix_(rows, cols)]
     norm = sub / np.maximum(sub.sum(axis=1, keepdims=True), 1)
-    labels_r = [names[i] for i in used] + ["background"]
-    labels_c = [names[i] for i in used] + ["missed"]
-    size = min(16.0, max(5.0, 0.17 * len(rows) + 2.5))
-    fig = _figure(size, size * 0.92)
+    labels_r = [names[i] for i in row_cats] + ["background"]
+    labels_c = [names[i] for i in col_cats] + ["missed"]
+    cell = 0.15  # inches per row / column; the margins hold the tick labels and the colour bar
+    width, height = len(cols) * cell + 2.6, len(rows) * cell + 2.0
+    fig = _figure(width, height)
     ax = fig.subplots()
     from matplotlib.colors import PowerNorm
 
     # a square-root scale: the off-diagonal shares (a few percent) stay visible next to the diagonal
     im = ax.imshow(norm, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
-    fs = 8 if len(rows) <= 20 else 6 if len(rows) <= 45 else 5
+    n_max = max(len(rows), len(cols))
+    fs = 8 if n_max <= 20 else 6 if n_max <= 45 else 5
     ax.set_xticks(range(len(cols)), labels_c, rotation=90, fontsize=fs)
     ax.set_yticks(range(len(rows)), labels_r, fontsize=fs)
     ax.set_xlabel("predicted category (last column: missed)")
     ax.set_ylabel("ground-truth category (last row: background false positives)")
     ax.set_title(f"Confusion at IoU 0.50 ({report['iou_type']}), each row normalised to 1 "
                  "(square-root colour scale)", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    margin = 1.3 / size  # room for the tick labels, without tight_layout's repeated measuring
-    fig.subplots_adjust(left=margin, bottom=margin, right=0.97, top=1 - 0.5 / size)
+    fig.subplots_adjust(left=1.1 / width, bottom=1.3 / height, right=1 - 1.3 / width, top=1 - 0.5 / height)
+    cax = fig.add_axes((1 - 1.1 / width, 1.3 / height, 0.15 / width, 1 - 1.8 / height))
+    fig.colorbar(im, cax=cax)
     fig.savefig(path)
     return True
 

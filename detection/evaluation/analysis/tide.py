@@ -29,6 +29,23 @@ Each error type's dAP is the AP50 after applying its *oracle* alone, minus the b
 AP is pycocotools' (101 points, the mean over the categories that have ground truth in the base
 evaluation). A category left without ground truth by an oracle keeps its place in the mean with
 AP 0 (it has no TP: every one of its gts was missed). Oracles never lower AP, so no clipping.
+
+Where the authors' ``tidecv`` 1.0.1 differs (each measured in ``tests/evaluation/test_analysis.py``):
+its per-class AP is the same 101-point interpolation (equal to 1e-12: it has no ``eps`` in the
+precision), and the error type of every detection is the same, but
+
+* its mean runs over every class with a detection or a gt: classes with only false positives count
+  as AP 0 (so its AP50 is below pycocotools', dbolya/tide#14), and a class an oracle empties leaves
+  the mean (so suppressing the false positives of such classes *raises* its AP); re-averaged that
+  way, our per-category results give its dAP to 1e-12;
+* its FP oracle rescores false positives to 0 instead of removing them (same AP, but the class stays
+  in its mean);
+* it keeps the 100 best detections per image, COCO the 100 best per image and category;
+* a detection matched to a crowd is ignored by both for AP, but tidecv still gives it an error type
+  (and its Cls / Loc oracle can turn it into a TP); its crowd test is ``IoU > t_f``, COCO's ``>=``;
+* its Cls and Loc oracles share the "best detection per gt" bookkeeping, so a Cls error can lose its
+  gt to a higher-scoring Loc error that the Cls oracle does not fix (the paper fixes one type at a
+  time; here only errors of the same type compete).
 """
 
 from __future__ import annotations
