@@ -86,7 +86,7 @@ def _check_thresholds(t_f: float, t_b: float, bins: int, top_images: int) -> Non
 
 def _load(results_json: Any, annotations_json: Any, iou_type: str | None) -> tuple[list[dict[str, Any]], Any, str]:
     """The evaluation's loaders and validation (one validator in the project)."""
-    from ..coco import _check_iou_types, _infer_iou_types, _validate_results, load_coco_gt, load_results_json
+    from ..coco_core import _check_iou_types, _infer_iou_types, _validate_results, load_coco_gt, load_results_json
 
     results = load_results_json(results_json)
     if iou_type is None:
