@@ -260,6 +260,8 @@ class TimmClassifier(ImageClassifier):
         from timm.models._features import feature_take_indices
 
         take, max_index = feature_take_indices(len(self.feature_info), indices)
+        if max_index > self._built_index:
+            raise ValueError(f"feature index {max_index} was pruned already (kept 0..{self._built_index})")
         body = self.body
         if isinstance(body, VGG):
             body.truncate(VGG_OUTPUTS[max_index])

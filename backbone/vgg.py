@@ -47,7 +47,7 @@ class VGG(Backbone):
         scale = width / 64
         shapes: dict[str, ShapeSpec] = {}
         in_ch, stride = in_channels, 1
-        self.block_names: list[str] = []
+        block_names: list[str] = []  # (a local: TorchScript warns on annotated empty attributes)
         for b, (n_convs, ch) in enumerate(blocks[: min(last + 1, 5)], start=1):
             ch = max(1, round(ch * scale))
             layers = []
@@ -61,11 +61,12 @@ class VGG(Backbone):
                 in_ch = ch
             block = nn.Sequential(*layers)
             self.add_module(f"block{b}", block)
-            self.block_names.append(f"block{b}")
+            block_names.append(f"block{b}")
             shapes[f"conv{b}"] = ShapeSpec(ch, stride)
         if last == 5:
             self.pool5 = nn.MaxPool2d(kernel_size=2, stride=2)
             shapes["pool5"] = ShapeSpec(in_ch, stride * 2)
+        self.block_names = block_names
         self._out_feature_shapes = shapes
         self.out_channels_last = in_ch
         for m in self.modules():
