@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .applications import MIN_SIZE, ImageClassifier
-from .base import Backbone
+from .base import Backbone, resolved_annotations
 from .layers import get_norm
 from .registry import BACKBONES, build_backbone
 from .resnet import CifarResNet, ResNet
@@ -182,6 +182,7 @@ class TimmClassifier(ImageClassifier):
             return x
         return self.fc(x)
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 

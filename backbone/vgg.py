@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, check_image_batch
+from .base import Backbone, check_image_batch, resolved_annotations
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -106,6 +106,7 @@ class VGG(Backbone):
         self._out_feature_shapes = {n: s for n, s in self._out_feature_shapes.items() if n in keep}
         self._out_features = tuple(n for n in self._out_features if n in keep) or (last,)
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)`. Returns: the selected maps (`conv<k>` after the block's last ReLU)."""
         x = check_image_batch(x, "VGG")

@@ -260,6 +260,8 @@ def test_torchscript_gives_the_eager_outputs(name: str) -> None:
     with torch.no_grad():
         _assert_same(scripted_trunk(x), trunk(x))
         assert torch.equal(scripted_clf(x), clf(x))
+        # An FX trace scripts too (the root forward's annotations are resolved types, not strings).
+        assert torch.equal(_script(torch.fx.symbolic_trace(clf))(x), clf(x))
     # Training mode: the frozen stages (stem and the first stage) fold their frozen BN on the fly in eager, and
     # run conv + frozen BN scripted: the same function up to rounding.
     trunk.train()
