@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone, shape_str
+from .base import Backbone, resolved_annotations, shape_str
 from .layers import NormSpec, get_norm
 from .resnet import ResNet
 from .vgg import VGG, VGGFCHead
@@ -167,6 +167,7 @@ class ImageClassifier(nn.Module):
             x = F.relu(self.head_norm(x))
         return x
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)
         if self.include_top:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import typing
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,20 @@ from .shape_spec import ShapeSpec
 def shape_str(x: Tensor) -> str:
     """`x.shape` written as a tuple, ``"(2, 3, 64, 64)"`` (TorchScript-compatible, unlike ``tuple(x.shape)``)."""
     return "(" + ", ".join([str(s) for s in x.shape]) + ")"
+
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def resolved_annotations(fn: _F) -> _F:
+    """Evaluate `fn`'s postponed (string) annotations in place and return `fn`.
+
+    `torch.fx` copies the annotations of the traced root's `forward` into the generated code; a string such as
+    ``"Tensor"`` (``from __future__ import annotations``) becomes a name TorchScript cannot resolve, so a traced
+    backbone could not be scripted. Applied to every `forward` that can be a trace root.
+    """
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return fn
 
 
 def check_image_batch(x: Tensor, where: str) -> Tensor:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone
+from .base import Backbone, resolved_annotations
 from .layers import Conv2d, NormSpec, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -129,6 +129,7 @@ class FPN(Backbone):
     def size_divisibility(self) -> int:
         return self._size_divisibility
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)`. Returns: `{"p2": .., "p6": ..}`, each `(N, out_channels, H/s, W/s)`."""
         feats = self.bottom_up(x)

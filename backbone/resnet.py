@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Backbone, check_image_batch
+from .base import Backbone, check_image_batch, resolved_annotations
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, c2_msra_fill, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -200,6 +200,7 @@ class _StagedBackbone(Backbone):
     if TYPE_CHECKING:  # not a runtime class annotation: TorchScript has no `tuple[str, ...]`
         stage_names: tuple[str, ...]
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)` images. Returns: the selected maps, high to low resolution."""
         x = check_image_batch(x, self._type_name)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .applications import MIN_SIZE, ImageClassifier
-from .base import Backbone
+from .base import Backbone, resolved_annotations
 from .layers import get_norm
 from .registry import BACKBONES, build_backbone
 from .resnet import CifarResNet, ResNet
@@ -182,6 +182,7 @@ class TimmClassifier(ImageClassifier):
             return x
         return self.fc(x)
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -260,6 +261,8 @@ class TimmClassifier(ImageClassifier):
         from timm.models._features import feature_take_indices
 
         take, max_index = feature_take_indices(len(self.feature_info), indices)
+        if max_index > self._built_index:
+            raise ValueError(f"feature index {max_index} was pruned already (kept 0..{self._built_index})")
         body = self.body
         if isinstance(body, VGG):
             body.truncate(VGG_OUTPUTS[max_index])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, check_image_batch
+from .base import Backbone, check_image_batch, resolved_annotations
 from .layers import Conv2d, FrozenBatchNorm2d, NormSpec, check_norm, get_norm
 from .shape_spec import ShapeSpec
 
@@ -47,7 +47,7 @@ class VGG(Backbone):
         scale = width / 64
         shapes: dict[str, ShapeSpec] = {}
         in_ch, stride = in_channels, 1
-        self.block_names: list[str] = []
+        block_names: list[str] = []  # (a local: TorchScript warns on annotated empty attributes)
         for b, (n_convs, ch) in enumerate(blocks[: min(last + 1, 5)], start=1):
             ch = max(1, round(ch * scale))
             layers = []
@@ -61,11 +61,12 @@ class VGG(Backbone):
                 in_ch = ch
             block = nn.Sequential(*layers)
             self.add_module(f"block{b}", block)
-            self.block_names.append(f"block{b}")
+            block_names.append(f"block{b}")
             shapes[f"conv{b}"] = ShapeSpec(ch, stride)
         if last == 5:
             self.pool5 = nn.MaxPool2d(kernel_size=2, stride=2)
             shapes["pool5"] = ShapeSpec(in_ch, stride * 2)
+        self.block_names = block_names
         self._out_feature_shapes = shapes
         self.out_channels_last = in_ch
         for m in self.modules():
@@ -105,6 +106,7 @@ class VGG(Backbone):
         self._out_feature_shapes = {n: s for n, s in self._out_feature_shapes.items() if n in keep}
         self._out_features = tuple(n for n in self._out_features if n in keep) or (last,)
 
+    @resolved_annotations
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)`. Returns: the selected maps (`conv<k>` after the block's last ReLU)."""
         x = check_image_batch(x, "VGG")
