@@ -60,15 +60,17 @@ def check_targets(targets: Sequence[dict[str, Tensor]] | None, num_images: int, 
     for i, t in enumerate(targets):
         if not isinstance(t, dict):
             raise ValueError(f"targets[{i}] is a {type(t).__name__}, expected a dict with 'boxes' and 'labels'")
+        # The boxes first, shape included, then the labels: a malformed box tensor is reported as such even when
+        # the labels are missing too (torchvision checks the boxes alone).
         for key in ("boxes", "labels"):
             if key not in t:
                 raise ValueError(f"targets[{i}] has no {key!r} (keys: {sorted(t)})")
             if not isinstance(t[key], Tensor):
                 raise ValueError(f"targets[{i}][{key!r}] is a {type(t[key]).__name__}, expected a tensor")
+            if key == "boxes" and (t[key].dim() != 2 or t[key].shape[1] != 4):
+                raise ValueError(f"targets[{i}]['boxes'] has shape {tuple(t[key].shape)}, expected [K, 4] (xyxy); "
+                                 "an image without objects has shape (0, 4)")
         boxes, labels = t["boxes"], t["labels"]
-        if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"targets[{i}]['boxes'] has shape {tuple(boxes.shape)}, expected [K, 4] (xyxy); "
-                             "an image without objects has shape (0, 4)")
         if not boxes.is_floating_point():
             raise ValueError(f"targets[{i}]['boxes'] has dtype {boxes.dtype}, expected a float dtype")
         if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
