@@ -87,7 +87,7 @@ def _grouped_nms_onnx(boxes, scores, iou_threshold: float):
 def _grouped_nms_float64(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """`grouped_nms` with torchvision's NMS on groups offset apart in float64 (exact: the offsets do not round
     the boxes), for the `torch.export` program: standard torchvision ops only."""
-    g, n = scores.shape
+    n = scores.shape[1]
     flat = (scores.flatten() >= 0).nonzero().squeeze(1)
     b = boxes.reshape(-1, 4)[flat].double()
     group = flat // n

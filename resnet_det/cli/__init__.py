@@ -3,6 +3,8 @@
     resnet-det train shapes/faster_rcnn_R_50_FPN [key.sub=value ...] [--resume] [--no-progress]
     resnet-det eval CONFIG --checkpoint W        |  resnet-det eval --results R.json --annotations A.json
     resnet-det infer CONFIG --checkpoint W --input IMG_OR_DIR --output OUT
+    resnet-det export CONFIG --checkpoint W --format onnx --output model.onnx
+    resnet-det infer --onnx model.onnx --input IMG_OR_DIR --output OUT   (ONNX Runtime, no torch)
     resnet-det configs                           (the shipped configs, by name)
     resnet-det benchmark | make-shapes | paper-study | degradation-study ...
 
@@ -37,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "eval": "eval",
     "infer": "infer",
+    "export": "export",
     "configs": "configs",
     "benchmark": "benchmark",
     "benchmark-startup": "benchmark_startup",

@@ -110,12 +110,12 @@ def test_saved_and_reloaded_torch_export_program_gives_the_eager_detections(coco
 
 # ------------------------------------------------------------------------------------------ boundary
 def test_export_refuses_what_it_cannot_export(tmp_path):
-    with pytest.raises(TypeError, match="FasterRCNN or segmentation.MaskRCNN"):
+    with pytest.raises(TypeError, match=r"FasterRCNN or segmentation\.MaskRCNN"):
         det_export.export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
     model = build_faster_rcnn(num_classes=2, backbone_name="resnet18", backbone_width=8)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         seg_export.export(model, tmp_path / "x", "tflite")
     mask = build_mask_rcnn(num_classes=2, backbone_name="resnet18", backbone_width=8)
-    with pytest.raises(ValueError, match="segmentation.export"):
+    with pytest.raises(ValueError, match=r"segmentation\.export"):
         det_export.export_onnx(mask, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
