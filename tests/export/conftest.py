@@ -16,3 +16,14 @@ def coco_images() -> list[tuple[str, np.ndarray]]:
     """`(file name, uint8 (H, W, 3) RGB)` of each tiny-COCO image."""
     assert len(IMAGES) == 16, IMAGES
     return [(p.name, np.asarray(Image.open(p).convert("RGB")).copy()) for p in IMAGES]
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for torch (and ONNX Runtime rows, which take torch's count): a shared 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
