@@ -38,7 +38,8 @@ from torchvision.ops import nms, roi_align, roi_pool
 from .boxes import clip_boxes, nonempty
 from .faster_rcnn import FasterRCNN
 
-__all__ = ["FORMATS", "DetectorForExport", "export", "export_onnx", "export_program", "load_program"]
+__all__ = ["FORMATS", "DetectorForExport", "check_detector", "example_image", "export", "export_onnx", "export_program",
+           "grouped_nms", "load_program", "pool_rois"]
 
 FORMATS = ("onnx", "torch-export")
 ONNX_OPSET = 18
@@ -86,7 +87,7 @@ def _grouped_nms_onnx(boxes, scores, iou_threshold: float):
 def _grouped_nms_float64(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """`grouped_nms` with torchvision's NMS on groups offset apart in float64 (exact: the offsets do not round
     the boxes), for the `torch.export` program: standard torchvision ops only."""
-    g, n = scores.shape
+    n = scores.shape[1]
     flat = (scores.flatten() >= 0).nonzero().squeeze(1)
     b = boxes.reshape(-1, 4)[flat].double()
     group = flat // n
@@ -95,6 +96,32 @@ def _grouped_nms_float64(boxes: Tensor, scores: Tensor, iou_threshold: float) ->
     offsets = group.to(torch.float64) * span
     kept = flat[nms(b + offsets[:, None], scores.flatten()[flat].double(), iou_threshold)]
     return torch.stack([kept // n, kept % n], dim=1)
+
+
+# ---------------------------------------------------------------------------------------- pooling
+def pool_rois(pooler: nn.Module, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
+    """`RoIPooler` of `(K, 4)` boxes of one image (xyxy, the padded batch's pixels) -> `(K, C, R, R)`, traceable.
+
+    Each box is pooled from the level `pooler.level_of` picks (the eager rule): each level pools its own boxes
+    (one ONNX `RoiAlign` per level) and the results are scattered back in the boxes' order.
+    """
+    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1).float()
+    feats = [f.float() for f in features]
+    if len(feats) == 1:
+        return _pool_level(pooler, feats[0], rois, pooler.scales[0])
+    levels = pooler.level_of(rois[:, 1:])
+    out = rois.new_zeros((rois.shape[0], feats[0].shape[1], pooler.output_size, pooler.output_size))
+    for lvl, (x, scale) in enumerate(zip(feats, pooler.scales)):
+        idx = (levels == lvl).nonzero().squeeze(1)
+        out = out.index_put((idx,), _pool_level(pooler, x, rois[idx], scale))
+    return out
+
+
+def _pool_level(pooler: nn.Module, x: Tensor, rois: Tensor, scale: float) -> Tensor:
+    if pooler.pooler_type == "roi_pool":
+        return roi_pool(x, rois, pooler.output_size, scale)
+    return roi_align(x, rois, pooler.output_size, scale, pooler.sampling_ratio,
+                     aligned=pooler.pooler_type == "roi_align_v2")
 
 
 # ------------------------------------------------------------------------------------------- module
@@ -228,33 +255,12 @@ class DetectorForExport(nn.Module):
         return boxes.reshape(-1, 4)[top], top_key >= 0
 
     # --------------------------------------------------------------------------------- RoI heads
-    def pool(self, pooler: nn.Module, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        """RoIAlign (or RoIPool) of `(K, 4)` boxes of image 0 from the level `pooler.level_of` picks:
-        each level pools its own boxes (ONNX RoiAlign), the results are scattered back in the boxes' order."""
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1).float()
-        feats = [f.float() for f in features]
-        if len(feats) == 1:
-            return self._pool_level(pooler, feats[0], rois, pooler.scales[0])
-        levels = pooler.level_of(rois[:, 1:])
-        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], pooler.output_size, pooler.output_size))
-        for lvl, (x, scale) in enumerate(zip(feats, pooler.scales)):
-            idx = (levels == lvl).nonzero().squeeze(1)
-            out = out.index_put((idx,), self._pool_level(pooler, x, rois[idx], scale))
-        return out
-
-    @staticmethod
-    def _pool_level(pooler: nn.Module, x: Tensor, rois: Tensor, scale: float) -> Tensor:
-        if pooler.pooler_type == "roi_pool":
-            return roi_pool(x, rois, pooler.output_size, scale)
-        return roi_align(x, rois, pooler.output_size, scale, pooler.sampling_ratio,
-                         aligned=pooler.pooler_type == "roi_align_v2")
-
     def detect(self, features: dict[str, Tensor], proposals: Tensor, valid: Tensor, size: Tensor
                ) -> tuple[Tensor, Tensor, Tensor]:
         """Box head + post-processing (`RoIHeads.postprocess` for one image): `(boxes, scores, labels)` in the
         resized image, by decreasing score."""
         heads = self.roi_heads
-        pooled = self.pool(heads.box_pooler, [features[f] for f in heads.in_features], proposals)
+        pooled = pool_rois(heads.box_pooler, [features[f] for f in heads.in_features], proposals)
         logits, deltas = heads.predictor(heads.box_head(pooled))
         p, c = proposals.shape[0], heads.num_classes
         scores = F.softmax(logits.float(), dim=-1)

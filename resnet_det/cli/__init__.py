@@ -4,6 +4,8 @@
     resnet-det eval CONFIG --checkpoint W        |  resnet-det eval --results R.json --annotations A.json
     resnet-det analyze --results R.json --annotations A.json --output-dir D   (TIDE, calibration, ...)
     resnet-det infer CONFIG --checkpoint W --input IMG_OR_DIR --output OUT
+    resnet-det export CONFIG --checkpoint W --format onnx --output model.onnx
+    resnet-det infer --onnx model.onnx --input IMG_OR_DIR --output OUT   (ONNX Runtime, no torch)
     resnet-det configs                           (the shipped configs, by name)
     resnet-det benchmark | benchmark-eval | make-shapes | paper-study | degradation-study ...
 
@@ -40,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "eval": "eval",
     "analyze": "analyze",
     "infer": "infer",
+    "export": "export",
     "configs": "configs",
     "benchmark": "benchmark",
     "benchmark-startup": "benchmark_startup",

@@ -3,7 +3,7 @@ same weights, same inputs, timed calls interleaved between the models over sever
 
     resnet-det benchmark --device cpu --size 320 480 --train-batch 2 --iters 3
     resnet-det benchmark --device cpu --size 320 480 --modes infer --infer-batch 1 4 \\
-        --models ours ours-prepared torchvision torchvision-cl --json benchmarks/cpu.json
+        --models ours ours-prepared ours-onnx torchvision torchvision-cl --json benchmarks/cpu.json
     resnet-det benchmark --device cuda --arch R101-FPN --dtype bf16 --size 800 1333 --train-batch 8 \\
         --modes train --channels-last --compile --json benchmarks/h100.json
 
@@ -53,7 +53,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["ours", "torchvision"], choices=list(VARIANTS),
                    help="variants to measure (default ours torchvision); torchvision-cl is torchvision in "
                         "channels_last; ours-prepared and ours-static (static shapes, no host syncs, CUDA graphs "
-                        "on a GPU) are inference only")
+                        "on a GPU) are inference only; ours-onnx is ours exported to ONNX and run by ONNX Runtime "
+                        "(CPU, fp32, inference only)")
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"],
                    help="training steps and/or inference calls (default both)")
     p.add_argument("--memory", default="auto", choices=list(MEMORY_METHODS),

@@ -26,8 +26,10 @@ What makes the figures trustworthy (each point is tested in tests/studies/test_b
 Variants (`models`): `ours` and `torchvision` run in the run's settings (`channels_last`, `compile`);
 `torchvision-cl` is torchvision in channels_last; `ours-prepared` is ours after
 `prepare_for_inference()` (frozen BN folded, channels_last); `ours-static` is the static-shape,
-sync-free predictor (`detection.static.StaticPredictor`, CUDA graphs on a GPU) on the prepared model.
-The last two are inference-only.
+sync-free predictor (`detection.static.StaticPredictor`, CUDA graphs on a GPU) on the prepared model;
+`ours-onnx` is ours exported with `detection.export.export_onnx` and run by ONNX Runtime (CPU, as many intra-op
+threads as torch uses, one image per call: the graph takes one uint8 image), fp32 only. The last three are
+inference-only.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ from torch import nn
 from resnet_det.common import autocast
 
 ARCHS = {"R50-FPN": "resnet50", "R101-FPN": "resnet101", "R18-FPN": "resnet18"}
-VARIANTS = ("ours", "ours-prepared", "ours-static", "torchvision", "torchvision-cl")
-INFERENCE_ONLY = ("ours-prepared", "ours-static")
+VARIANTS = ("ours", "ours-prepared", "ours-static", "ours-onnx", "torchvision", "torchvision-cl")
+INFERENCE_ONLY = ("ours-prepared", "ours-static", "ours-onnx")
+FP32_ONLY = ("ours-onnx",)  # the exported graph computes in fp32
 MEMORY_METHODS = ("auto", "subprocess", "inprocess", "off")
 # Environment variables that change CPU/GPU speed or memory; recorded with every run.
 ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_", "DNNL_", "ONEDNN_", "PYTORCH_", "TORCH_", "TORCHINDUCTOR_",
@@ -346,6 +349,9 @@ def build_variants(arch: str, names: Sequence[str], cfg: BenchConfig, device: to
             m = copy.deepcopy(ours).to(device).prepare_for_inference()
             m = prepare(m, device=device, channels_last=True, compile_backbone=cfg.compile)
             out.append(_Variant(name, m, m, True, cfg.compile))
+        elif name == "ours-onnx":
+            m = copy.deepcopy(ours).eval()
+            out.append(_Variant(name, m, onnx_runner(m), False, False))
         elif name == "ours-static":
             from detection.static import StaticPredictor
 
@@ -357,6 +363,36 @@ def build_variants(arch: str, names: Sequence[str], cfg: BenchConfig, device: to
     del ours, tv
     gc.collect()
     return out
+
+
+def onnx_runner(model: nn.Module) -> Callable[[list[torch.Tensor]], list[dict[str, Any]]]:
+    """`model` exported to ONNX (a temporary file) in one ONNX Runtime session with torch's thread count: a call
+    takes the benchmark's float `[3, H, W]` images (converted to the graph's uint8 `(H, W, 3)` once per list) and
+    returns one dict of numpy arrays per image."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from detection.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    converted: dict[int, list[Any]] = {}
+
+    def call(images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        arrays = converted.get(id(images))
+        if arrays is None:
+            arrays = [(img.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+                      .numpy() for img in images]
+            converted.clear()
+            converted[id(images)] = arrays
+        return [dict(zip(names, session.run(None, {"image": a}))) for a in arrays]
+
+    return call
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -516,7 +552,8 @@ def _measure(cfg: BenchConfig, arch: str, dtype: str, mode: str, batch: int, dev
     shared = _tensor_bytes(images, targets if mode == "train" else None)
     cuda_mem = device.type == "cuda" and cfg.memory_method == "inprocess"
     variants, calls, peaks, dets, losses = [], {}, {}, {}, {}
-    for name in [n for n in cfg.models if mode == "infer" or n not in INFERENCE_ONLY]:
+    for name in [n for n in cfg.models if (mode == "infer" or n not in INFERENCE_ONLY)
+                 and (dtype == "fp32" or n not in FP32_ONLY)]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
