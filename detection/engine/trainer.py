@@ -68,6 +68,7 @@ from .hooks import (
     EvalHook,
     HookBase,
     InterruptHook,
+    LossGrowthWarning,
     MetricsWriter,
     NonFiniteGuard,
     PeriodicCheckpointer,
@@ -400,6 +401,7 @@ class Trainer(TrainerBase):
         self.train_start = time.perf_counter()
         self.last_lr = float(optimizer.param_groups[0]["lr"])
         self.last_losses: dict[str, float] = {}
+        self.last_logged_iter = -1  # the iteration MetricsWriter last logged (LossGrowthWarning reads its losses)
         self.grad_norm: Tensor | None = None
         self.updating = False  # inside the optimizer update: a Ctrl-C there leaves half-updated weights
         self.last_saved_iter = -1
@@ -594,8 +596,9 @@ def build_trainer(
     :func:`~resnet_det.common.seed_everything` (before building the model) first. This moves the
     model to the device (channels_last if ``train.channels_last``), builds the optimizer and the
     schedule, wraps the model in DDP when several processes run, and writes the resolved config to
-    ``<output_dir>/config.yaml`` on the main process. ``train.compile`` is left to the model
-    builder, which knows which parts compile well.
+    ``<output_dir>/config.yaml`` on the main process. Beyond the :class:`Trainer`'s own hooks, registers
+    :class:`~.hooks.LossGrowthWarning` (a loss grown by orders of magnitude is reported with its
+    iteration). ``train.compile`` is left to the model builder, which knows which parts compile well.
 
     Args:
         cfg: The experiment config.
@@ -623,7 +626,7 @@ def build_trainer(
     model = wrap_ddp(model, device)
     if is_main_process():
         dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
-    return Trainer(
+    trainer = Trainer(
         model,
         optimizer,
         scheduler,
@@ -642,3 +645,6 @@ def build_trainer(
         tensorboard=cfg.train.tensorboard,
         progress=progress,
     )
+    # After the standard hooks: it reads the losses MetricsWriter logged at the same iteration.
+    trainer.register_hooks([LossGrowthWarning()])
+    return trainer
