@@ -54,7 +54,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resnet_det.common import all_gather_object, is_main_process, preserve_rng_states, unwrap_model
+from resnet_det.common import (
+    all_gather_object,
+    is_main_process,
+    preserve_rng_states,
+    raise_log_write_failure,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -308,6 +314,7 @@ class MetricsWriter(HookBase):
                 eta_seconds=(t.max_iter - t.iter) * elapsed / iters, extra=extra,
             )
         rec.reset_period()
+        raise_log_write_failure()  # log.txt on a full disk stops the run here, with one line naming it
 
 
 class LossGrowthWarning(HookBase):

@@ -27,6 +27,7 @@ from resnet_det.common import (
     logging_scope,
     resolve_device,
     seed_everything,
+    writing,
 )
 from resnet_det.common.dist import ProcessGroupError, is_process_group_failure
 
@@ -215,7 +216,8 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
                    "world_size": get_world_size(), "rank": get_rank(),
                    "unreadable_images": {"train": train_set.report.skipped.get("image_unreadable", 0),
                                          "val": val_set.report.skipped.get("image_unreadable", 0)}}
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
+        with writing(out / "summary.json", "summary file"):
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
     loader.close()
     return result
 

@@ -59,6 +59,7 @@ from resnet_det.common import (
     logging_scope,
     resolve_device,
     wrap_ddp,
+    writing,
 )
 
 from ..config import Config, dump_config
@@ -563,9 +564,12 @@ class Trainer(TrainerBase):
             try:
                 super().train()
                 barrier()  # when train() returns on any process, rank 0's final checkpoint is on disk
-            finally:
+            except BaseException:
                 self._data_iter = None  # lets the loader's worker processes shut down
-                self.metrics_logger.close(plot=self.curves)
+                self.metrics_logger.close(plot=self.curves)  # a write error now is a warning: the first error wins
+                raise
+            self._data_iter = None
+            self.metrics_logger.close(plot=self.curves, strict=True)  # curves.png on a full disk fails the run
             total = time.perf_counter() - self.train_start
             stopped_early = self.stop_reason is not None
             if stopped_early:
@@ -625,7 +629,9 @@ def build_trainer(
     scheduler = build_lr_scheduler(optimizer, cfg.solver)
     model = wrap_ddp(model, device)
     if is_main_process():
-        dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+        config_path = Path(cfg.train.output_dir) / "config.yaml"
+        with writing(config_path, "config file"):
+            dump_config(cfg, config_path)
     trainer = Trainer(
         model,
         optimizer,

@@ -67,7 +67,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from resnet_det.common import all_gather_object, get_world_size, is_main_process, log_report
+from resnet_det.common import all_gather_object, get_world_size, is_main_process, log_report, writing
 
 from .evaluator import DatasetEvaluator
 
@@ -566,7 +566,8 @@ def _plot_pr_curve(coco_eval: COCOeval, iou_type: str, path: Path) -> bool:
     ax.legend(loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with writing(path, "evaluation plot"):  # a full disk: one line naming the file
+        fig.savefig(path)
     return True
 
 
@@ -624,7 +625,8 @@ def _evaluate_results(
         output_dir.mkdir(parents=True, exist_ok=True)
         report = {"num_images": n_images, "num_detections": len(results), "units": "fraction",
                   **report}
-        (output_dir / METRICS_FILENAME).write_text(json.dumps(_json_safe(report), indent=2))
+        with writing(output_dir / METRICS_FILENAME, "evaluation file"):
+            (output_dir / METRICS_FILENAME).write_text(json.dumps(_json_safe(report), indent=2))
     return metrics, evals
 
 
@@ -968,7 +970,8 @@ class COCOEvaluator(DatasetEvaluator):
                   "AP and AR are 0 (-1 where a setting has no ground truth)")
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / RESULTS_FILENAME).write_text(json.dumps(results))
+            with writing(self.output_dir / RESULTS_FILENAME, "evaluation file"):
+                (self.output_dir / RESULTS_FILENAME).write_text(json.dumps(results))
         metrics, evals = _evaluate_results(self.coco_gt, results, self.iou_types, img_ids=img_ids,
                                            names=self.category_names, output_dir=self.output_dir)
         self.coco_eval = evals

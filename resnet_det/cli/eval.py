@@ -17,7 +17,8 @@ prints pycocotools' 12-line table per iou type and the per-category AP table, an
 ``--output-dir`` writes ``metrics.json`` and ``pr_curve_<iou_type>.png``. Metrics are fractions.
 
 Exit codes: 0 success; 2 bad input (missing/invalid file, empty results, ids not in the
-annotations, bad arguments), with a one-line message on stderr.
+annotations, bad arguments); 3 an output file could not be written (a full disk); with a one-line
+message on stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from . import _library
-from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+from ._util import CommandError, RunFailedError, add_config_arguments, load_config_arg, one_line, print_config
 
 HELP = "COCO AP / mIoU of a checkpoint on the val split, or of a COCO results JSON"
 
@@ -74,12 +75,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _results(args: argparse.Namespace) -> int:
     from detection.evaluation import evaluate_results_json
+    from resnet_det.common.io import OutputWriteError
 
     try:
         evaluate_results_json(args.results, args.annotations, iou_types=args.iou_types,
                               output_dir=args.output_dir)
     except BrokenPipeError:
         raise
+    except OutputWriteError as e:  # metrics.json / a plot on a full disk: the run, not the input
+        raise RunFailedError(one_line(e)) from None
     except (OSError, ValueError) as e:
         raise CommandError(one_line(e)) from None
     return 0
@@ -91,9 +95,12 @@ def _checkpoint(args: argparse.Namespace) -> int:
     cfg = load_config_arg(args.config, _overrides(args))
     from backbone.weights import WeightsError
     from detection.data.coco import DatasetError
+    from resnet_det.common.io import OutputWriteError
 
     try:
         _library.evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    except OutputWriteError as e:  # an evaluation file on a full disk: the run, not the input
+        raise RunFailedError(one_line(e)) from None
     except (WeightsError, DatasetError, FileNotFoundError) as e:  # the checkpoint or the data: one line
         raise CommandError(one_line(e)) from None
     return 0

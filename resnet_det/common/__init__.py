@@ -25,13 +25,14 @@ from .dist import (
     unwrap_model,
     wrap_ddp,
 )
-from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
+from .io import TMP_MARK, OutputWriteError, atomic_write, fsync_dir, temp_file_owner, writing
 from .logs import (
     LOG_FILENAME,
     PROJECT_LOGGERS,
     log_report,
     logging_scope,
     progress_bar,
+    raise_log_write_failure,
     setup_logger,
     stderr_is_terminal,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "LOG_FILENAME",
     "PROJECT_LOGGERS",
     "TMP_MARK",
+    "OutputWriteError",
     "all_gather_object",
     "all_reduce_dict",
     "atomic_write",
@@ -62,6 +64,7 @@ __all__ = [
     "logging_scope",
     "preserve_rng_states",
     "progress_bar",
+    "raise_log_write_failure",
     "resolve_device",
     "seed_everything",
     "set_rng_states",
@@ -70,4 +73,5 @@ __all__ = [
     "temp_file_owner",
     "unwrap_model",
     "wrap_ddp",
+    "writing",
 ]
