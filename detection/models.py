@@ -65,6 +65,7 @@ __all__ = [
     "build_trunk",
     "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2",
+    "frozen_bn_without_weights",
     "load_model_weights",
     "pooled_features",
     "resolve_spec",
@@ -89,6 +90,25 @@ def _common_channels(shapes: dict[str, ShapeSpec], who: str) -> int:
                          f"{ {k: s.channels for k, s in shapes.items()} }; put an FPN (or another neck with equal "
                          "widths) in front of it")
     return channels.pop()
+
+
+# ------------------------------------------------------------------------------------ build checks
+def frozen_bn_without_weights(spec: ModelSpec) -> str | None:
+    """The warning for training a backbone with frozen BN but no pretrained weights, or None when that is not so.
+
+    Frozen BN is BN with the statistics of the weights it was given; on a random initialisation those are mean 0
+    and variance 1, so it normalises nothing: activations grow layer after layer, the loss can grow by orders
+    of magnitude in the first iterations and activations can overflow to inf/NaN. Only a training run
+    asks (an evaluation loads a checkpoint over the random weights).
+    """
+    b = spec.backbone
+    if b.norm != "FrozenBN" or b.name == "vgg16" or b.weights is not None or spec.weights is not None:
+        return None
+    return (f"model.backbone.norm=FrozenBN with no pretrained weights (model.backbone.weights and model.weights "
+            f"are null): frozen BN keeps the random initialisation's statistics, so the {b.name} backbone is not "
+            "normalised at all and the loss can grow by orders of magnitude. To train from scratch use "
+            "model.backbone.norm=GN (or BN, SyncBN); to fine-tune, give weights: model.backbone.weights=imagenet "
+            "(or a file)")
 
 
 # ----------------------------------------------------------------------------------------- backbones

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .coco import record_unreadable
 from .samplers import GroupedBatchSampler, InferenceSampler, default_rank_world_size
 
 logger = logging.getLogger(__name__)
@@ -109,10 +110,20 @@ class _SeededBatches:
             yield [(i, sample_seed(self.seed, self.rank, n, j)) for j, i in enumerate(batch)]
 
 
-def _count_batches(loader: DataLoader, counter: list[int]) -> Generator[Batch, None, None]:
+def _count_batches(loader: DataLoader, counter: list[int], dataset: Dataset) -> Generator[Batch, None, None]:
     for batch in loader:
         counter[0] += 1
+        record_unreadable(dataset, batch[1])  # images the workers skipped, into the dataset's report
         yield batch
+
+
+class _TestLoader(DataLoader):
+    """A DataLoader whose batches' skipped-image markers are counted in the dataset's report (main process)."""
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        for batch in super().__iter__():
+            record_unreadable(self.dataset, batch[1])
+            yield batch
 
 
 class TrainLoader:
@@ -185,7 +196,7 @@ class TrainLoader:
             self.batch_sampler.load_state_dict(self.batch_sampler.state_dict(self.consumed_batches))
         # The generator must not reference ``self``: a self <-> generator cycle would leave worker
         # processes to the cyclic garbage collector, which shuts them down late and slowly.
-        self._active = _count_batches(self._make_loader(), self._counter)
+        self._active = _count_batches(self._make_loader(), self._counter, self.dataset)
         return self._active
 
     def state_dict(self) -> dict[str, Any]:
@@ -295,7 +306,7 @@ def build_test_loader(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
-    return DataLoader(
+    return _TestLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

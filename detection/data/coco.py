@@ -37,12 +37,18 @@ from .coco_index import (
     DatasetError,
     DatasetReport,
 )
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, load_image, open_regular_file
 from .index_cache import cached_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BOX_CLIP_TOLERANCE", "FIX_REASONS", "SKIP_REASONS", "CocoDetection", "DatasetError", "DatasetReport"]
+__all__ = ["BOX_CLIP_TOLERANCE", "FIX_REASONS", "SKIP_REASONS", "UNREADABLE_KEY", "CocoDetection", "DatasetError",
+           "DatasetReport", "record_unreadable"]
+
+#: Target key of an item returned in place of unreadable ones: ``[(image id, message), ...]`` of the items this
+#: process found unreadable just now. The loaders take it out in the main process (:func:`record_unreadable`),
+#: so that the dataset's report counts what the worker processes skipped; models never see it.
+UNREADABLE_KEY = "_unreadable"
 
 _MAX_EXAMPLES = 3
 
@@ -84,7 +90,10 @@ class CocoDetection(torch.utils.data.Dataset):
     missing/unreadable/of another size, a warning names the file (once per file and process), it is
     counted in :attr:`num_unreadable` and the dataset returns the next readable item (index + 1,
     wrapping) instead; a zero image is never returned. With DataLoader workers each process has its
-    own count. If no item is readable, :class:`DatasetError` is raised.
+    own count; the loaders of :mod:`detection.data.build` gather the skipped images into :attr:`report`
+    (``skipped["image_unreadable"]``) in the main process. Any ``OSError`` counts as unreadable (a symbolic
+    link loop, a name too long, an I/O error), and a FIFO or a device at an image's path is refused without
+    being opened (it would block). If no item is readable, :class:`DatasetError` is raised.
 
     Args:
         image_root: Folder that ``file_name`` entries are relative to.
@@ -255,21 +264,35 @@ class CocoDetection(torch.utils.data.Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         index %= n
+        found: list[tuple[int, str]] = []
         for step in range(n):
             i = (index + step) % n
             if i in self._unreadable:
                 continue
             try:
-                return self._load(i)
+                image, target = self._load(i)
             except _BadItem as e:
                 self._unreadable.add(i)
                 self.num_unreadable = len(self._unreadable)
+                found.append((int(self.ids[i]), str(e)))
                 logger.warning("skipping unreadable item %d (image id %d): %s; returning the next one",
                                i, self.ids[i], e)
+                continue
+            if found:
+                target[UNREADABLE_KEY] = found
+            return image, target
         raise DatasetError(
             f"{self.ann_file}: none of the {n} images could be read (e.g. {self.image_path(index)}); "
             f"check image_root={str(self.image_root)!r}"
         )
+
+    def record_unreadable(self, found: list[tuple[int, str]]) -> None:
+        """Counts images a (worker) process found unreadable in :attr:`report`, once per image id."""
+        seen = self.__dict__.setdefault("_reported_unreadable", set())
+        for image_id, message in found:
+            if image_id not in seen:
+                seen.add(image_id)
+                self.report.skip("image_unreadable", f"image id {image_id}: {message}")
 
     def _decode(self, segms: list[Any], h: int, w: int) -> np.ndarray:
         """Decodes polygon / RLE segmentations to ``uint8 [N, h, w]``."""
@@ -289,7 +312,7 @@ class CocoDetection(torch.utils.data.Dataset):
         assert self.semantic_root is not None
         path = self.semantic_root / (Path(file_name).stem + ".png")
         try:
-            with Image.open(path) as im:
+            with open_regular_file(path) as f, Image.open(f) as im:
                 im.load()
                 if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                     raise DatasetError(
@@ -299,7 +322,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 sem = np.asarray(im).astype(np.int64)
         except DatasetError:
             raise
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError) as e:  # ImageLoadError (a ValueError) included
             raise _BadItem(f"semantic PNG {str(path)!r}: {e}") from e
         if sem.shape != (h, w):
             raise _BadItem(f"semantic PNG {str(path)!r} is {sem.shape[1]}x{sem.shape[0]}, image is {w}x{h}")
@@ -315,9 +338,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def _image_file(self, file_name: str) -> Path:
         """``image_root / file_name``, refused (without opening it) if it resolves outside ``image_root``."""
         path = self.image_root / file_name
-        if self._image_root_resolved is None:
-            self._image_root_resolved = self.image_root.resolve()
-        real = path.resolve()
+        try:
+            if self._image_root_resolved is None:
+                self._image_root_resolved = self.image_root.resolve()
+            real = path.resolve()
+        except (OSError, RuntimeError) as e:  # a symbolic link loop (RuntimeError before Python 3.13), EIO, ...
+            raise _BadItem(f"cannot load image {str(path)!r}: {type(e).__name__}: {e}") from e
         if not real.is_relative_to(self._image_root_resolved):
             raise _BadItem(
                 f"{str(path)!r} resolves to {str(real)!r}, outside image_root {str(self._image_root_resolved)!r}; "
@@ -383,3 +409,11 @@ class CocoDetection(torch.utils.data.Dataset):
             f"ann_file={str(self.ann_file)!r}, training={self.training}, with_masks={self.with_masks}, "
             f"with_semantic={self.with_semantic})"
         )
+
+
+def record_unreadable(dataset: Any, targets: list[dict[str, Any]]) -> None:
+    """Takes :data:`UNREADABLE_KEY` out of a batch's ``targets`` and counts it in ``dataset.report`` (main process)."""
+    for target in targets:
+        found = target.pop(UNREADABLE_KEY, None) if isinstance(target, dict) else None
+        if found and callable(getattr(dataset, "record_unreadable", None)):
+            dataset.record_unreadable(found)

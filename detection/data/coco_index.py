@@ -106,6 +106,7 @@ SKIP_REASONS: dict[str, str] = {
     "annotation_invalid_segmentation": "annotations without a valid segmentation",
     "polygon_invalid": "invalid polygons removed",
     "image_without_annotations": "images without annotations (keep_empty=False)",
+    "image_unreadable": "images that could not be read when loaded (skipped)",
 }
 FIX_REASONS: dict[str, str] = {
     "box_clipped": f"boxes clipped to the image (exceeding by <= {BOX_CLIP_TOLERANCE:g} px)",

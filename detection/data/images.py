@@ -20,17 +20,20 @@ Decisions (the same as detectron2's ``read_image(format="RGB")`` and torchvision
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageLoadError", "load_image"]
+__all__ = ["ImageLoadError", "load_image", "open_regular_file"]
 
 _DEFAULT_FIX = ("Check that the file exists, is a complete JPEG/PNG (re-download or re-encode it), or remove it "
                 "from the annotation file.")
@@ -51,6 +54,52 @@ class ImageLoadError(ValueError):
     def __init__(self, path: str | os.PathLike[str], reason: str, fix: str = _DEFAULT_FIX) -> None:
         self.path = str(path)
         super().__init__(f"cannot load image {self.path!r}: {reason}. {fix}")
+
+
+def _os_error_reason(err: OSError) -> str:
+    """``ELOOP: Too many levels of symbolic links`` and the like."""
+    name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    text = err.strerror or str(err) or type(err).__name__
+    return f"{name}: {text}" if name else f"{type(err).__name__}: {text}"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Opens ``path`` for reading if it is a regular file; never blocks, never follows a path into a device.
+
+    The type is checked before opening (``stat``, following symbolic links) and again on the open descriptor
+    (``fstat``), and the file is opened non-blocking: a FIFO or a device put at an image's path is refused
+    instead of waiting forever for a writer (or reading ``/dev/zero`` forever).
+
+    Raises:
+        ImageLoadError: Any ``OSError`` (missing, a symbolic link loop, a name too long, permission denied,
+            an I/O error) or a file that is not a regular file; the message names the file and the cause.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageLoadError(path, f"it is {_file_kind(st.st_mode)}, not a regular file; not opened")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        reason = "no such file" if e.errno == errno.ENOENT else _os_error_reason(e)
+        raise ImageLoadError(path, reason) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # replaced between the two checks
+            raise ImageLoadError(path, f"it is {_file_kind(mode)}, not a regular file; not read")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
@@ -106,14 +155,15 @@ def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True,
 
     Raises:
         ImageLoadError: The file is missing, truncated, corrupt, not an image, larger than Pillow's
-            decompression-bomb limit, not of ``expected_size``, or of a pixel mode that cannot be
-            converted to RGB. The message names the file.
+            decompression-bomb limit, not of ``expected_size``, of a pixel mode that cannot be
+            converted to RGB, not a regular file (a FIFO or a device is never opened: see
+            :func:`open_regular_file`), or reading it raised any ``OSError`` (a symbolic link loop, a name
+            too long, an I/O error). The message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(path, "no such file" if not path.exists() else "not a regular file")
+    f = open_regular_file(path)
     try:
-        with Image.open(path) as im:
+        with f, Image.open(f) as im:
             if expected_size is not None:
                 h, w = _oriented_size(im, apply_exif)
                 if (h, w) != tuple(expected_size):
@@ -137,5 +187,9 @@ def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True,
         raise ImageLoadError(
             path, f"refused before decoding, as a possible decompression bomb ({e})",
             "Downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if such images are genuine.") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message names the open descriptor, not the file
+        raise ImageLoadError(path, "UnidentifiedImageError: not an image file that Pillow can identify") from e
+    except OSError as e:
+        raise ImageLoadError(path, f"{type(e).__name__}: {_os_error_reason(e) if e.errno else e}") from e
+    except (SyntaxError, ValueError) as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e

@@ -14,6 +14,8 @@ The :class:`~detection.engine.Trainer`'s hooks, in the order they run (why the o
 3. :class:`MetricsWriter` -- every ``log_period``: the one all-reduce of the period, which carries
    the loss sums, the non-finite flag and the stop votes, so that every process learns at the same
    iteration that one of them saw a NaN (it raises before writing) or ran out of time.
+   (:func:`~detection.engine.build_trainer` adds :class:`LossGrowthWarning` last, which reads what it
+   logged: a finite loss grown 100x over the first logged one is reported once with its iteration.)
 4. :class:`NonFiniteGuard` -- the collective non-finite check before the hooks below write
    (checkpoint and evaluation iterations, and the end); an error right after a NaN becomes the NaN.
 5. :class:`PeriodicCheckpointer` -- ``model_<iter>`` every period; ``model_final`` (or, stopped
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -52,7 +55,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resnet_det.common import all_gather_object, is_main_process, preserve_rng_states, unwrap_model
+from resnet_det.common import (
+    all_gather_object,
+    is_main_process,
+    preserve_rng_states,
+    raise_log_write_failure,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -61,6 +70,7 @@ __all__ = [
     "EvalHook",
     "HookBase",
     "InterruptHook",
+    "LossGrowthWarning",
     "MetricsWriter",
     "NonFiniteGuard",
     "PeriodicCheckpointer",
@@ -297,6 +307,7 @@ class MetricsWriter(HookBase):
             extra["loss_scale"] = float(t.scaler.get_scale())
         if losses:
             t.last_losses = losses
+            t.last_logged_iter = t.iter
             t.metrics_logger.log_train(
                 t.iter, losses, lr=t.last_lr,
                 images_per_sec=rec.period_images / elapsed if elapsed > 0 else 0.0,
@@ -304,6 +315,49 @@ class MetricsWriter(HookBase):
                 eta_seconds=(t.max_iter - t.iter) * elapsed / iters, extra=extra,
             )
         rec.reset_period()
+        raise_log_write_failure()  # log.txt on a full disk stops the run here, with one line naming it
+
+
+class LossGrowthWarning(HookBase):
+    """Warns once, naming the iteration, when a logged total loss is ``factor`` times the first one logged.
+
+    A finite loss that grows by orders of magnitude (a backbone with frozen BN and no pretrained weights, a
+    learning rate too high) stops nothing by itself; this says so in the log. It reads the losses
+    :class:`MetricsWriter` has just logged (Python floats, already on every process alike): no synchronisation
+    of its own. Register it after :class:`MetricsWriter`.
+    """
+
+    def __init__(self, factor: float = 100.0) -> None:
+        if not factor > 1:
+            raise ValueError(f"LossGrowthWarning factor must be > 1, got {factor!r}")
+        self.factor = factor
+        self.first: tuple[int, float] | None = None
+        self.warned = False
+
+    def before_train(self) -> None:
+        self.first, self.warned = None, False
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.warned or getattr(t, "last_logged_iter", None) != t.iter or not t.last_losses:
+            return
+        total = float(sum(t.last_losses.values()))
+        if not math.isfinite(total):
+            return  # a non-finite loss is MetricsWriter's error, not a warning
+        if self.first is None:
+            self.first = (t.iter, total)
+            return
+        first_iter, first = self.first
+        if first > 0 and total > self.factor * first:
+            self.warned = True
+            if is_main_process():
+                _log.warning(
+                    "the loss is growing by orders of magnitude: total loss %.4g at iteration %d is %.3gx the %.4g "
+                    "logged at iteration %d. Training is diverging; common causes: a backbone with frozen BN and no "
+                    "pretrained weights (use model.backbone.norm=GN/BN/SyncBN to train from scratch, or give "
+                    "model.backbone.weights), a learning rate too high (lower solver.lr, lengthen "
+                    "solver.warmup_iters), or clipping off (solver.clip_grad_norm)",
+                    total, t.iter, total / first, first, first_iter)
 
 
 class NonFiniteGuard(HookBase):

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from resnet_det.common import atomic_write, autocast, progress_bar
+from resnet_det.common import atomic_write, autocast, progress_bar, writing
 
 from ..data.images import load_image
 from ..evaluation import instances_to_coco_json
@@ -102,11 +102,13 @@ def run_inference(model: nn.Module, inputs: Sequence[str | Path], output_dir: st
             if "boxes" in output:
                 results.extend(instances_to_coco_json(image_id_of(path, i), output, label_to_cat_id,
                                                       iou_types=("bbox", "segm") if "masks" in output else ("bbox",)))
-            render(array, output, class_names=class_names, score_thresh=score_thresh).save(
-                out / "vis" / f"{path.stem}.jpg", quality=92)
+            drawn = out / "vis" / f"{path.stem}.jpg"
+            with writing(drawn, "drawing"):
+                render(array, output, class_names=class_names, score_thresh=score_thresh).save(drawn, quality=92)
             if bar is not None:
                 bar.update(1)
-    return atomic_write(out / "results.json", json.dumps(results))
+    with writing(out / "results.json", "results file"):
+        return atomic_write(out / "results.json", json.dumps(results))
 
 
 @torch.no_grad()
@@ -150,7 +152,8 @@ def visualize_dataset(model: nn.Module, dataset: Any, output_dir: str | Path, *,
             gt = draw_instances(image, target, class_names=names)
             pred = draw_instances(image, output, class_names=names, score_thresh=score_thresh)
             path = out / f"{int(target.get('image_id', index))}.jpg"
-            to_pil(side_by_side(gt, pred)).save(path, quality=92)
+            with writing(path, "drawing"):
+                to_pil(side_by_side(gt, pred)).save(path, quality=92)
             written.append(path)
             if bar is not None:
                 bar.update(1)

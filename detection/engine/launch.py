@@ -27,6 +27,7 @@ from resnet_det.common import (
     logging_scope,
     resolve_device,
     seed_everything,
+    writing,
 )
 from resnet_det.common.dist import ProcessGroupError, is_process_group_failure
 
@@ -119,8 +120,20 @@ def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device
 
     evaluators = task.build_evaluators(dataset, Path(output_dir) if output_dir is not None else None)
     loader = build_test_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    return inference_on_dataset(model, loader, DatasetEvaluators(evaluators), device=device, amp=amp,
-                                progress=progress)
+    results = inference_on_dataset(model, loader, DatasetEvaluators(evaluators), device=device, amp=amp,
+                                   progress=progress)
+    _log_unreadable(dataset, "left out of the evaluation")
+    return results
+
+
+def _log_unreadable(dataset: Any, what: str) -> None:
+    """One warning line with the images of ``dataset`` that could not be read (its report counts them)."""
+    report = getattr(dataset, "report", None)
+    count = report.skipped.get("image_unreadable", 0) if report is not None else 0
+    if count:
+        examples = "; ".join(report.examples.get("image_unreadable", []))
+        log.warning("%d of the %d images of %s could not be read and were %s (this process; e.g. %s)", count,
+                    len(dataset), report.ann_file, what, examples)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -172,6 +185,11 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
     train_set = build_dataset(cfg, task, "train")
     val_set = build_dataset(cfg, task, "val")
     num_classes = cfg.model.num_classes or train_set.num_classes
+    from ..models import frozen_bn_without_weights
+
+    untrained_norm = frozen_bn_without_weights(cfg.model)
+    if untrained_norm and is_main_process():
+        log.warning("%s", untrained_norm)
     model = build_model(cfg, task, num_classes)
     if cfg.train.compile:
         # The backbone (+FPN) has no data-dependent control flow and compiles whole; the heads,
@@ -198,11 +216,15 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
     start = time.time()
     result = trainer.train(resume=resume)
     result["train_minutes"] = (time.time() - start) / 60
+    _log_unreadable(train_set, "skipped in training")
     if is_main_process():
         summary = {"iteration": result.get("iteration"), "stopped_early": result.get("stopped_early"),
                    "train_minutes": result["train_minutes"], "eval": result.get("eval"),
-                   "world_size": get_world_size(), "rank": get_rank()}
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
+                   "world_size": get_world_size(), "rank": get_rank(),
+                   "unreadable_images": {"train": train_set.report.skipped.get("image_unreadable", 0),
+                                         "val": val_set.report.skipped.get("image_unreadable", 0)}}
+        with writing(out / "summary.json", "summary file"):
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
     loader.close()
     return result
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from resnet_det.common import is_main_process, progress_bar
+from resnet_det.common import is_main_process, progress_bar, writing
 
 __all__ = ["MetricsLogger", "flatten_metrics", "plot_curves", "read_metrics"]
 
@@ -92,12 +92,15 @@ class MetricsLogger:
         self._bar_scope = contextlib.ExitStack()
         self._tb: Any = None
         self._metrics_file: Any = None
+        self._write_failed = False
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Line-buffered appends: a crash loses at most the line being written. The file stays open
-        # for the whole run (closed by close()), hence no `with`.
-        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        with writing(self.metrics_path, "metrics file"):
+            _drop_partial_last_line(self.metrics_path)
+            # Line-buffered appends: a crash loses at most the line being written. The file stays open
+            # for the whole run (closed by close()), hence no `with`.
+            self._metrics_file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -120,7 +123,12 @@ class MetricsLogger:
             _log.info("%s", message)
 
     def _write_record(self, record: Mapping[str, Any]) -> None:
-        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            with writing(self.metrics_path, "metrics file"):  # a full disk: one line naming the file
+                self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError:
+            self._write_failed = True  # close() then drops the unwritable rest quietly: the error is raised once
+            raise
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -211,8 +219,15 @@ class MetricsLogger:
                 self._tb.add_scalar(f"eval/{k}", v, iteration)
         return flat
 
-    def close(self, *, plot: bool = True) -> Path | None:
-        """Closes the files and the bar and, with ``plot``, draws ``curves.png``; returns its path."""
+    def close(self, *, plot: bool = True, strict: bool = False) -> Path | None:
+        """Closes the files and the bar and, with ``plot``, draws ``curves.png``; returns its path.
+
+        Args:
+            plot: Draw ``curves.png``.
+            strict: Raise :class:`~resnet_det.common.OutputWriteError` when ``curves.png`` or the rest of
+                ``metrics.jsonl`` cannot be written (a full disk); otherwise (closing after another error)
+                that is a warning. A plotting problem that is not a write error is always a warning.
+        """
         if not self.enabled:
             return None
         self._bar_scope.close()
@@ -220,11 +235,26 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._metrics_file is not None and not self._metrics_file.closed and self._write_failed:
+            with contextlib.suppress(OSError):
+                self._metrics_file.close()
         if self._metrics_file is not None and not self._metrics_file.closed:
-            self._metrics_file.close()
-        if plot and self.metrics_path.is_file():
             try:
-                return plot_curves(self.metrics_path, self.output_dir / "curves.png")
+                with writing(self.metrics_path, "metrics file"):
+                    self._metrics_file.close()
+            except OSError as err:
+                if strict:
+                    raise
+                _log.warning("%s", err)
+        if plot and self.metrics_path.is_file():
+            path = self.output_dir / "curves.png"
+            try:
+                with writing(path, "plot"):
+                    return plot_curves(self.metrics_path, path)
+            except OSError as err:
+                if strict:
+                    raise
+                _log.warning("%s", err)
             except Exception as err:  # a plotting problem must never fail a finished training run
                 _log.warning("could not draw curves.png: %s: %s", type(err).__name__, err)
         return None
@@ -233,6 +263,25 @@ class MetricsLogger:
 # --------------------------------------------------------------------------------------------------
 # Reading and plotting
 # --------------------------------------------------------------------------------------------------
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Cuts a half-written last line (a write that failed on a full disk) off ``path`` before appending to it,
+    so that the next record starts on a line of its own and every line stays valid JSON."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start = max(0, size - (1 << 20))
+        f.seek(start)
+        tail = f.read()
+        cut = tail.rfind(b"\n")
+        f.truncate(start + cut + 1 if cut >= 0 else (0 if start == 0 else size))
 
 
 def read_metrics(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -60,6 +60,7 @@ from resnet_det.common import (
     logging_scope,
     resolve_device,
     wrap_ddp,
+    writing,
 )
 
 from ..config import Config, dump_config
@@ -70,6 +71,7 @@ from .hooks import (
     EvalHook,
     HookBase,
     InterruptHook,
+    LossGrowthWarning,
     MetricsWriter,
     NonFiniteGuard,
     PeriodicCheckpointer,
@@ -422,6 +424,7 @@ class Trainer(TrainerBase):
         self.train_start = time.perf_counter()
         self.last_lr = float(optimizer.param_groups[0]["lr"])
         self.last_losses: dict[str, float] = {}
+        self.last_logged_iter = -1  # the iteration MetricsWriter last logged (LossGrowthWarning reads its losses)
         self.grad_norm: Tensor | None = None
         self.updating = False  # inside the optimizer update: a Ctrl-C there leaves half-updated weights
         self.last_saved_iter = -1
@@ -619,9 +622,12 @@ class Trainer(TrainerBase):
             try:
                 super().train()
                 barrier()  # when train() returns on any process, rank 0's final checkpoint is on disk
-            finally:
+            except BaseException:
                 self._data_iter = None  # lets the loader's worker processes shut down
-                self.metrics_logger.close(plot=self.curves)
+                self.metrics_logger.close(plot=self.curves)  # a write error now is a warning: the first error wins
+                raise
+            self._data_iter = None
+            self.metrics_logger.close(plot=self.curves, strict=True)  # curves.png on a full disk fails the run
             total = time.perf_counter() - self.train_start
             stopped_early = self.stop_reason is not None
             if stopped_early:
@@ -665,8 +671,10 @@ def build_trainer(
     :func:`~resnet_det.common.seed_everything` (before building the model) first. This moves the
     model to the device (channels_last if ``train.channels_last``), builds the optimizer and the
     schedule, the weights' EMA (``train.ema``), wraps the model in DDP when several processes run, and
-    writes the resolved config to ``<output_dir>/config.yaml`` on the main process. ``train.compile`` is
-    left to the model builder, which knows which parts compile well.
+    writes the resolved config to ``<output_dir>/config.yaml`` on the main process. Beyond the
+    :class:`Trainer`'s own hooks, registers :class:`~.hooks.LossGrowthWarning` (a loss grown by orders of
+    magnitude is reported with its iteration). ``train.compile`` is left to the model builder, which knows
+    which parts compile well.
 
     Args:
         cfg: The experiment config.
@@ -694,8 +702,10 @@ def build_trainer(
            if cfg.train.ema is not None else None)
     model = wrap_ddp(model, device)
     if is_main_process():
-        dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
-    return Trainer(
+        config_path = Path(cfg.train.output_dir) / "config.yaml"
+        with writing(config_path, "config file"):
+            dump_config(cfg, config_path)
+    trainer = Trainer(
         model,
         optimizer,
         scheduler,
@@ -717,3 +727,6 @@ def build_trainer(
         ema=ema,
         eval_with_ema=cfg.test.use_ema,
     )
+    # After the standard hooks: it reads the losses MetricsWriter logged at the same iteration.
+    trainer.register_hooks([LossGrowthWarning()])
+    return trainer

@@ -39,6 +39,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from resnet_det.common import all_gather_object, atomic_write, barrier, get_rank, get_world_size, is_main_process
+from resnet_det.common.io import writing
 
 from .coco_core import (
     BACKENDS,
@@ -464,7 +465,8 @@ class COCOEvaluator(DatasetEvaluator):
         folder, temporary = self._shard_folder()
         rank, world = get_rank(), get_world_size()
         payload = {"rank": rank, "world_size": world, "images": [[i, r] for i, r in self._predictions.items()]}
-        atomic_write(folder / f"rank{rank:05d}.json", json.dumps(payload))
+        with writing(folder / f"rank{rank:05d}.json", "evaluation shard"):  # a full disk: one line naming it
+            atomic_write(folder / f"rank{rank:05d}.json", json.dumps(payload))
         del payload
         barrier()
         if not is_main_process():
@@ -527,7 +529,8 @@ class COCOEvaluator(DatasetEvaluator):
             _warn(f"COCOEvaluator: no detections on any of the {len(img_ids)} evaluated images; "
                   "AP and AR are 0 (-1 where a setting has no ground truth)")
         if self.output_dir is not None:
-            atomic_write(self.output_dir / RESULTS_FILENAME, json.dumps(results), durable=False)
+            with writing(self.output_dir / RESULTS_FILENAME, "evaluation file"):
+                atomic_write(self.output_dir / RESULTS_FILENAME, json.dumps(results), durable=False)
         image_id = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=len(results))
         metrics, evals = evaluate_prepared(
             self.coco_gt, results, image_id, self.iou_types, img_ids=img_ids, names=self.category_names,

@@ -89,7 +89,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_det.common.io import atomic_write
+from resnet_det.common.io import atomic_write, writing
 from resnet_det.common.logs import log_report, progress_bar
 
 __all__ = [
@@ -955,7 +955,8 @@ def _plot_pr_curve(coco_eval: Any, iou_type: str, path: Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), durable=False)
+    with writing(path, "evaluation plot"):  # a full disk: one line naming the file
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), durable=False)
     return True
 
 
@@ -1052,7 +1053,8 @@ def evaluate_prepared(
     if output_dir is not None:
         out = {"num_images": n_images, "num_detections": n_results, "units": "fraction", "backend": backend,
                **report, "timings_s": all_timings}
-        atomic_write(output_dir / METRICS_FILENAME, json.dumps(_json_safe(out), indent=2), durable=False)
+        with writing(output_dir / METRICS_FILENAME, "evaluation file"):
+            atomic_write(output_dir / METRICS_FILENAME, json.dumps(_json_safe(out), indent=2), durable=False)
     return metrics, evals
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resnet_det.common import get_world_size, is_main_process, log_report
+from resnet_det.common import get_world_size, is_main_process, log_report, writing
 
 from .evaluator import DatasetEvaluator
 
@@ -216,7 +216,8 @@ class SemSegEvaluator(DatasetEvaluator):
                 "class_names": self.class_names,
                 "ignore_index": self.ignore_index,
             }
-            (self.output_dir / SEM_SEG_METRICS_FILENAME).write_text(json.dumps(report, indent=1))
+            with writing(self.output_dir / SEM_SEG_METRICS_FILENAME, "evaluation file"):
+                (self.output_dir / SEM_SEG_METRICS_FILENAME).write_text(json.dumps(report, indent=1))
         return {"sem_seg": metrics}
 
     @staticmethod
@@ -310,5 +311,6 @@ class SemSegEvaluator(DatasetEvaluator):
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with writing(path, "evaluation plot"):
+            fig.savefig(path)
         return path

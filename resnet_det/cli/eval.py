@@ -23,7 +23,8 @@ Backends (``--backend``, both modes): ``faster-coco-eval`` (default; C++, pycoco
 ``pycocotools`` (the reference); without faster-coco-eval installed, pycocotools with one warning.
 
 Exit codes: 0 success; 2 bad input (missing/invalid file, empty results, ids not in the
-annotations, bad arguments), with a one-line message on stderr.
+annotations, bad arguments); 3 an output file could not be written (a full disk); with a one-line
+message on stderr.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import argparse
 from pathlib import Path
 
 from . import _library
-from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+from ._util import CommandError, RunFailedError, add_config_arguments, load_config_arg, one_line, print_config
 
 HELP = "COCO AP / mIoU of a checkpoint on the val split, or of a COCO results JSON"
 
@@ -90,12 +91,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def _results(args: argparse.Namespace) -> int:
     # coco_core, not detection.evaluation.coco: a results file needs no torch (seconds and ~0.7 GiB saved)
     from detection.evaluation.coco_core import evaluate_results_json
+    from resnet_det.common.io import OutputWriteError
 
     try:
         evaluate_results_json(args.results, args.annotations, iou_types=args.iou_types,
                               output_dir=args.output_dir, backend=args.backend, progress=not args.no_progress)
     except BrokenPipeError:
         raise
+    except OutputWriteError as e:  # metrics.json / a plot on a full disk: the run, not the input
+        raise RunFailedError(one_line(e)) from None
     except (OSError, ValueError) as e:
         raise CommandError(one_line(e)) from None
     if args.analyze:
@@ -114,10 +118,13 @@ def _checkpoint(args: argparse.Namespace) -> int:
     from backbone.weights import WeightsError
     from detection.data.coco import DatasetError
     from detection.evaluation import set_default_backend
+    from resnet_det.common.io import OutputWriteError
 
     set_default_backend(args.backend)  # the task's evaluators are built inside; they take the default
     try:
         _library.evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+    except OutputWriteError as e:  # an evaluation file on a full disk: the run, not the input
+        raise RunFailedError(one_line(e)) from None
     except (WeightsError, DatasetError, FileNotFoundError) as e:  # the checkpoint or the data: one line
         raise CommandError(one_line(e)) from None
     finally:

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from . import _library
-from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+from ._util import CommandError, RunFailedError, add_config_arguments, load_config_arg, one_line, print_config
 
 HELP = "run a model on images or folders: COCO results JSON and rendered images"
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = load_config_arg(args.config, args.overrides)
     from detection.engine.inference import run_inference, visualize_dataset
-    from resnet_det.common import resolve_device
+    from resnet_det.common import OutputWriteError, resolve_device
 
     try:
         names, label_to_cat = _library.read_class_names(args.class_names) if args.class_names else (None, None)
@@ -81,6 +81,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             path = run_inference(model, args.input, args.output, device=device, class_names=names,
                                  label_to_cat_id=label_to_cat, score_thresh=args.score_thresh,
                                  batch_size=args.batch_size, amp=cfg.train.amp, progress=not args.no_progress)
+    except OutputWriteError as e:  # results.json / a drawing on a full disk: exit 3, not bad input
+        raise RunFailedError(one_line(e)) from None
     except (ValueError, FileNotFoundError) as e:
         raise CommandError(one_line(e)) from None
     if args.show_gt is not None:

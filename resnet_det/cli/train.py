@@ -8,8 +8,9 @@ Writes the resolved ``config.yaml``, checkpoints, ``metrics.jsonl``, ``log.txt``
 into ``train.output_dir`` and ends with a ``final: bbox/AP ...`` line.
 
 Exit codes: 0 done; 2 bad input (config, data, weights, a checkpoint that cannot be resumed); 3 the run
-failed (disk full while saving, a lost process, a non-finite loss: the last complete checkpoint is named,
-continue with --resume once fixed); 130 Ctrl-C (the last completed iteration was saved first).
+failed (disk full while writing a checkpoint, metrics.jsonl, log.txt, curves.png or an evaluation file, a lost
+process, a non-finite loss: the last complete checkpoint is named, continue with --resume once fixed);
+130 Ctrl-C (the last completed iteration was saved first).
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _kept(output_dir: str) -> str:
+    """What is safe on disk after a failed write, and what to do."""
+    from detection.engine.checkpoint import last_checkpoint_name
+
+    name = last_checkpoint_name(output_dir)
+    kept = f"the last complete checkpoint is '{name}'" if name else "no checkpoint was completed"
+    return f"{kept} in {output_dir}. Free space there (or fix the folder) and continue with --resume"
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Trains; returns 0, or raises :class:`CommandError` for a bad config, path, dataset or weights."""
     cfg = load_config_arg(args.config, args.overrides)
@@ -51,12 +61,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from detection.data.coco import DatasetError
     from detection.engine.checkpoint import CheckpointError, CheckpointWriteError
     from resnet_det.common.dist import ProcessGroupError
+    from resnet_det.common.io import OutputWriteError
 
     with console_logging():
         try:
             result = _library.train(cfg, resume=args.resume, progress=not args.no_progress)
         except (CheckpointWriteError, ProcessGroupError, FloatingPointError) as e:  # the run, not the input
             raise RunFailedError(one_line(e)) from None
+        except OutputWriteError as e:  # metrics.jsonl, log.txt, curves.png, evaluation files on a full disk
+            raise RunFailedError(f"{one_line(e)}; {_kept(cfg.train.output_dir)}") from None
         except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as e:  # bad paths, data, files
             raise CommandError(one_line(e)) from None
     ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"

@@ -30,13 +30,14 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time they are imported
         unwrap_model,
         wrap_ddp,
     )
-    from .io import TMP_MARK, atomic_write, fsync_dir, temp_file_owner
+    from .io import TMP_MARK, OutputWriteError, atomic_write, fsync_dir, temp_file_owner, writing
     from .logs import (
         LOG_FILENAME,
         PROJECT_LOGGERS,
         log_report,
         logging_scope,
         progress_bar,
+        raise_log_write_failure,
         setup_logger,
         stderr_is_terminal,
     )
@@ -47,6 +48,7 @@ __all__ = [
     "LOG_FILENAME",
     "PROJECT_LOGGERS",
     "TMP_MARK",
+    "OutputWriteError",
     "all_gather_object",
     "all_reduce_dict",
     "atomic_write",
@@ -67,6 +69,7 @@ __all__ = [
     "logging_scope",
     "preserve_rng_states",
     "progress_bar",
+    "raise_log_write_failure",
     "resolve_device",
     "seed_everything",
     "set_rng_states",
@@ -75,6 +78,7 @@ __all__ = [
     "temp_file_owner",
     "unwrap_model",
     "wrap_ddp",
+    "writing",
 ]
 
 # Lazy (resnet_det.common.lazy): importing this package loads none of its submodules until a name is used.
@@ -97,6 +101,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "unwrap_model": ".dist",
     "wrap_ddp": ".dist",
     "TMP_MARK": ".io",
+    "OutputWriteError": ".io",
+    "writing": ".io",
     "atomic_write": ".io",
     "fsync_dir": ".io",
     "temp_file_owner": ".io",
@@ -105,6 +111,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "log_report": ".logs",
     "logging_scope": ".logs",
     "progress_bar": ".logs",
+    "raise_log_write_failure": ".logs",
     "setup_logger": ".logs",
     "stderr_is_terminal": ".logs",
     "get_rng_states": ".rng",

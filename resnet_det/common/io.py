@@ -16,23 +16,26 @@ turns torch's page-long refusals into one line that names the file and says why.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "TMP_MARK",
     "FileLoadError",
+    "OutputWriteError",
     "atomic_write",
     "describe_os_error",
     "fsync_dir",
     "load_weights_only",
     "temp_file_owner",
+    "writing",
 ]
 
 TMP_MARK = ".tmp-"
@@ -112,6 +115,37 @@ def describe_os_error(err: OSError) -> str:
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return f"disk full ({name}: {text})"
     return f"{name}: {text}" if name else text
+
+
+class OutputWriteError(OSError):
+    """Writing an output file (metrics, log, plot, evaluation file, config) failed: a full disk, a read-only
+    folder. The message is one line naming the file and the cause; ``errno`` is the original one.
+
+    Attributes:
+        path: The file.
+        what: What it is, e.g. ``"metrics file"``.
+    """
+
+    def __init__(self, what: str, path: str | os.PathLike[str], err: OSError) -> None:
+        self.message = f"could not write {what} {path}: {describe_os_error(err)}"
+        super().__init__(err.errno, self.message)
+        self.path = Path(path)
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turns any ``OSError`` raised inside into an :class:`OutputWriteError` naming ``path`` (one already
+    raised for another file passes unchanged)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(what, path, err) from err
 
 
 class FileLoadError(ValueError):

@@ -30,12 +30,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .io import OutputWriteError
+
 __all__ = [
     "LOG_FILENAME",
     "PROJECT_LOGGERS",
     "log_report",
     "logging_scope",
     "progress_bar",
+    "raise_log_write_failure",
     "setup_logger",
     "stderr_is_terminal",
 ]
@@ -70,6 +73,44 @@ class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @property
     def stream(self) -> Any:  # type: ignore[override]
         return sys.stderr
+
+
+class _LogFileHandler(logging.FileHandler):
+    """``log.txt``: a write that fails (a full disk) is kept as :attr:`failure`, not printed as logging's
+    "--- Logging error ---" traceback, and nothing more is written to the file. The run then stops with one
+    line naming the file (:func:`raise_log_write_failure`, called by the trainer every logging period and when
+    a :func:`logging_scope` ends)."""
+
+    failure: OutputWriteError | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
+        self.failure = OutputWriteError("log file", self.baseFilename, err)
+        with contextlib.suppress(OSError, ValueError):
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the buffered rest of a failed write fails again: it is known
+            super().close()
+
+
+def raise_log_write_failure(name: str | Sequence[str] = PROJECT_LOGGERS) -> None:
+    """Raises the :class:`~resnet_det.common.io.OutputWriteError` of a ``log.txt`` write that failed, if any.
+
+    Raises:
+        OutputWriteError: A ``log.txt`` of the project's loggers could not be written (a full disk).
+    """
+    for logger in (logging.getLogger(n) for n in _names(name)):
+        for handler in logger.handlers:
+            if isinstance(handler, _LogFileHandler) and handler.failure is not None:
+                raise handler.failure
 
 
 def _is_console(handler: logging.Handler) -> bool:
@@ -149,7 +190,7 @@ def setup_logger(
         file_handler = _tagged(loggers, tag)
         if file_handler is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+            file_handler = _LogFileHandler(path, mode="a", encoding="utf-8")
             file_handler.setFormatter(_Formatter(_FORMAT, _DATEFMT))
             setattr(file_handler, _TAG, tag)
         for logger in loggers:
@@ -171,8 +212,13 @@ def logging_scope(
     """
     loggers = [logging.getLogger(n) for n in _names(name)]
     saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
+    failure: OutputWriteError | None = None
     try:
         yield setup_logger(output_dir, rank=rank, name=name)
+        try:  # a log.txt that could not be written fails the block that ended normally (one line, the file)
+            raise_log_write_failure(name)
+        except OutputWriteError as err:
+            failure = err
     finally:
         closed: list[logging.Handler] = []
         for logger, level, handlers in saved:
@@ -185,6 +231,8 @@ def logging_scope(
         for handler in closed:  # a handler shared with a setup made before the scope stays open
             if not any(handler in logger.handlers for logger in loggers):
                 handler.close()
+    if failure is not None:
+        raise failure
 
 
 def stderr_is_terminal() -> bool:

@@ -65,7 +65,8 @@ import torch
 from detection.poolers import RoIPooler
 pooler = RoIPooler([4, 8, 16, 32], 7)
 feats = [torch.randn(2, 8, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
-boxes = torch.tensor([[1.0, 1.0, 30.0, 30.0], [float('nan'), 0, 9, 9], [0, 0, float('inf'), 9], [0, float('-inf'), 9, 9]])
+nan, inf = float('nan'), float('inf')
+boxes = torch.tensor([[1.0, 1.0, 30.0, 30.0], [nan, 0, 9, 9], [0, 0, inf, 9], [0, -inf, 9, 9]])
 out = pooler(feats, boxes, torch.tensor([0, 0, 1, 1]))
 assert out.shape == (4, 8, 7, 7) and torch.isfinite(out[0]).all()
 from detection.anchors import AnchorGenerator
