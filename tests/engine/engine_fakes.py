@@ -1,4 +1,6 @@
-"""Tiny fakes for engine tests: a detector-shaped model and an endless, resumable loader."""
+"""Models and loaders of the engine tests: the real tiny detector (:class:`TinyDetector`), a detector-shaped
+fake (:class:`FakeDetector`, for the tests of file formats and logging, where the model does not matter) and
+an endless, resumable loader."""
 
 from __future__ import annotations
 
@@ -76,18 +78,95 @@ class FakeDetector(nn.Module):
         return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
 
-def make_batch(index: int, batch_size: int, *, seed: int = 0, size: int = 24) -> tuple[list[Tensor], list[dict]]:
-    """Batch `index` of an endless deterministic stream (image ids index*batch_size + i)."""
+# The real detector of the engine tests: ResNet-18 FPN Faster R-CNN, width 8, GroupNorm (trainable from scratch),
+# 64-px inputs, small RPN / RoI sample sizes: ~0.12 s a training step of 2 images on one core.
+TINY_SPEC: dict[str, Any] = dict(
+    num_classes=3, backbone_name="resnet18", backbone_width=8, backbone_norm="GN", freeze_at=0, fpn_channels=16,
+    fc_dim=32, min_size=(64,), max_size=64, test_min_size=64, test_max_size=64, rpn_batch_size_per_image=64,
+    roi_batch_size_per_image=32, rpn_pre_nms_topk=(200, 100), rpn_post_nms_topk=(100, 50), detections_per_img=20)
+
+
+class TinyDetector(nn.Module):
+    """The real Faster R-CNN (:data:`TINY_SPEC`: every part of the detector, sampling included) with the
+    probes of the trainer tests around it.
+
+    The detector is ``self.detector``, built by the constructor (seed before it for equal weights). Around
+    its training forward: a random horizontal flip and brightness jitter drawn from Python's and NumPy's
+    generators (as a data augmentation would; so a resume that forgets those RNG states changes the run, as
+    one that forgets torch's does through the RPN and RoI samplers), and the faults: SIGINT sent to the
+    process, a ``KeyboardInterrupt`` raised, or ``loss_box_reg`` multiplied by NaN at a given call (a loss
+    that overflowed; the detector's own computation is unchanged). Records the image ids it trained on and
+    the dtype of the backbone's output (autocast).
+
+    Args:
+        nan_at / sigint_at / interrupt_at: 1-based training call of each fault (None: never).
+        augment: flip and jitter (off for gradient comparisons).
+    """
+
+    def __init__(self, *, nan_at: int | None = None, sigint_at: int | None = None,
+                 interrupt_at: int | None = None, augment: bool = True) -> None:
+        super().__init__()
+        from detection.models import build_faster_rcnn
+
+        self.detector = build_faster_rcnn(**TINY_SPEC)
+        self.nan_at = nan_at
+        self.sigint_at = sigint_at
+        self.interrupt_at = interrupt_at
+        self.augment = augment
+        self.calls = 0
+        self.seen_ids: list[list[int]] = []
+        self.autocast_dtypes: list[torch.dtype] = []
+        self._dtype_seen: list[torch.dtype] = []
+        self.detector.backbone.register_forward_hook(
+            lambda m, i, o: self._dtype_seen.append(next(iter(o.values())).dtype))
+
+    def _augment(self, images: list[Tensor], targets: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict]]:
+        out_images, out_targets = [], []
+        for img, t in zip(images, targets):
+            t = dict(t)
+            if random.random() < 0.5:
+                w = img.shape[-1]
+                img = img.flip(-1)
+                t["boxes"] = torch.stack([w - t["boxes"][:, 2], t["boxes"][:, 1], w - t["boxes"][:, 0],
+                                          t["boxes"][:, 3]], dim=1)
+            out_images.append((img * (0.9 + 0.2 * float(np.random.rand()))).clamp(0, 1))
+            out_targets.append(t)
+        return out_images, out_targets
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None) -> Any:
+        if not self.training:
+            return self.detector(images)
+        self.calls += 1
+        self.seen_ids.append([int(t["image_id"]) for t in targets])
+        if self.sigint_at == self.calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        if self.interrupt_at == self.calls:
+            raise KeyboardInterrupt
+        if self.augment:
+            images, targets = self._augment(images, targets)
+        self._dtype_seen.clear()
+        losses = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        self.autocast_dtypes.append(self._dtype_seen[0])
+        if self.nan_at == self.calls:
+            losses = {**losses, "loss_box_reg": losses["loss_box_reg"] * float("nan")}
+        return losses
+
+
+def make_batch(index: int, batch_size: int, *, seed: int = 0, size: int = 24, first_label: int = 0,
+               box_fraction: float = 0.25) -> tuple[list[Tensor], list[dict]]:
+    """Batch `index` of an endless deterministic stream (image ids index*batch_size + i): random images of
+    `size` x `size`..`size + 7` px with one square box of `box_fraction * size` px each, labels
+    `first_label`..+2."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     images, targets = [], []
     for i in range(batch_size):
         h = size + int(torch.randint(0, 8, (1,), generator=g))
         images.append(torch.rand(3, h, size, generator=g))
-        xy = torch.rand(2, generator=g) * (size / 2)
-        box = torch.cat([xy, xy + size / 4]).reshape(1, 4)
+        xy = torch.rand(2, generator=g) * (size * min(0.5, 1 - box_fraction))
+        box = torch.cat([xy, xy + size * box_fraction]).reshape(1, 4)
         targets.append({
             "boxes": box,
-            "labels": torch.randint(0, 3, (1,), generator=g),
+            "labels": torch.randint(0, 3, (1,), generator=g) + first_label,
             "image_id": index * batch_size + i,
         })
     return images, targets
@@ -96,15 +175,19 @@ def make_batch(index: int, batch_size: int, *, seed: int = 0, size: int = 24) ->
 class FakeLoader:
     """Endless loader whose batches depend only on their position; state = batches consumed."""
 
-    def __init__(self, batch_size: int = 2, *, seed: int = 0, size: int = 24) -> None:
+    def __init__(self, batch_size: int = 2, *, seed: int = 0, size: int = 24, first_label: int = 0,
+                 box_fraction: float = 0.25) -> None:
         self.batch_size = batch_size
+        self.box_fraction = box_fraction
         self.seed = seed
         self.size = size
+        self.first_label = first_label
         self.position = 0
 
     def __iter__(self):
         while True:
-            batch = make_batch(self.position, self.batch_size, seed=self.seed, size=self.size)
+            batch = make_batch(self.position, self.batch_size, seed=self.seed, size=self.size,
+                               first_label=self.first_label, box_fraction=self.box_fraction)
             self.position += 1
             yield batch
 
@@ -113,6 +196,12 @@ class FakeLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
+
+
+def tiny_loader(batch_size: int = 2, *, seed: int = 0) -> FakeLoader:
+    """The stream :class:`TinyDetector` trains on: 64-px images (the detector's size), one 32-px box each (the
+    smallest anchor's size: positives for the RPN and the RoI head), labels 1..3."""
+    return FakeLoader(batch_size, seed=seed, size=64, first_label=1, box_fraction=0.5)
 
 
 class FixedBatchLoader(FakeLoader):
@@ -247,3 +336,37 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         with contextlib.suppress(RuntimeError):  # bounded: a rank that failed elsewhere must not hang the test
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         cleanup()
+
+
+def nan_child() -> None:
+    """``python -c "import engine_fakes; engine_fakes.nan_child()" OUT JSON``: trains :class:`TinyDetector`
+    with a NaN loss at call ``nan_at`` in a process of its own and prints one JSON line, the error raised.
+
+    JSON: ``{"nan_at", "max_iter", "log_period", "checkpoint_period", "solver": {SolverConfig fields}}``.
+    A child, because the steps after the NaN run the detector on NaN weights until the next check: a native
+    crash there (a signal) must fail the test that asked, not end the test session.
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from detection.config import SolverConfig
+    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    model = TinyDetector(nan_at=spec["nan_at"])
+    cfg = SolverConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["solver"].items()})
+    opt = build_optimizer(model, cfg)
+    trainer = Trainer(model, opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu",
+                      max_iter=spec["max_iter"], output_dir=out, progress=False, curves=False,
+                      log_period=spec["log_period"], checkpoint_period=spec["checkpoint_period"])
+    try:
+        trainer.train()
+        result: dict[str, Any] = {"error": None, "type": None}
+    except Exception as err:  # reported to the test, which checks the type and the message
+        result = {"error": str(err), "type": type(err).__name__}
+    print(json.dumps(result), flush=True)
