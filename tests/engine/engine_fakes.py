@@ -217,8 +217,14 @@ class FixedBatchLoader(FakeLoader):
             yield self.batch
 
 
+def ddp_batch() -> tuple[list[Tensor], list[dict]]:
+    """The global batch of 4 of the DDP gradient check (two halves of 2)."""
+    return make_batch(0, 4, size=64, first_label=1, box_fraction=0.5)
+
+
 def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
-    """One of two gloo processes: collectives, DDP gradients, checkpoint/resume, NaN and time limit on one rank.
+    """One of two gloo processes: collectives, DDP gradients, checkpoint/resume, NaN and time limit on one rank,
+    all on the real tiny detector (:class:`TinyDetector`).
 
     Writes what it observed to `<tmp>/result<rank>.pt` for the test to check.
     """
@@ -242,6 +248,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
     )
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on a 2-core machine
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     out: dict[str, Any] = {}
@@ -252,10 +259,10 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         out["reduced"] = float(all_reduce_dict({"x": torch.tensor(float(rank + 1))})["x"])
         out["gathered"] = all_gather_object({"r": rank})
 
-        # 1. Each process takes half of the global batch of 4.
+        # 1. Each process takes half of the global batch of 4; its samplers draw from seed 100 + rank.
         torch.manual_seed(0)
-        model = FakeDetector(stochastic=False)
-        images, targets = make_batch(0, 4)
+        model = TinyDetector(augment=False)
+        images, targets = ddp_batch()
         half = slice(2 * rank, 2 * rank + 2)
         cfg = SolverConfig(lr=0.1, max_iter=10, warmup_iters=0, steps=(100,))
         opt = build_optimizer(model, cfg)
@@ -263,16 +270,17 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
             wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FixedBatchLoader(images[half], targets[half]),
             device="cpu", max_iter=1, output_dir=tmp_path / "grad_run", progress=False, curves=False,
         )
+        torch.manual_seed(100 + rank)
         trainer.run_step()
         out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
 
         # 2. Train with checkpoints, then resume: per-rank loader and RNG states come back.
         torch.manual_seed(1)
-        model = FakeDetector()
+        model = TinyDetector()
         seed_everything(5, rank)  # after the model: each rank's random stream differs
         opt = build_optimizer(model, cfg)
         run = tmp_path / "ckpt_run"
-        loader = FakeLoader(seed=rank + 1)
+        loader = tiny_loader(seed=rank + 1)
         Trainer(
             wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), loader, device="cpu", max_iter=4,
             output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
@@ -280,9 +288,9 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         state = torch.load(run / "model_final.state.pt", weights_only=True)
         out["saved_loader"] = state["loader"]
         out["rng_differs"] = not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-        model2 = FakeDetector()
+        model2 = TinyDetector()
         opt2 = build_optimizer(model2, cfg)
-        loader2 = FakeLoader(seed=rank + 1)
+        loader2 = tiny_loader(seed=rank + 1)
         t2 = Trainer(
             wrap_ddp(model2, "cpu"), opt2, build_lr_scheduler(opt2, cfg), loader2, device="cpu", max_iter=6,
             output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
@@ -294,14 +302,16 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         out["lines"] = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
             if rank == 0 else None
 
-        # 3. A NaN on rank 1 only stops both processes.
+        # 3. A NaN on rank 1 only stops both processes. At the check of iteration 3 (log_period=3), the NaN's
+        # own iteration: DDP averages rank 1's NaN gradients into both models, and a later forward would run
+        # on NaN weights.
         barrier()
         torch.manual_seed(2)
-        model = FakeDetector(nan_at=2 if rank == 1 else None)
+        model = TinyDetector(nan_at=3 if rank == 1 else None)
         opt = build_optimizer(model, cfg)
         try:
             Trainer(
-                wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=6,
+                wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=6,
                 output_dir=tmp_path / "nan_run", log_period=3, progress=False, curves=False,
             ).train()
             out["nan_error"] = None
@@ -312,10 +322,10 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         # all-reduce that carries rank 1's vote, and save the same resumable checkpoint.
         barrier()
         torch.manual_seed(3)
-        model = FakeDetector()
+        model = TinyDetector()
         opt = build_optimizer(model, cfg)
         result = Trainer(
-            wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=9,
+            wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=9,
             output_dir=tmp_path / "time_run", log_period=3, max_time_minutes=1e-9 if rank == 1 else 60.0,
             progress=False, curves=False,
         ).train()
