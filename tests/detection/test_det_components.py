@@ -285,6 +285,47 @@ def test_sample_balanced_fewer_candidates_than_batch_and_randomness() -> None:
     assert not seen[labels[0] == -1].any()
 
 
+@pytest.mark.parametrize(("rows", "n", "batch", "fraction"), [
+    ([(300, 150), (5, 400), (3, 10), (0, 0), (0, 500), (40, 0)], 500, 64, 0.25),  # the RoI head's rule
+    ([(12, 180), (200, 30), (1, 1)], 256, 256, 0.5),  # the RPN's rule
+])
+def test_sample_balanced_draws_what_torchvisions_sampler_draws(rows, n, batch, fraction) -> None:
+    """Against torchvision's ``BalancedPositiveNegativeSampler`` (``randperm`` per image; ours is a random
+    top-k over the whole batch, so the same seed gives other picks): the same number of positives and
+    negatives in every row, and the same distribution, each candidate of a kind picked with probability
+    ``count / candidates``. Measured over 2000 draws of each: the largest deviation of a candidate's pick
+    rate from that probability is 3.6 and 3.5 (ours, the two cases) and 3.3 and 2.7 (torchvision) binomial
+    standard deviations, among ~1,900 candidates (~3.5 is what chance gives the largest of so many); the bound is
+    5 (a biased sampler, e.g. one that favours the first candidates, gives tens)."""
+    labels = make_labels(rows, n)
+    draws = 2000
+    tv = tv_utils.BalancedPositiveNegativeSampler(batch, fraction)
+    torch.manual_seed(0)
+    tv_counts = torch.zeros(len(rows), n)
+    for _ in range(draws):
+        pos, neg = tv(list(labels))
+        for r in range(len(rows)):
+            tv_counts[r] += (pos[r] | neg[r]).float()
+    g = torch.Generator().manual_seed(0)
+    index, valid = sample_balanced(labels.repeat(draws, 1), batch, fraction, generator=g)
+    our_counts = torch.zeros(len(rows) * draws, n).scatter_add_(1, index, valid.float()).view(draws, len(rows), n)
+    our_counts = our_counts.sum(0)
+    worst = {"ours": 0.0, "torchvision": 0.0}
+    for r, (p, q) in enumerate(rows):
+        n_pos = min(p, int(batch * fraction))
+        n_neg = min(q, batch - n_pos)
+        for kind, cand, k in (("positives", labels[r] == 1, n_pos), ("negatives", labels[r] == 0, n_neg)):
+            for name, counts in (("ours", our_counts[r]), ("torchvision", tv_counts[r])):
+                # Exactly k of this kind every draw (the totals), and none of the ignored.
+                assert int(counts[cand].sum()) == k * draws, f"{name} row {r} {kind}"
+                assert not counts[labels[r] == -1].any(), f"{name} row {r}: an ignored entry was sampled"
+                if 0 < k < int(cand.sum()):
+                    prob = k / int(cand.sum())
+                    z = (counts[cand] / draws - prob).abs().max() / math.sqrt(prob * (1 - prob) / draws)
+                    worst[name] = max(worst[name], float(z))
+    assert worst["ours"] <= 5 and worst["torchvision"] <= 5, worst
+
+
 # ------------------------------------------------------------------------------------------------ pooler
 def test_roi_pooler_equals_torchvision_multiscale_roialign() -> None:
     g = torch.Generator().manual_seed(0)

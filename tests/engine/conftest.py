@@ -21,3 +21,16 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, prev if prev is not None else signal.SIG_DFL)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: the tiny detector's small kernels gain nothing from a second thread, and on a
+    shared (oversubscribed) 2-core machine OpenMP threads spin-wait on each other (a step of ~0.12 s takes
+    10 s and more)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
