@@ -560,7 +560,7 @@ def _validate_results(results: list[dict[str, Any]], coco_gt: Any, iou_types: Se
     cat_ids = np.array(sorted(coco_gt.getCatIds()), dtype=np.int64)
     boxes = _check_boxes(results, where) if "bbox" in iou_types else None
     if "segm" in iou_types:
-        _check_segmentations(results, where, image_id, coco_gt)
+        _check_segmentations(results, where)
 
     bad_img = ~_member(image_id, img_ids)
     if bad_img.any():
@@ -618,7 +618,7 @@ def _check_boxes(results: list[dict[str, Any]], where: str) -> np.ndarray:
     return arr
 
 
-def _check_segmentations(results: list[dict[str, Any]], where: str, image_id: np.ndarray, coco_gt: Any) -> None:
+def _check_segmentations(results: list[dict[str, Any]], where: str) -> None:
     segs = [r.get("segmentation") for r in results]
     ok = set(map(type, segs)) == {dict} and all("counts" in s and "size" in s for s in segs)
     if not ok:

@@ -31,9 +31,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--per-image", type=int, default=100, help="detections per image (default 100)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per mode, interleaved; medians reported")
-    p.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"])
+    p.add_argument("--iou-types", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"],
+                   help="which results files to generate and evaluate (default: both)")
     p.add_argument("--modes", nargs="+", choices=("ours", "pycocotools", "faster-coco-eval"),
-                   default=["ours", "pycocotools", "faster-coco-eval"])
+                   default=["ours", "pycocotools", "faster-coco-eval"],
+                   help="what to measure (default: all three)")
     p.add_argument("--dist-ranks", nargs="*", type=int, default=[],
                    help="world sizes of a distributed bbox evaluation (gloo) to measure, e.g. 1 2 4 (default none)")
     p.add_argument("--dist-gather", nargs="+", choices=("shards", "all_gather_object"), default=["shards"],
@@ -52,20 +54,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from resnet_det.studies.eval_bench import run as run_bench
 
     out = args.out or f"benchmarks/eval_{datetime.date.today().isoformat()}"
+    command = _command(args, out)
     try:
         record = run_bench(images=args.images, instances=args.instances, per_image=args.per_image, seed=args.seed,
                            repeats=args.repeats, iou_types=tuple(args.iou_types), modes=tuple(args.modes),
                            dist_ranks=tuple(args.dist_ranks), dist_gathers=tuple(args.dist_gather),
-                           work_dir=args.work_dir, timeout=args.timeout, progress=print)
+                           work_dir=args.work_dir, timeout=args.timeout, progress=lambda line: print(line, flush=True),
+                           partial=lambda rec: write_record(rec, out, command))
     except RuntimeError as e:
         raise CommandError(str(e)) from None
     print(format_table(record))
+    paths = write_record(record, out, command)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _command(args: argparse.Namespace, out: str) -> list[str]:
+    """The command line that reproduces this run (the record's first line)."""
     command = ["resnet-det", "benchmark-eval", "--images", str(args.images), "--instances", str(args.instances),
                "--per-image", str(args.per_image), "--seed", str(args.seed), "--repeats", str(args.repeats),
                "--iou-types", *args.iou_types, "--modes", *args.modes]
     if args.dist_ranks:
         command += ["--dist-ranks", *map(str, args.dist_ranks), "--dist-gather", *args.dist_gather]
-    command += ["--out", out]
-    paths = write_record(record, out, command)
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return [*command, "--out", out]

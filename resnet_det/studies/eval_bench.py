@@ -395,7 +395,8 @@ def versions() -> dict[str, str]:
 def run(*, images: int = 5000, instances: int = 36781, per_image: int = 100, seed: int = 0, repeats: int = 3,
         iou_types: tuple[str, ...] = IOU_TYPES, modes: tuple[str, ...] = MODES, dist_ranks: tuple[int, ...] = (),
         dist_gathers: tuple[str, ...] = ("shards",), work_dir: str | os.PathLike[str] | None = None,
-        timeout: float = 1800.0, progress: Any = None) -> dict[str, Any]:
+        timeout: float = 1800.0, progress: Any = None,
+        partial: Any = None) -> dict[str, Any]:
     """Generates the set (in a child process) and measures every mode, each in a fresh process.
 
     Args:
@@ -408,6 +409,8 @@ def run(*, images: int = 5000, instances: int = 36781, per_image: int = 100, see
         work_dir: Where the files go (default: a temporary folder, deleted afterwards).
         timeout: Seconds allowed to each child.
         progress: Called with a line of text after each step (e.g. ``print``), or None.
+        partial: Called with the record so far after each measurement (``"partial": True`` in it), so that
+            an interrupted run leaves what it measured; or None.
 
     Returns:
         The record: ``set``, ``runs`` (every measurement), ``summary``, ``dist``, ``machine``, ``versions``,
@@ -422,36 +425,55 @@ def run(*, images: int = 5000, instances: int = 36781, per_image: int = 100, see
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
-        gen = _run_child([sys.executable, "-m", "resnet_det.studies.eval_bench", "generate", str(work / "set"),
-                          "--images", str(images), "--instances", str(instances), "--per-image", str(per_image),
-                          "--seed", str(seed), "--iou-types", *iou_types], timeout, _env())
-        files = _last_json(gen["stdout"])
-        say(f"generated {files['detections']:,} detections on {images:,} images in {files['seconds']:.0f} s")
-        runs = []
+        wanted = {"images": images, "instances": instances, "per_image": per_image, "seed": seed,
+                  "iou_types": list(iou_types)}
+        meta = work / "set" / "set.json"
+        files = json.loads(meta.read_text()) if meta.is_file() else None
+        if files is None or files.get("wanted") != wanted:  # a kept work folder with the same set is reused
+            gen = _run_child([sys.executable, "-m", "resnet_det.studies.eval_bench", "generate", str(work / "set"),
+                              "--images", str(images), "--instances", str(instances), "--per-image",
+                              str(per_image), "--seed", str(seed), "--iou-types", *iou_types], timeout, _env())
+            files = {**_last_json(gen["stdout"]), "wanted": wanted}
+            meta.write_text(json.dumps(files))
+            say(f"generated {files['detections']:,} detections on {images:,} images in {files['seconds']:.0f} s")
+        runs: list[dict[str, Any]] = []
+        dist: list[dict[str, Any]] = []
+
+        def record(done: bool) -> dict[str, Any]:
+            return {"set": {k: v for k, v in files.items() if k not in ("annotations", "results", "wanted")},
+                    "repeats": repeats, "runs": runs, "summary": summarize(runs), "dist": dist,
+                    "machine": machine(), "versions": versions(),
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                    "parent_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    **({} if done else {"partial": True}),
+                    "note": "seconds: wall time of each fresh child process (start-up and imports included); peak "
+                            "RSS: ru_maxrss of that child (wait4); the parent stays small (parent_peak_rss_bytes) "
+                            "because Linux carries a parent's RSS into the children it starts"}
+
+        # the distributed figures first (one run each), then the repeats, interleaved
+        for gather in dist_gathers:
+            for world in dist_ranks:
+                if world == 1 and gather != dist_gathers[0]:
+                    continue  # one process gathers nothing: the same run whatever the method
+                row = _measure_dist(files, world, gather, work, timeout)
+                dist.append(row)
+                r0 = row["ranks"][0]
+                say(f"  dist {gather:<17} world {world}: rank 0 peak RSS {r0['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                    f"evaluate {r0['evaluate_s']:.1f} s, AP {r0['AP']:.4f}")
+                if partial is not None:
+                    partial(record(False))
         for r in range(repeats):
             for iou_type in iou_types:
                 for mode in modes:
                     row = {"repeat": r, **_measure(mode, files, iou_type, work, timeout)}
                     runs.append(row)
                     say(f"  {iou_type:<5} {mode:<17} {row['seconds']:7.2f} s   peak RSS "
-                        f"{row['peak_rss_bytes'] / 2**30:.2f} GiB   AP {row['stats'][0]:.4f}")
-        dist = []
-        for gather in dist_gathers:
-            for world in dist_ranks:
-                row = _measure_dist(files, world, gather, work, timeout)
-                dist.append(row)
-                r0 = row["ranks"][0]
-                say(f"  dist {gather:<17} world {world}: rank 0 peak RSS {r0['peak_rss_bytes'] / 2**30:.2f} GiB, "
-                    f"evaluate {r0['evaluate_s']:.1f} s, AP {r0['AP']:.4f}")
-    return {"set": {k: v for k, v in files.items() if k not in ("annotations", "results")},
-            "repeats": repeats, "runs": runs, "summary": summarize(runs), "dist": dist,
-            "machine": machine(), "versions": versions(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "parent_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "note": "seconds: wall time of each fresh child process (start-up and imports included); peak RSS: "
-                    "ru_maxrss of that child (wait4); the parent stays small (parent_peak_rss_bytes) because "
-                    "Linux carries a parent's RSS into the children it starts"}
+                        f"{row['peak_rss_bytes'] / 2**30:.2f} GiB   AP {row['stats'][0]:.4f}   "
+                        f"load {os.getloadavg()[0]:.1f}")
+                    if partial is not None:
+                        partial(record(False))
+        return record(True)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -500,7 +522,9 @@ def write_record(record: dict[str, Any], out_dir: str | os.PathLike[str], comman
     js = out / "eval_benchmark.json"
     js.write_text(json.dumps({"command": command, **record}, indent=2) + "\n")
     txt = out / "eval_benchmark.txt"
-    txt.write_text(" ".join(command) + "\n\n" + format_table(record) + "\n\n"
+    head = "PARTIAL RECORD: the run was interrupted; these are the measurements it finished\n\n" \
+        if record.get("partial") else ""
+    txt.write_text(" ".join(command) + "\n\n" + head + format_table(record) + "\n\n"
                    f"date {record['date']}; load average before {record['load_average_before']}, after "
                    f"{record['load_average_after']}; {record['machine'].get('cpu', '?')}, "
                    f"{record['machine'].get('cpus')} CPUs\nversions {json.dumps(record['versions'])}\n")

@@ -221,3 +221,37 @@ def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str, gt_pat
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
+
+
+def dist_shard_worker(rank: int, world_size: int, init_file: str, out_dir: str, gt_path: str) -> None:
+    """One rank of the sharded evaluation: images dealt round-robin (image 0 also on the last rank, as a
+    padding sampler repeats it), bbox and segm, shards in ``out_dir/eval``; records what went through
+    ``all_gather_object``."""
+    import torch.distributed as dist
+
+    import detection.evaluation.coco as coco_module
+    from detection.evaluation import COCOEvaluator
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    gathered: list[Any] = []
+    real = coco_module.all_gather_object
+
+    def recording(obj: Any) -> list[Any]:
+        gathered.append(obj)
+        return real(obj)
+
+    coco_module.all_gather_object = recording
+    try:
+        gt = quiet_coco(gt_path)
+        ids, outs = synthetic_outputs(gt, seed=0, with_masks=True)
+        sel = [i for i in range(len(ids)) if i % world_size == rank] + ([0] if rank == world_size - 1 else [])
+        evaluator = COCOEvaluator(gt_path, iou_types=("bbox", "segm"), label_to_cat_id=label_maps(gt)[0],
+                                  output_dir=Path(out_dir) / "eval")
+        evaluator.process([ids[i] for i in sel], [outs[i] for i in sel])
+        metrics = evaluator.evaluate()
+        report = {"metrics": metrics, "gathered": [repr(g) for g in gathered], "images": len(sel)}
+        (Path(out_dir) / f"shard_rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        coco_module.all_gather_object = real
+        dist.destroy_process_group()

@@ -312,3 +312,19 @@ def synthetic_results_file(gt, tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(H.direct_results(ids, outs, l2c, "bbox")))
     return path
+
+
+def test_default_backend_is_faster_coco_eval_and_can_be_set(gt_path):
+    from detection.evaluation import DEFAULT_BACKEND, default_backend, set_default_backend
+
+    assert DEFAULT_BACKEND == default_backend() == "faster-coco-eval"
+    assert COCOEvaluator(gt_path).backend == "faster-coco-eval"
+    set_default_backend("pycocotools")  # what `resnet-det eval CONFIG --checkpoint W --backend pycocotools` does
+    try:
+        ev = COCOEvaluator(gt_path)
+        assert ev.backend == "pycocotools" and isinstance(ev.coco_gt, COCO)
+    finally:
+        set_default_backend(None)
+    assert default_backend() == "faster-coco-eval"
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
+        set_default_backend("fast")

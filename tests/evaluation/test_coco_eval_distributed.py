@@ -58,3 +58,27 @@ def test_two_gloo_ranks_give_rank0_the_single_process_metrics(gt_path, gt, tmp_p
     assert torch.equal(
         torch.tensor(rank0["local_cm"]) + torch.tensor(rank1["local_cm"]), sem.confusion_matrix
     )
+
+
+@pytest.mark.slow
+def test_four_gloo_ranks_evaluate_from_shards_equal_to_one_process(gt_path, gt, tmp_path):
+    _spawn(H.dist_shard_worker, (4, str(tmp_path / "init"), str(tmp_path), str(gt_path)), nprocs=4, timeout=300)
+    reports = [json.loads((tmp_path / f"shard_rank{r}.json").read_text()) for r in range(4)]
+
+    ids, outs = H.synthetic_outputs(gt, seed=0, with_masks=True)
+    single = COCOEvaluator(gt_path, iou_types=("bbox", "segm"), label_to_cat_id=H.label_maps(gt)[0])
+    single.process(ids, outs)
+    expected = single.evaluate()
+    assert 0.1 < expected["bbox"]["AP"] < 0.9 and 0.1 < expected["segm"]["AP"] < 0.9
+    # exact: the same detections in the same order (by image id), the repeated image counted once
+    assert reports[0]["metrics"] == expected
+    assert all(r["metrics"] == {} for r in reports[1:])
+    assert sum(r["images"] for r in reports) == len(ids) + 1
+    # the predictions travelled through the shards: the only gathered object is rank 0's short token
+    for r in reports:
+        assert len(r["gathered"]) == 1 and len(r["gathered"][0]) < 64
+    assert reports[0]["gathered"][0] != "None" and all(r["gathered"][0] == "None" for r in reports[1:])
+    # rank 0 removed the shards; the outputs are its own
+    out = tmp_path / "eval"
+    assert not (out / "shards").exists()
+    assert (out / "metrics.json").is_file() and (out / "coco_instances_results.json").is_file()

@@ -158,3 +158,13 @@ def test_checkpoint_mode_evaluates_saved_weights(tool, tmp_path, monkeypatch, ca
 def test_checkpoint_mode_missing_file(tool, capsys):
     assert tool.main(["configs/shapes/faster_rcnn_R_50_FPN.yaml", "--checkpoint", "/no/such/model.pth"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_results_mode_backend_flag(tool, results_file, gt_path, capsys):
+    for backend in ("pycocotools", "faster-coco-eval"):
+        argv = ["--results", str(results_file), "--annotations", str(gt_path), "--iou-types", "bbox"]
+        assert tool.main([*argv, "--backend", backend]) == 0
+        printed = capsys.readouterr().out
+        assert f"detections ({backend}):" in printed
+        _, expected, _ = H.pycocotools_direct(gt_path, results_file, "bbox")
+        assert H.table_lines(printed) == expected  # the printed table (3 decimals) is pycocotools' with both
