@@ -191,6 +191,8 @@ class _StagedBackbone(Backbone):
     """Shared logic of the ResNet families: stem + named stages, selection and freezing."""
 
     stage_names: tuple[str, ...]
+    grad_checkpointing: tuple[str, ...] = ()
+    """Stages run under activation checkpointing in training (:meth:`set_grad_checkpointing`)."""
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Args: x: `(N, 3, H, W)` images. Returns: the selected maps, high to low resolution."""
@@ -201,7 +203,11 @@ class _StagedBackbone(Backbone):
         if "stem" in self._out_features:
             outputs["stem"] = x
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            if name in self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the stage's input, recompute its inside in backward.
+                x = torch.utils.checkpoint.checkpoint(getattr(self, name), x, use_reentrant=False)
+            else:
+                x = getattr(self, name)(x)
             if name in self._out_features:
                 outputs[name] = x
         return outputs
@@ -246,6 +252,32 @@ class _StagedBackbone(Backbone):
             if frozen is not module:
                 setattr(self, name, frozen)
         self.freeze_at = freeze_at
+
+    def set_grad_checkpointing(self, enable: bool | Sequence[str] = True) -> None:
+        """Activation (gradient) checkpointing of the stages, as timm's ``set_grad_checkpointing``.
+
+        A checkpointed stage keeps only its input during the forward pass and recomputes its activations in
+        the backward pass (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward of the
+        stage per step, the same gradients. Only in training with gradients enabled; inference is unchanged.
+        BatchNorm in training mode updates its running statistics again during the recomputation (frozen BN,
+        the detection default, has none).
+
+        Args:
+            enable: True (every stage), False (none), or stage names, e.g. ``("res2", "res3")``.
+
+        Raises:
+            ValueError: A name that is not one of this backbone's stages.
+        """
+        if isinstance(enable, bool):
+            self.grad_checkpointing = tuple(self.stage_names) if enable else ()
+            return
+        names = tuple(enable)
+        unknown = [n for n in names if n not in self.stage_names]
+        if unknown or isinstance(enable, str):
+            raise ValueError(f"grad checkpointing: {list(unknown) if unknown else enable!r} is not a list of stages of "
+                             f"this {type(self).__name__} (stages: {', '.join(self.stage_names)}); give True, False "
+                             "or some of them")
+        self.grad_checkpointing = names
 
 
 class ResNet(_StagedBackbone):
