@@ -8,8 +8,11 @@ optimizer, allocator), so the difference is what the step itself needed.
 
 Usage (the command of benchmarks/grad_checkpoint_cpu_2026-12-02.json)::
 
-    PYTHONPATH=. python benchmarks/grad_checkpoint.py --arch resnet101 --size 800 1333 --batch 1 --steps 3 \\
-        --out benchmarks/grad_checkpoint_cpu_2026-12-02.json
+    PYTHONPATH=. python benchmarks/grad_checkpoint.py --arch resnet101 --size 800 1333 --batch 1 --steps 2 \\
+        --threads 1 --out benchmarks/grad_checkpoint_cpu_2026-12-02.json
+
+(``--threads 1``: with two threads this CPU training step at 800x1333 crashed with SIGSEGV inside the
+channel-parallel RoIAlign of detection/poolers.py, with and without checkpointing; see the report.)
 
 On a GPU the same script reports ``torch.cuda.max_memory_allocated`` too (``--device cuda``).
 """
@@ -39,6 +42,8 @@ def _one(args: argparse.Namespace) -> dict:
 
     from detection import build_faster_rcnn
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     h, w = args.size
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--settings", nargs="+", default=["off", "all"],
                         help="off, all, or comma-separated stages (res3,res4)")
     parser.add_argument("--out", type=Path)
@@ -96,7 +102,8 @@ def main() -> None:
     results = []
     for setting in args.settings:
         cmd = [sys.executable, __file__, "--child", setting, "--arch", args.arch, "--size", *map(str, args.size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+               "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
@@ -105,7 +112,8 @@ def main() -> None:
     record = {
         "command": "python " + " ".join(sys.argv),
         "arch": f"{args.arch}-FPN Faster R-CNN", "size": list(args.size), "batch": args.batch, "steps": args.steps,
-        "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": args.device, "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "note": "shared 2-core machine with other jobs running: times are noisy, memory is not",
         "results": results,
