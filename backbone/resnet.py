@@ -197,8 +197,11 @@ def _check_freeze_at(freeze_at: int, n_stages: int, names: Sequence[str]) -> Non
 class _StagedBackbone(Backbone):
     """Shared logic of the ResNet families: stem + named stages, selection and freezing."""
 
-    if TYPE_CHECKING:  # not a runtime class annotation: TorchScript has no `tuple[str, ...]`
+    if TYPE_CHECKING:  # not runtime class annotations: TorchScript has no `tuple[str, ...]`
         stage_names: tuple[str, ...]
+        grad_checkpointing: tuple[str, ...]
+        """Stages run under activation checkpointing in training (:meth:`set_grad_checkpointing`); set in
+        the subclasses' ``__init__``."""
 
     @resolved_annotations
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -212,10 +215,22 @@ class _StagedBackbone(Backbone):
         # in registration order: stem, res2, ...)
         for name, stage in self.named_children():
             if name in self.stage_names:
-                x = stage(x)
+                if not torch.jit.is_scripting() and self._checkpointed(name):
+                    x = self._checkpoint(name, x)
+                else:
+                    x = stage(x)
                 if name in self._out_features:
                     outputs[name] = x
         return outputs
+
+    @torch.jit.unused
+    def _checkpointed(self, name: str) -> bool:
+        return name in self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+    @torch.jit.unused
+    def _checkpoint(self, name: str, x: Tensor) -> Tensor:
+        # Activation checkpointing: keep only the stage's input, recompute its inside in backward.
+        return torch.utils.checkpoint.checkpoint(getattr(self, name), x, use_reentrant=False)
 
     def split_last_stage(self) -> tuple[_StagedBackbone, nn.Module]:
         """Hand the last stage over to a per-RoI head: the ResNet paper's C4 detector runs res5 on each
@@ -257,6 +272,32 @@ class _StagedBackbone(Backbone):
             if frozen is not module:
                 setattr(self, name, frozen)
         self.freeze_at = freeze_at
+
+    def set_grad_checkpointing(self, enable: bool | Sequence[str] = True) -> None:
+        """Activation (gradient) checkpointing of the stages, as timm's ``set_grad_checkpointing``.
+
+        A checkpointed stage keeps only its input during the forward pass and recomputes its activations in
+        the backward pass (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward of the
+        stage per step, the same gradients. Only in training with gradients enabled; inference is unchanged.
+        BatchNorm in training mode updates its running statistics again during the recomputation (frozen BN,
+        the detection default, has none).
+
+        Args:
+            enable: True (every stage), False (none), or stage names, e.g. ``("res2", "res3")``.
+
+        Raises:
+            ValueError: A name that is not one of this backbone's stages.
+        """
+        if isinstance(enable, bool):
+            self.grad_checkpointing = tuple(self.stage_names) if enable else ()
+            return
+        names = tuple(enable)
+        unknown = [n for n in names if n not in self.stage_names]
+        if unknown or isinstance(enable, str):
+            raise ValueError(f"grad checkpointing: {list(unknown) if unknown else enable!r} is not a list of stages of "
+                             f"this {type(self).__name__} (stages: {', '.join(self.stage_names)}); give True, False "
+                             "or some of them")
+        self.grad_checkpointing = names
 
 
 class ResNet(_StagedBackbone):
@@ -324,6 +365,7 @@ class ResNet(_StagedBackbone):
             shapes[name] = ShapeSpec(out_ch, stride)
             names.append(name)
         self.stage_names = tuple(names)
+        self.grad_checkpointing = ()
         self._out_feature_shapes = shapes
         self.reset_parameters(zero_init_residual)
         self.freeze(freeze_at)
@@ -381,6 +423,7 @@ class CifarResNet(_StagedBackbone):
             shapes[name] = ShapeSpec(out_ch, stride)
             in_ch = out_ch
         self.stage_names = names
+        self.grad_checkpointing = ()
         self._out_feature_shapes = shapes
         c2_msra_fill(self)
         self.freeze(freeze_at)

@@ -150,6 +150,9 @@ class BackboneSpec(_Spec):
     """Freeze the stem (1) and stages up to res<freeze_at> (2 = stem + res2); 0 trains all."""
     width: int | None = None
     """Stem/first-stage width; null = the paper's (64). Small values make cheap test models of full depth."""
+    checkpoint: bool | tuple[str, ...] = False
+    """Activation checkpointing of the trunk's stages in training: true (all), false, or names ([res2, res3]).
+    Applied by the engine's build_model (resnet-det train); less memory, one more stage forward per step."""
 
     def __post_init__(self) -> None:
         check(bool(self.name), "model.backbone.name", self.name, "name a registered backbone, e.g. resnet50")

@@ -81,7 +81,7 @@ from .logger import MetricsLogger, flatten_metrics
 from .solver import build_lr_scheduler, build_optimizer
 
 __all__ = ["AMP_DTYPES", "EvalFn", "LossRecorder", "ModelEma", "Trainer", "TrainerBase", "build_trainer",
-           "check_global_batch"]
+           "check_global_batch", "check_sync_batchnorm"]
 
 _log = logging.getLogger(__name__)
 
@@ -657,6 +657,28 @@ def check_global_batch(cfg: Config, world: int) -> None:
         )
 
 
+#: Device types whose tensors torch's nn.SyncBatchNorm synchronises (it refuses CPU tensors in a process group).
+SYNC_BN_DEVICES = ("cuda", "xpu", "hpu")
+
+
+def check_sync_batchnorm(model: nn.Module, device: torch.device | str, world: int) -> None:
+    """Raises ValueError when ``model`` has SyncBatchNorm layers that cannot run: several processes on a device
+    torch does not synchronise BatchNorm on (the CPU with gloo). With one process SyncBatchNorm is plain
+    BatchNorm and runs anywhere."""
+    device = torch.device(device)
+    if world <= 1 or device.type in SYNC_BN_DEVICES:
+        return
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if names:
+        raise ValueError(
+            f"SyncBN needs CUDA: torch {torch.__version__}'s nn.SyncBatchNorm synchronises only GPU (CUDA/XPU) "
+            f"tensors, and this run has {world} processes on {device.type} ({len(names)} SyncBatchNorm layers, e.g. "
+            f"{names[0]}). Set the norm that asks for it (model.backbone.norm / model.fpn.norm / "
+            "model.roi.box_head_norm / model.mask.norm / model.semantic.norm) to BN (per-process statistics), GN "
+            "or FrozenBN on the CPU, or train on GPUs"
+        )
+
+
 def build_trainer(
     cfg: Config,
     model: nn.Module,
@@ -693,6 +715,7 @@ def build_trainer(
         raise ValueError("test.use_ema=true needs train.ema (e.g. train.ema={decay: 0.9998, warmup_iters: 2000}): "
                          "without it there are no averaged weights to evaluate")
     device = resolve_device(cfg.train.device)
+    check_sync_batchnorm(model, device, get_world_size())
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
