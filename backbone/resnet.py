@@ -224,10 +224,12 @@ class _StagedBackbone(Backbone):
         return outputs
 
     @torch.jit.unused
+    @resolved_annotations  # TorchScript reads an unused method's signature: no string annotations
     def _checkpointed(self, name: str) -> bool:
         return name in self.grad_checkpointing and self.training and torch.is_grad_enabled()
 
     @torch.jit.unused
+    @resolved_annotations
     def _checkpoint(self, name: str, x: Tensor) -> Tensor:
         # Activation checkpointing: keep only the stage's input, recompute its inside in backward.
         return torch.utils.checkpoint.checkpoint(getattr(self, name), x, use_reentrant=False)
