@@ -27,6 +27,11 @@ class FasterRCNN(nn.Module):
     `images` is a list of float `[3, H, W]` RGB tensors in `[0, 1]` (sizes may differ); each target
     holds `boxes` (float `[K, 4]` xyxy pixels, `K` may be 0) and `labels` (int64 `[K]`).
 
+    As torchvision's, eval outputs are differentiable when the call records gradients (`boxes` and `scores`
+    carry `grad_fn`, back to the input images); run inference under `torch.no_grad()` or
+    `torch.inference_mode()`, where nothing is recorded and the fast CPU pooling applies. `model.double()`
+    computes in float64 end to end.
+
     Args:
         backbone: produces the maps the RPN and RoI heads read (`output_shape()` declares them).
         rpn: the region proposal network.
