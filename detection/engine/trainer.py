@@ -322,9 +322,6 @@ class Trainer(TrainerBase):
         eval_with_ema: Evaluate the EMA weights instead of the trained ones (``test.use_ema``).
     """
 
-    #: Target entries moved to the device; other entries are passed on as they are.
-    DEVICE_KEYS: tuple[str, ...] = ("boxes", "labels", "masks", "sem_seg")
-
     def __init__(
         self,
         model: nn.Module,
@@ -533,8 +530,9 @@ class Trainer(TrainerBase):
         else:
             images = [img.to(self.device, non_blocking=True) for img in images]
         moved = [
-            {k: v.to(self.device, non_blocking=True) if k in self.DEVICE_KEYS and isinstance(v, Tensor) else v
-             for k, v in target.items()}
+            # Every tensor a target holds (a new task's fields need no list here); other entries (image ids,
+            # sizes) are passed on as they are.
+            {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in target.items()}
             for target in targets
         ]
         return images, moved

@@ -408,3 +408,15 @@ def test_every_after_train_runs_and_the_first_error_is_raised():
     assert seen == ["RuntimeError"] and loop.iter == 2  # the later hook ran and knew training had failed
     with pytest.raises(TypeError, match="HookBase instances, got object"):
         loop.register_hooks([object()])
+
+
+def test_every_tensor_a_target_holds_is_moved_to_the_device(tmp_path):
+    # No list of known keys: a new task's target fields (keypoints here) travel like boxes do.
+    trainer = _trainer(tmp_path, max_iter=1)
+    trainer.device = torch.device("meta")
+    targets = [{"boxes": torch.zeros(0, 4), "keypoints": torch.zeros(0, 17, 3), "image_id": 7, "orig_size": (8, 8)}]
+    images, moved = trainer._to_device([torch.zeros(3, 8, 8)], targets)
+    assert images[0].device.type == "meta"
+    assert moved[0]["boxes"].device.type == "meta" and moved[0]["keypoints"].device.type == "meta"
+    assert moved[0]["image_id"] == 7 and moved[0]["orig_size"] == (8, 8)
+    assert targets[0]["keypoints"].device.type == "cpu"  # the caller's targets are not changed
