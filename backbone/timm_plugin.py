@@ -25,8 +25,10 @@ average pooling + ``num_classes``-way fc) with timm's classifier API (``forward_
 ``prune_intermediate_layers``, ``num_features``, ``head_hidden_size``) and a ``pretrained_cfg`` true to
 its forward: ``input_size`` 224 (CIFAR nets 32, CIFAR-10's 10 classes and statistics), ``pool_size``
 the side of the ``forward_features`` map there (7; CIFAR 8), ``min_input_size`` 32. timm's own
-``tests/test_models.py`` passes on all 25 models, except the cases that download weights. Weights load through timm's own route: ``pretrained=True`` downloads
-torchvision's ImageNet file where one exists (on an online machine), and
+``tests/test_models.py`` passes on all 25 models, except the cases that download weights.
+
+Weights load through timm's own route: ``pretrained=True`` downloads torchvision's ImageNet file where
+one exists (on an online machine), and
 ``pretrained_cfg_overlay=dict(file=path)`` loads a local file in any layout our
 :func:`backbone.weights.to_classifier_layout` reads (torchvision, timm, ours, ``.safetensors``).
 """
