@@ -15,11 +15,20 @@ the max pooling), 1..4 are ``res2..res5`` (strides 4..32), so ``out_indices=(1, 
 exactly our backbone's ``res2..res5`` outputs. VGG-16 gives ``conv1..conv5, pool5`` (strides 1..32)
 and the CIFAR nets ``stem, res2, res3, res4`` (strides 1, 1, 2, 4).
 
+``features_only=True`` without ``out_indices`` gives every level (timm's default ``(0, 1, 2, 3, 4)``;
+the CIFAR nets declare their ``(0, 1, 2, 3)``; VGG-16 ``conv1..conv5``, as timm's own VGG), through
+``forward_intermediates`` (timm's ``feature_cls="getter"``; ``"fx"`` and ``"hook"`` work too).
+
 Without ``features_only`` the model is our Keras-style classifier (:class:`TimmClassifier`, global
 average pooling + ``num_classes``-way fc) with timm's classifier API (``forward_features``,
 ``forward_head``, ``reset_classifier``, ``get_classifier``, ``forward_intermediates``,
-``pretrained_cfg``). Weights load through timm's own route: ``pretrained=True`` downloads
-torchvision's ImageNet file where one exists (on an online machine), and
+``prune_intermediate_layers``, ``num_features``, ``head_hidden_size``) and a ``pretrained_cfg`` true to
+its forward: ``input_size`` 224 (CIFAR nets 32, CIFAR-10's 10 classes and statistics), ``pool_size``
+the side of the ``forward_features`` map there (7; CIFAR 8), ``min_input_size`` 32. timm's own
+``tests/test_models.py`` passes on all 25 models, except the cases that download weights.
+
+Weights load through timm's own route: ``pretrained=True`` downloads torchvision's ImageNet file where
+one exists (on an online machine), and
 ``pretrained_cfg_overlay=dict(file=path)`` loads a local file in any layout our
 :func:`backbone.weights.to_classifier_layout` reads (torchvision, timm, ours, ``.safetensors``).
 """
