@@ -89,5 +89,5 @@ def spread_classifier(model, image, seed: int = 0, logit_std: float = 2.0, objec
     with torch.no_grad():
         pred.cls_score.weight.copy_(w * (logit_std / spread))
         pred.cls_score.bias.zero_()
-        pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.01)
+        pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.001)
         pred.bbox_pred.bias.zero_()
