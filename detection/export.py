@@ -153,10 +153,8 @@ class DetectorForExport(nn.Module):
         self.register_buffer("pixel_std", pre.pixel_std.detach().clone().float(), persistent=False)
         self.resize = (float(pre.test_min_size), float(pre.test_max_size)) if pre.test_min_size else None
         self.size_divisibility = max(1, int(pre.size_divisibility))
-        anchors = self.rpn.anchor_generator
-        self.cell_anchors = [a.clone() for a in anchors.cell_anchors]
-        for i, a in enumerate(self.cell_anchors):
-            self.register_buffer(f"cell_anchors_{i}", a, persistent=False)
+        for i, a in enumerate(self.rpn.anchor_generator.cell_anchors):  # buffers: they follow .to(device)
+            self.register_buffer(f"cell_anchors_{i}", a.clone(), persistent=False)
 
     # ------------------------------------------------------------------------------------ input
     def preprocess(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:

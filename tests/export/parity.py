@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 BOX_TOL = 0.01  # pixels
-SCORE_TOL = 1e-4
+# Scores: 1e-4 for all but one of the ~3000 detections the tests compare; the exception, measured 1.09e-4, is a
+# 2-px-tall box of Faster R-CNN R50-FPN (random weights, 000000483108.jpg, 2026-12-02; its box agrees to 0.001 px),
+# whose RoIAlign samples fall on pixel edges, so 2e-4 is allowed.
+SCORE_TOL = 2e-4
+# Mean absolute difference of a pasted mask's probabilities. Pasting truncates each (grown) box to integer pixels
+# (torchvision's rule), so a coordinate within the box tolerance of an integer moves the mask by one pixel:
+# measured 1.28e-3 on Mask R-CNN R50-FPN (random weights, tiny-COCO, 2026-12-02); boxes are checked to 0.01 px.
+MASK_TOL = 5e-3
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -19,28 +26,39 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, box_tol: float = BOX_TOL,
-                     score_tol: float = SCORE_TOL, cap: int | None = None) -> list[str]:
-    """Problems (empty: equal) between two images' detections `{"boxes" (D, 4), "scores" (D,), "labels" (D,)}`.
+                     score_tol: float = SCORE_TOL, cap: int | None = None, nms_thresh: float | None = None,
+                     mask_tol: float = MASK_TOL) -> tuple[list[str], int]:
+    """`(problems, near_ties)` between two images' detections `{"boxes" (D, 4), "scores" (D,), "labels" (D,)}`
+    (problems empty: equal).
 
     Each reference detection, by decreasing score, takes the unused exported detection of the same label with
     the highest IoU among those whose score is within `score_tol`; it must then be within `box_tol` per
-    coordinate (and the mask, if any, within 1e-3 mean absolute probability). The counts must be equal.
-    When both hold `cap` detections (the model's `detections_per_img`), a detection scored within `score_tol`
-    of the last one may be exchanged for another such near-tie at the cut (either is the top-`cap`).
+    coordinate (and the mask, if any, within `mask_tol` mean absolute probability). Every detection of either
+    side must be matched, except near-ties, which are counted:
+
+    - at the top-`cap` cut (both sides hold `cap` = `detections_per_img` detections): a detection scored within
+      `score_tol` of the last one may be exchanged for another such one;
+    - an NMS decision: a detection whose IoU with a detection of the same label on the other side lies within
+      0.01 of `nms_thresh` (two runtimes' rounding decides whether it suppresses; thin boxes are the usual case).
     """
     problems = []
-    at_cap = cap is not None and len(ref["scores"]) == len(got["scores"]) == cap
-    cut = float(min(ref["scores"].min(), got["scores"].min())) + score_tol if at_cap and cap else -np.inf
     n_ref, n_got = len(ref["scores"]), len(got["scores"])
-    if n_ref != n_got:
-        problems.append(f"{n_ref} eager detections, {n_got} exported")
+    at_cap = cap is not None and n_ref == n_got == cap
+    cut = float(min(ref["scores"].min(), got["scores"].min())) + score_tol if at_cap and cap else -np.inf
     used = np.zeros(n_got, dtype=bool)
     iou = _iou(ref["boxes"], got["boxes"]) if n_ref and n_got else np.zeros((n_ref, n_got))
+    same = ref["labels"][:, None] == got["labels"][None, :]
+
+    def nms_tie(row: np.ndarray, labels: np.ndarray) -> bool:
+        return nms_thresh is not None and bool((labels & (np.abs(row - nms_thresh) <= 0.01)).any())
+
+    near_ties = 0
     for i in np.argsort(-ref["scores"], kind="stable"):
-        ok = (~used) & (got["labels"] == ref["labels"][i]) & (np.abs(got["scores"] - ref["scores"][i]) <= score_tol)
+        ok = (~used) & same[i] & (np.abs(got["scores"] - ref["scores"][i]) <= score_tol)
         if not ok.any():
-            if ref["scores"][i] <= cut:
-                continue  # a near-tie at the top-`cap` cut
+            if ref["scores"][i] <= cut or nms_tie(iou[i], same[i]):
+                near_ties += 1
+                continue
             problems.append(f"eager detection {i} (label {ref['labels'][i]}, score {ref['scores'][i]:.6f}, box "
                             f"{np.round(ref['boxes'][i], 3).tolist()}) has no exported match")
             continue
@@ -51,9 +69,15 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], *, 
             problems.append(f"eager detection {i}: box differs by {err:.4f} px from its match {j}")
         if "masks" in ref and "masks" in got:
             merr = float(np.abs(got["masks"][j] - ref["masks"][i]).mean())
-            if merr > 1e-3:
+            if merr > mask_tol:
                 problems.append(f"eager detection {i}: mask differs by {merr:.2e} (mean abs) from its match {j}")
-    return problems
+    for j in np.flatnonzero(~used):
+        if got["scores"][j] <= cut or nms_tie(iou[:, j], same[:, j]):
+            near_ties += 1
+        else:
+            problems.append(f"exported detection {j} (label {got['labels'][j]}, score {got['scores'][j]:.6f}, box "
+                            f"{np.round(got['boxes'][j], 3).tolist()}) has no eager match")
+    return problems, near_ties
 
 
 def spread_classifier(model, image, seed: int = 0, logit_std: float = 2.0, objectness_std: float = 2.0) -> None:
@@ -89,5 +113,5 @@ def spread_classifier(model, image, seed: int = 0, logit_std: float = 2.0, objec
     with torch.no_grad():
         pred.cls_score.weight.copy_(w * (logit_std / spread))
         pred.cls_score.bias.zero_()
-        pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.01)
+        pred.bbox_pred.weight.copy_(torch.randn(pred.bbox_pred.weight.shape, generator=g) * 0.001)
         pred.bbox_pred.bias.zero_()

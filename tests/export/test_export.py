@@ -36,9 +36,9 @@ def _prepare(model, images, *, seed: int = 0):
 
 def _check_parity(model, images, run, *, min_detections: int) -> int:
     """Compare `run(image) -> (boxes, scores, labels[, masks])` with the eager model on every image."""
-    total, problems = 0, []
+    total, ties, problems = 0, 0, []
     names = ["boxes", "scores", "labels", "masks"]
-    cap = model.roi_heads.detections_per_img
+    cap, nms_thresh = model.roi_heads.detections_per_img, model.roi_heads.nms_thresh
     for name, image in images:
         with torch.no_grad():
             ref = {k: v.numpy() for k, v in model([_as_float(image)])[0].items()}
@@ -46,9 +46,14 @@ def _check_parity(model, images, run, *, min_detections: int) -> int:
         if "masks" in ref:
             assert got["masks"].shape == ref["masks"].shape == (len(ref["scores"]), 1, *image.shape[:2]), name
         total += len(ref["scores"])
-        problems += [f"{name} {image.shape[:2]}: {p}" for p in match_detections(ref, got, cap=cap)]
+        found, near = match_detections(ref, got, cap=cap, nms_thresh=nms_thresh)
+        problems += [f"{name} {image.shape[:2]}: {p}" for p in found]
+        ties += near
     assert not problems, "\n".join(problems[:20])
     assert total >= min_detections, f"only {total} detections compared"
+    # Near-ties are rare exchanges, not a way around the comparison.
+    assert ties <= max(2, total // 100), f"{ties} near-tied detections of {total}"
+    print(f"{total} detections compared, {ties} near-ties")
     return total
 
 
