@@ -120,6 +120,7 @@ def _resume_and_compare(run: Path, filler: Path, tmp_path: Path, shapes_env, ref
     faults.assert_same_training(run, reference_run)
 
 
+@pytest.mark.slow  # a run and its resumed run each
 def test_checkpoint_on_a_real_full_disk_keeps_the_last_one_and_resumes_exactly(small_fs, tmp_path, shapes_env,
                                                                                 reference_run):
     sizes = {p.name: p.stat().st_size for p in reference_run.iterdir() if p.is_file()}
@@ -147,6 +148,7 @@ def _padding_record(room: int) -> bytes:
     return head + b"x" * (size - len(head) - 3) + b'"}\n'
 
 
+@pytest.mark.slow  # a run and its resumed run each
 @pytest.mark.parametrize("name", ["metrics.jsonl", "log.txt"])
 def test_metrics_and_log_on_a_real_full_disk_fail_in_iteration_3_and_resume_exactly(name, small_fs, tmp_path,
                                                                                    shapes_env, reference_run):
@@ -187,6 +189,7 @@ FINAL_WRITERS = {
 }
 
 
+@pytest.mark.slow  # a run and its resumed run each
 @pytest.mark.parametrize("writer", list(FINAL_WRITERS))
 def test_final_writers_on_a_real_full_disk_fail_with_exit_3_and_resume(writer, small_fs, tmp_path, shapes_env,
                                                                         reference_run):
