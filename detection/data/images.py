@@ -188,7 +188,8 @@ def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True,
             path, f"refused before decoding, as a possible decompression bomb ({e})",
             "Downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if such images are genuine.") from e
     except UnidentifiedImageError as e:  # its message names the open descriptor, not the file
-        raise ImageLoadError(path, "UnidentifiedImageError: not an image file that Pillow can identify") from e
+        raise ImageLoadError(path, "UnidentifiedImageError: cannot identify it as an image file (not a format "
+                             "Pillow reads)") from e
     except OSError as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {_os_error_reason(e) if e.errno else e}") from e
     except (SyntaxError, ValueError) as e:

@@ -174,6 +174,7 @@ def test_the_training_loader_skips_an_unreadable_image_and_the_report_counts_it(
     assert cause in example, example
 
 
+@pytest.mark.slow
 def test_a_training_run_with_every_kind_of_unreadable_image_trains_evaluates_and_reports_them(tiny_coco, tmp_path):
     """The real command, 2 loader workers, train = val: both loaders meet the same broken files."""
     ann = _annotations(tiny_coco)
