@@ -243,7 +243,8 @@ def _run_child(argv: list[str], timeout: float, env: dict[str, str] | None = Non
     if proc.returncode != 0:
         text = (err or out).decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{' '.join(argv[:6])} ... failed (exit {proc.returncode}): {text[0]}")
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
             "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace")}
 
 
@@ -486,6 +487,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             rows = agg.pop("rows")
             agg["seconds"] = round(statistics.median(r["seconds"] for r in rows), 3)
             agg["peak_rss_gib"] = round(statistics.median(r["peak_rss_bytes"] for r in rows) / 2**30, 3)
+            if all("cpu_seconds" in r for r in rows):
+                agg["cpu_seconds"] = round(statistics.median(r["cpu_seconds"] for r in rows), 3)
             agg["AP"] = rows[0]["stats"][0]
             agg["n"] = len(rows)
         for agg in per_mode.values():
@@ -493,6 +496,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                 if ref in per_mode:
                     agg[f"time_x_{ref}"] = round(agg["seconds"] / per_mode[ref]["seconds"], 3)
                     agg[f"peak_x_{ref}"] = round(agg["peak_rss_gib"] / per_mode[ref]["peak_rss_gib"], 3)
+                    if "cpu_seconds" in agg and "cpu_seconds" in per_mode[ref]:
+                        agg[f"cpu_x_{ref}"] = round(agg["cpu_seconds"] / per_mode[ref]["cpu_seconds"], 3)
     return out
 
 
