@@ -503,13 +503,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 def format_table(record: dict[str, Any]) -> str:
     """The summary (and the distributed figures) as text."""
-    lines = [f"{'':<6}{'':<18}{'time (s)':>9}{'x fce':>8}{'x pycoco':>9}{'peak RSS (GiB)':>16}{'x pycoco':>9}"
-             f"{'AP':>9}"]
+    lines = [f"{'':<6}{'':<18}{'time (s)':>9}{'x fce':>8}{'x pycoco':>9}{'CPU (s)':>9}{'x fce':>8}"
+             f"{'peak RSS (GiB)':>16}{'x pycoco':>9}{'AP':>9}"]
     for iou_type, per_mode in record["summary"].items():
         for mode, row in per_mode.items():
-            lines.append(f"{iou_type:<6}{mode:<18}{row['seconds']:>9.2f}{row.get('time_x_faster-coco-eval', 1):>7.2f}x"
-                         f"{row.get('time_x_pycocotools', 1):>8.2f}x{row['peak_rss_gib']:>16.2f}"
-                         f"{row.get('peak_x_pycocotools', 1):>8.2f}x{row['AP']:>9.4f}")
+            def ratio(key: str, width: int, row: dict[str, Any] = row) -> str:
+                return f"{row[key]:>{width - 1}.2f}x" if key in row else f"{'-':>{width}}"
+
+            cpu = f"{row['cpu_seconds']:>9.2f}" if "cpu_seconds" in row else f"{'-':>9}"
+            lines.append(f"{iou_type:<6}{mode:<18}{row['seconds']:>9.2f}{ratio('time_x_faster-coco-eval', 8)}"
+                         f"{ratio('time_x_pycocotools', 9)}{cpu}{ratio('cpu_x_faster-coco-eval', 8)}"
+                         f"{row['peak_rss_gib']:>16.2f}{ratio('peak_x_pycocotools', 9)}{row['AP']:>9.4f}")
     for row in record.get("dist", []):
         r0 = row["ranks"][0]
         others = [r["peak_rss_bytes"] / 2**30 for r in row["ranks"][1:]]
