@@ -243,7 +243,8 @@ def _run_child(argv: list[str], timeout: float, env: dict[str, str] | None = Non
     if proc.returncode != 0:
         text = (err or out).decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{' '.join(argv[:6])} ... failed (exit {proc.returncode}): {text[0]}")
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
             "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace")}
 
 
@@ -486,6 +487,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             rows = agg.pop("rows")
             agg["seconds"] = round(statistics.median(r["seconds"] for r in rows), 3)
             agg["peak_rss_gib"] = round(statistics.median(r["peak_rss_bytes"] for r in rows) / 2**30, 3)
+            if all("cpu_seconds" in r for r in rows):
+                agg["cpu_seconds"] = round(statistics.median(r["cpu_seconds"] for r in rows), 3)
             agg["AP"] = rows[0]["stats"][0]
             agg["n"] = len(rows)
         for agg in per_mode.values():
@@ -493,18 +496,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                 if ref in per_mode:
                     agg[f"time_x_{ref}"] = round(agg["seconds"] / per_mode[ref]["seconds"], 3)
                     agg[f"peak_x_{ref}"] = round(agg["peak_rss_gib"] / per_mode[ref]["peak_rss_gib"], 3)
+                    if "cpu_seconds" in agg and "cpu_seconds" in per_mode[ref]:
+                        agg[f"cpu_x_{ref}"] = round(agg["cpu_seconds"] / per_mode[ref]["cpu_seconds"], 3)
     return out
 
 
 def format_table(record: dict[str, Any]) -> str:
     """The summary (and the distributed figures) as text."""
-    lines = [f"{'':<6}{'':<18}{'time (s)':>9}{'x fce':>8}{'x pycoco':>9}{'peak RSS (GiB)':>16}{'x pycoco':>9}"
-             f"{'AP':>9}"]
+    lines = [f"{'':<6}{'':<18}{'time (s)':>9}{'x fce':>8}{'x pycoco':>9}{'CPU (s)':>9}{'x fce':>8}"
+             f"{'peak RSS (GiB)':>16}{'x pycoco':>9}{'AP':>9}"]
     for iou_type, per_mode in record["summary"].items():
         for mode, row in per_mode.items():
-            lines.append(f"{iou_type:<6}{mode:<18}{row['seconds']:>9.2f}{row.get('time_x_faster-coco-eval', 1):>7.2f}x"
-                         f"{row.get('time_x_pycocotools', 1):>8.2f}x{row['peak_rss_gib']:>16.2f}"
-                         f"{row.get('peak_x_pycocotools', 1):>8.2f}x{row['AP']:>9.4f}")
+            def ratio(key: str, width: int, row: dict[str, Any] = row) -> str:
+                return f"{row[key]:>{width - 1}.2f}x" if key in row else f"{'-':>{width}}"
+
+            cpu = f"{row['cpu_seconds']:>9.2f}" if "cpu_seconds" in row else f"{'-':>9}"
+            lines.append(f"{iou_type:<6}{mode:<18}{row['seconds']:>9.2f}{ratio('time_x_faster-coco-eval', 8)}"
+                         f"{ratio('time_x_pycocotools', 9)}{cpu}{ratio('cpu_x_faster-coco-eval', 8)}"
+                         f"{row['peak_rss_gib']:>16.2f}{ratio('peak_x_pycocotools', 9)}{row['AP']:>9.4f}")
     for row in record.get("dist", []):
         r0 = row["ranks"][0]
         others = [r["peak_rss_bytes"] / 2**30 for r in row["ranks"][1:]]
