@@ -20,7 +20,7 @@ from detection.convert import load_torchvision_detector
 from detection.models import build_faster_rcnn, torchvision_spec
 
 # Smaller inputs and fewer proposals than the defaults (800 px, 1000) keep the test fast on a CPU; every
-# code path is the same.
+# code path is the same; the last test runs the defaults on one image (slow).
 SIZE = 320
 PROPOSALS = 300
 
@@ -72,3 +72,27 @@ def test_same_detections_as_torchvision(name: str, tiny_coco_src: Path, tmp_path
                 total += len(r["boxes"])
     assert total >= 100, f"only {total} detections on 16 images: too few for a meaningful comparison"
     assert len(labels_seen) >= 3, "the perturbed model should predict varied classes"
+
+
+@pytest.mark.slow
+def test_same_detections_as_torchvision_at_the_default_800_px_and_1000_proposals(tiny_coco_src: Path) -> None:
+    """The same comparison at torchvision's and our defaults (shorter side 800, longer at most 1333, 1000
+    proposals per image after NMS at test time), on one real tiny-COCO image: nothing is scaled down."""
+    name = "fasterrcnn_resnet50_fpn"
+    torch.manual_seed(0)
+    ref = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                               num_classes=91).eval()
+    assert (ref.transform.min_size, ref.transform.max_size, ref.rpn._post_nms_top_n["testing"]) == ((800,), 1333, 1000)
+    perturb(ref)
+    freeze_bn_like_torchvision_checkpoints(ref)
+    image = load_images(tiny_coco_src)[:1]
+    spread_classifier(ref, image)
+    ours = build_faster_rcnn(torchvision_spec(name))
+    assert (ours.spec.input.test_min_size, ours.spec.input.test_max_size) == (800, 1333)
+    assert ours.spec.rpn.post_nms_topk[1] == 1000
+    load_torchvision_detector(ours, ref.state_dict())
+    ours.eval()
+    with torch.no_grad():
+        r, g = ref(image)[0], ours(image)[0]
+    assert len(r["boxes"]) >= 20, f"only {len(r['boxes'])} detections: too few for a meaningful comparison"
+    match_detections(r, g, f"{name} at 800 px")
