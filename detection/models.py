@@ -127,6 +127,15 @@ def build_trunk(spec: ModelSpec, **kwargs: Any) -> Backbone:
     trunk = build_backbone(b.name, norm=norm, freeze_at=b.freeze_at, **kwargs)
     if b.weights is not None:
         load_weights(trunk, _imagenet_or_file(b.name, b.weights), strict=True)
+    if b.checkpoint is not False and (isinstance(b.checkpoint, bool) or len(b.checkpoint)):
+        setter = getattr(trunk, "set_grad_checkpointing", None)
+        if not callable(setter) or not hasattr(trunk, "stage_names"):
+            raise ValueError(f"model.backbone.checkpoint={b.checkpoint!r}: the backbone {b.name!r} has no ResNet "
+                             "stages to checkpoint; it works with the ResNet family (resnet18..152, v2, plain)")
+        try:
+            setter(b.checkpoint if isinstance(b.checkpoint, bool) else tuple(b.checkpoint))
+        except ValueError as err:
+            raise ValueError(f"model.backbone.checkpoint: {err}") from None
     return trunk
 
 

@@ -102,35 +102,7 @@ def build_model(cfg: Config, task: Task, num_classes: int | None = None) -> nn.M
             raise ValueError("model.num_classes is null and no dataset gives it: set model.num_classes "
                              "(foreground classes, e.g. model.num_classes=80)")
         spec = spec.replace(num_classes=num_classes)
-    model = task.build_model(spec)
-    set_backbone_checkpointing(model, spec.backbone.checkpoint)
-    return model
-
-
-def set_backbone_checkpointing(model: nn.Module, setting: bool | tuple[str, ...] | list[str]) -> None:
-    """Applies ``model.backbone.checkpoint`` to the model's ResNet-family trunk(s) (their
-    ``set_grad_checkpointing``); False or an empty list does nothing.
-
-    Raises:
-        ValueError: Checkpointing asked of a model without such a trunk, or a stage it does not have.
-    """
-    if setting is False or (not isinstance(setting, bool) and len(setting) == 0):
-        return
-    trunks = [m for m in model.modules() if hasattr(m, "stage_names") and callable(getattr(m, "set_grad_checkpointing",
-                                                                                          None))]
-    if not trunks:
-        raise ValueError(f"model.backbone.checkpoint={setting!r}: the backbone ({_backbone_name(model)}) has no "
-                         "ResNet stages to checkpoint; it works with the ResNet family (resnet18..152, v2, plain)")
-    for trunk in trunks:
-        try:
-            trunk.set_grad_checkpointing(setting if isinstance(setting, bool) else tuple(setting))
-        except ValueError as err:
-            raise ValueError(f"model.backbone.checkpoint: {err}") from None
-
-
-def _backbone_name(model: nn.Module) -> str:
-    backbone = getattr(model, "backbone", model)
-    return type(getattr(backbone, "bottom_up", backbone)).__name__
+    return task.build_model(spec)
 
 
 # --------------------------------------------------------------------------------------- evaluation

@@ -13,7 +13,8 @@ from tiny_detection import TINY, tiny_detector, tiny_images
 
 from detection import ModelSpec
 from detection.config import Config, config_from_dict
-from detection.engine.launch import build_model, set_backbone_checkpointing
+from detection.engine.launch import build_model
+from detection.models import build_faster_rcnn
 from resnet_det.common import autocast
 
 IMAGES, TARGETS = tiny_images(2, seed=5)
@@ -101,16 +102,18 @@ def test_the_config_key_reaches_the_trunk_and_bad_values_are_clear_errors():
     cfg = config_from_dict({"model": {"backbone": {"checkpoint": ["res4"]}}})
     assert cfg.model.backbone.checkpoint == ("res4",)
 
+    # The builder applies it (the engine's build_model and a direct build_faster_rcnn alike).
     class _Task:
         def build_model(self, spec):
-            return tiny_detector()
+            return build_faster_rcnn(spec)
 
     spec = ModelSpec(**{}).replace(**{k: v for k, v in TINY.items()})
     for setting, expected in ((True, ("res2", "res3", "res4", "res5")), (("res4",), ("res4",)), (False, ())):
         spec_b = dataclasses.replace(spec, backbone=dataclasses.replace(spec.backbone, checkpoint=setting))
         model = build_model(dataclasses.replace(Config(), model=spec_b), _Task())
         assert _trunk(model).grad_checkpointing == expected
+        assert _trunk(tiny_detector(backbone_checkpoint=setting)).grad_checkpointing == expected
     with pytest.raises(ValueError, match=r"model\.backbone\.checkpoint: .*'res6'.*stages: res2, res3, res4, res5"):
-        set_backbone_checkpointing(tiny_detector(), ("res6",))
+        tiny_detector(backbone_checkpoint=("res6",))
     with pytest.raises(ValueError, match="no ResNet stages to checkpoint"):
-        set_backbone_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), True)
+        tiny_detector(backbone_name="vgg16", backbone_checkpoint=True)
