@@ -20,15 +20,19 @@ def _snippets() -> list[str]:
 def test_the_section_has_one_snippet_per_library() -> None:
     firsts = [s.splitlines()[0] for s in _snippets()]
     assert [f.split(":")[0].lstrip("# ") for f in firsts] == [
-        "timm", "segmentation_models_pytorch", "Hugging Face transformers", "effdet", "torchvision"]
+        "timm", "segmentation_models_pytorch", "Hugging Face transformers", "effdet", "torchvision", "export"]
 
 
 @pytest.mark.parametrize("code", _snippets(), ids=lambda c: c.splitlines()[0].lstrip("# ").split(":")[0])
-def test_readme_snippet_runs(code: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_snippet_runs(code: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # snippets that write files (model.onnx) write them here
     exec(compile(code, str(README), "exec"), {"__name__": "readme_snippet"})
     printed = capsys.readouterr().out
     if "feature_info" in code:
         assert "[256, 512, 1024, 2048] [4, 8, 16, 32]" in printed
+    if "ort.InferenceSession" in code:
+        assert printed.splitlines()[-2:] == ["4 float32 int64"] * 2  # after torch.onnx's own progress lines
     if "smp.Unet" in code:
         assert "torch.Size([2, 3, 64, 64])" in printed
     if "detr(" in code:
