@@ -227,7 +227,7 @@ def test_eval_command_into_a_real_full_disk_exits_3_naming_the_file(small_fs, tm
 EXPORT_ARGV = ["export", faults.CONFIG, "--checkpoint", "{ckpt}", *faults.TINY, "--output", "{out}/model.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open: `resnet-det export` does not yet turn an ENOSPC while the ONNX "
+@pytest.mark.xfail(strict=True, reason="open bug: `resnet-det export` does not yet turn an ENOSPC while the ONNX "
                    "file is written into one line + exit 3 (the exporter's own writer is not wrapped by "
                    "resnet_det.common.io.writing); strict: the mark must go when it is fixed")
 def test_export_into_a_real_full_disk_exits_3_naming_the_file(small_fs, tmp_path, shapes_env, reference_run):
