@@ -59,6 +59,7 @@ __all__ = [
     "build_faster_rcnn",
     "build_fpn_backbone",
     "build_preprocessor",
+    "build_rcnn",
     "build_roi_heads",
     "build_rpn",
     "build_torchvision_detector",
@@ -270,7 +271,58 @@ def load_model_weights(model: nn.Module, spec: ModelSpec) -> None:
         load_detector_weights(model, spec.weights)
 
 
-# ---------------------------------------------------------------------------------------- Faster R-CNN
+# ---------------------------------------------------------------------------------------- R-CNN
+#: Builds the RoI heads' extra branches from the spec and the pooled levels' shapes:
+#: `(RoIHeads subclass, its extra constructor arguments)`, e.g. `(MaskRoIHeads, {"mask_head": ..., ...})`.
+RoIBranches = Callable[[ModelSpec, dict[str, ShapeSpec]], tuple[type[RoIHeads], dict[str, Any]]]
+#: Builds the image heads (`detection.faster_rcnn.ImageHead`, by attribute name) from the spec and the
+#: backbone's output shapes, e.g. `{"semantic_head": SemanticFPNHead(...)}`.
+ImageHeads = Callable[[ModelSpec, dict[str, ShapeSpec]], dict[str, nn.Module]]
+
+
+def build_rcnn(spec: ModelSpec, *, model_cls: type[FasterRCNN] = FasterRCNN, backbone_module: Backbone | None = None,
+               roi_branches: RoIBranches | None = None, image_heads: ImageHeads | None = None) -> FasterRCNN:
+    """The one R-CNN assembly: Faster R-CNN (FPN or C4) of `spec`, with the extra heads as arguments.
+
+    Parts are built in the seeded order (backbone, box head, RPN head, box predictor, the RoI heads' extra
+    branches, the image heads), the spec's weights loaded last; `model.spec` is `spec`.
+    `build_faster_rcnn`, `segmentation.build_mask_rcnn` (`roi_branches` adds the mask branch) and
+    `segmentation.build_panoptic_fpn` (`image_heads` adds the semantic head) are this function.
+
+    Args:
+        spec: the model; `spec.num_classes` must be set.
+        model_cls: `FasterRCNN` or a subclass with its constructor (e.g. `segmentation.MaskRCNN`).
+        backbone_module: any FPN-style `Backbone` instead of the one `spec.backbone` / `spec.fpn` describe.
+        roi_branches: the RoI heads' class and extra arguments (see `RoIBranches`); None: the box branch only.
+        image_heads: heads on the backbone's maps (see `ImageHeads`); None: none.
+    """
+    spec.require_num_classes()
+    if spec.arch == "c4":
+        if backbone_module is not None:
+            raise ValueError("backbone_module is for arch 'fpn' (FPN-style heads on its outputs); arch 'c4' builds "
+                             "its trunk and per-RoI head from spec.backbone")
+        if roi_branches is not None or image_heads is not None:
+            raise ValueError(f"arch='c4' builds Faster R-CNN only; the {'mask' if roi_branches else 'semantic'} head "
+                             "is built on an FPN: use arch='fpn'")
+        backbone, box_head, resolution = build_c4_trunk_and_head(spec)
+        (name, shape), = backbone.output_shape().items()
+        if shape.stride != 16:
+            raise ValueError(f"the C4 trunk's output {name!r} has stride {shape.stride}; C4 pools RoIs at stride 16")
+        roi_shapes = backbone.output_shape()
+    else:
+        backbone = backbone_module if backbone_module is not None else build_fpn_backbone(spec)
+        roi_shapes = pooled_features(backbone.output_shape())
+        box_head, resolution = build_box_head(spec, roi_shapes)
+    rpn = build_rpn(spec, backbone.output_shape())
+    predictor = build_box_predictor(spec, box_head)
+    cls, extra = roi_branches(spec, roi_shapes) if roi_branches is not None else (RoIHeads, {})
+    roi_heads = build_roi_heads(spec, roi_shapes, box_head, resolution, predictor=predictor, cls=cls, **extra)
+    heads = image_heads(spec, backbone.output_shape()) if image_heads is not None else {}
+    model = model_cls(backbone, rpn, roi_heads, build_preprocessor(spec, backbone), image_heads=heads, spec=spec)
+    load_model_weights(model, spec)
+    return model
+
+
 def build_faster_rcnn(spec: ModelSpec | None = None, *, backbone_module: Backbone | None = None,
                       **overrides: Any) -> FasterRCNN:
     """Faster R-CNN from a spec (+ `overrides`, see `ModelSpec.replace`), e.g.
@@ -290,27 +342,7 @@ def build_faster_rcnn(spec: ModelSpec | None = None, *, backbone_module: Backbon
     Raises:
         ValueError: `num_classes` unset, an unknown setting, or parts that do not fit (the message says which).
     """
-    spec = resolve_spec(spec, overrides)
-    spec.require_num_classes()
-    if spec.arch == "c4":
-        if backbone_module is not None:
-            raise ValueError("backbone_module is for arch 'fpn' (FPN-style heads on its outputs); arch 'c4' builds "
-                             "its trunk and per-RoI head from spec.backbone")
-        backbone, box_head, resolution = build_c4_trunk_and_head(spec)
-        (name, shape), = backbone.output_shape().items()
-        if shape.stride != 16:
-            raise ValueError(f"the C4 trunk's output {name!r} has stride {shape.stride}; C4 pools RoIs at stride 16")
-        roi_shapes = backbone.output_shape()
-    else:
-        backbone = backbone_module if backbone_module is not None else build_fpn_backbone(spec)
-        roi_shapes = pooled_features(backbone.output_shape())
-        box_head, resolution = build_box_head(spec, roi_shapes)
-    rpn = build_rpn(spec, backbone.output_shape())
-    roi_heads = build_roi_heads(spec, roi_shapes, box_head, resolution)
-    model = FasterRCNN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone))
-    model.spec = spec
-    load_model_weights(model, spec)
-    return model
+    return build_rcnn(resolve_spec(spec, overrides), backbone_module=backbone_module)
 
 
 # ------------------------------------------------------------------------------------- torchvision's

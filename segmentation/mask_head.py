@@ -209,6 +209,14 @@ class MaskRoIHeads(RoIHeads):
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
 
+    def check_targets(self, targets: Sequence[dict[str, Tensor]]) -> None:
+        """Raise `ValueError` naming the image unless every training target holds `masks`."""
+        for i, t in enumerate(targets):
+            if isinstance(t, dict) and "masks" not in t:
+                raise ValueError(f"targets[{i}] has no 'masks' (keys: {sorted(t)}); Mask R-CNN trains on instance "
+                                 "masks: uint8 [K, H, W], one per box, at the image's size (build the dataset with "
+                                 "with_masks=True)")
+
     def mask_logits(self, features: dict[str, Tensor], boxes: Tensor, image_index: Tensor) -> Tensor:
         """`(K, 4)` boxes of images `image_index` -> `(K, num_classes, M, M)` logits."""
         pooled = self.mask_pooler([features[f] for f in self.in_features], boxes, image_index)

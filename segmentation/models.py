@@ -12,72 +12,45 @@ torchvision's architectures under torchvision's names, with its weights from a f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from backbone.base import Backbone
 from backbone.shape_spec import ShapeSpec
 from detection.faster_rcnn import FasterRCNN
 from detection.models import (
-    build_box_head,
-    build_box_predictor,
     build_fpn_backbone,
     build_preprocessor,
-    build_roi_heads,
-    build_rpn,
+    build_rcnn,
     build_torchvision_detector,
     load_model_weights,
-    pooled_features,
     resolve_spec,
     torchvision_spec,
 )
 from detection.poolers import RoIPooler
-from detection.preprocess import Preprocessor, check_images, check_targets
+from detection.preprocess import Preprocessor, check_images
 from detection.roi_heads import RoIHeads
 from detection.rpn import RPN
 from detection.specs import MaskSpec, ModelSpec
 
 from .mask_head import MaskRCNNHead, MaskRoIHeads, paste_masks_in_image
-from .semantic_head import (
-    SemanticFPNHead,
-    check_semantic_targets,
-    prepare_semantic_targets,
-    semantic_inference,
-    semantic_loss,
-)
+from .semantic_head import SemanticFPNHead
 
 __all__ = ["MaskRCNN", "PanopticFPN", "SemanticFPN", "build_mask_head", "build_mask_rcnn", "build_panoptic_fpn",
            "build_semantic_fpn", "build_semantic_head", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
            "torchvision_mask_spec"]
 
 
-def _check_masks_present(targets: Sequence[dict[str, Tensor]] | None) -> None:
-    if not isinstance(targets, list | tuple):
-        return  # check_targets reports it
-    for i, t in enumerate(targets):
-        if isinstance(t, dict) and "masks" not in t:
-            raise ValueError(f"targets[{i}] has no 'masks' (keys: {sorted(t)}); Mask R-CNN trains on instance masks: "
-                             "uint8 [K, H, W], one per box, at the image's size (build the dataset with "
-                             "with_masks=True)")
-
-
 class MaskRCNN(FasterRCNN):
-    """Faster R-CNN with a mask branch (`roi_heads` is a `MaskRoIHeads`).
+    """Faster R-CNN with a mask branch (`roi_heads` is a `MaskRoIHeads`); the forward is `FasterRCNN`'s.
 
     - training: targets also hold `masks` (uint8 `[K, H, W]`, one per box, at the image's size); the
       losses add `loss_mask`.
     - eval: each image's dict also holds `masks`, float `[D, 1, H, W]` probabilities pasted into the
       image at its own size (threshold at 0.5 for binary masks), like torchvision.
     """
-
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if self.training and isinstance(self.roi_heads, MaskRoIHeads):
-            _check_masks_present(targets)
-        return super().forward(images, targets)
 
     @staticmethod
     def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
@@ -91,7 +64,8 @@ class MaskRCNN(FasterRCNN):
 
 
 class PanopticFPN(MaskRCNN):
-    """An R-CNN (Faster or Mask, by `roi_heads`) and a semantic FPN head on the same FPN, trained jointly.
+    """An R-CNN (Faster or Mask, by `roi_heads`) and a semantic FPN head on the same FPN, trained jointly: the
+    R-CNN forward of `FasterRCNN` with the semantic head as its image head `semantic_head`.
 
     - training: targets also hold `sem_seg` (int64 `[H, W]` at the image's size, `ignore_index` = not
       labelled); the losses add `loss_sem_seg` multiplied by `semantic_loss_weight`.
@@ -99,44 +73,38 @@ class PanopticFPN(MaskRCNN):
 
     Args:
         backbone / rpn / roi_heads / preprocessor: as in `FasterRCNN`.
-        semantic_head: a `SemanticFPNHead` on the backbone's outputs.
-        semantic_loss_weight: weight of the semantic loss in the sum (0.5 in Panoptic FPN).
-        ignore_index: label the semantic loss ignores (255).
+        semantic_head: a `SemanticFPNHead` on the backbone's outputs (its `loss_weight`, 0.5 in Panoptic FPN,
+            and `ignore_index`, 255, apply).
+        image_heads: more image heads beside it.
+        spec: as in `FasterRCNN`.
     """
 
-    def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, preprocessor: Preprocessor,
-                 semantic_head: SemanticFPNHead, *, semantic_loss_weight: float = 0.5, ignore_index: int = 255) -> None:
-        super().__init__(backbone, rpn, roi_heads, preprocessor)
-        self.semantic_head = semantic_head
-        self.semantic_loss_weight = semantic_loss_weight
-        self.ignore_index = ignore_index
+    semantic_head: SemanticFPNHead
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        check_images(images)
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        if self.training:
-            check_targets(targets, len(images), self.num_classes, original_sizes)
-            check_semantic_targets(targets, original_sizes, self.semantic_head.num_classes, self.ignore_index)
-            if isinstance(self.roi_heads, MaskRoIHeads):
-                _check_masks_present(targets)
-        batch, sizes, _ = self.preprocessor(images)
-        image_sizes = torch.tensor(sizes, device=batch.device)
-        gt = self.prepare_targets(targets, original_sizes, sizes, batch.device) if self.training else None
-        features = self.backbone(batch)
-        proposals, valid, rpn_losses = self.rpn(features, image_sizes, gt, tuple(batch.shape[-2:]))
-        detections, roi_losses = self.roi_heads(features, proposals, valid, image_sizes, gt)
-        sem_logits = self.semantic_head(features)
-        if self.training:
-            assert targets is not None
-            sem_targets = prepare_semantic_targets(targets, sizes, original_sizes, tuple(batch.shape[-2:]),
-                                                   self.ignore_index, batch.device)
-            loss = semantic_loss(sem_logits, sem_targets, self.ignore_index)
-            return {**rpn_losses, **roi_losses, "loss_sem_seg": loss * self.semantic_loss_weight}
-        results = self.postprocess(detections, sizes, original_sizes)
-        for r, sem in zip(results, semantic_inference(sem_logits, sizes, original_sizes)):
-            r["sem_seg"] = sem
-        return results
+    def __init__(self, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, preprocessor: Preprocessor,
+                 semantic_head: SemanticFPNHead | None = None, *, image_heads: Mapping[str, nn.Module] | None = None,
+                 spec: ModelSpec | None = None) -> None:
+        heads = dict(image_heads or {})
+        if semantic_head is not None:
+            heads = {"semantic_head": semantic_head, **heads}
+        if not isinstance(heads.get("semantic_head"), SemanticFPNHead):
+            raise ValueError("PanopticFPN needs a SemanticFPNHead: pass semantic_head= (or image_heads="
+                             "{'semantic_head': ...})")
+        super().__init__(backbone, rpn, roi_heads, preprocessor, image_heads=heads, spec=spec)
+
+    @property
+    def semantic_loss_weight(self) -> float:
+        """Weight of the semantic loss in the sum (the semantic head's `loss_weight`)."""
+        return self.semantic_head.loss_weight
+
+    @semantic_loss_weight.setter
+    def semantic_loss_weight(self, value: float) -> None:
+        self.semantic_head.loss_weight = value
+
+    @property
+    def ignore_index(self) -> int:
+        """The label the semantic loss ignores (the semantic head's)."""
+        return self.semantic_head.ignore_index
 
 
 class SemanticFPN(nn.Module):
@@ -148,40 +116,55 @@ class SemanticFPN(nn.Module):
 
     Args:
         backbone: an FPN (or any backbone with the head's `in_features`).
-        semantic_head: the head.
+        semantic_head: the head (its `check_targets` / `losses` / `predict` are the model's).
         preprocessor: resizing, normalisation and batching (the detectors').
-        loss_weight: multiplies the loss.
-        ignore_index: label the loss ignores (255).
+        loss_weight: sets the head's `loss_weight` (None keeps it).
+        ignore_index: sets the head's `ignore_index` (None keeps it).
+        spec: the `ModelSpec` the model was built from (the builder sets it).
     """
 
+    spec: ModelSpec | None
+
     def __init__(self, backbone: Backbone, semantic_head: SemanticFPNHead, preprocessor: Preprocessor, *,
-                 loss_weight: float = 1.0, ignore_index: int = 255) -> None:
+                 loss_weight: float | None = None, ignore_index: int | None = None,
+                 spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.semantic_head = semantic_head
         self.preprocessor = preprocessor
-        self.loss_weight = loss_weight
-        self.ignore_index = ignore_index
+        self.spec = spec
+        if loss_weight is not None:
+            semantic_head.loss_weight = loss_weight
+        if ignore_index is not None:
+            semantic_head.ignore_index = ignore_index
 
     @property
     def num_classes(self) -> int:
         """Semantic classes, background included."""
         return self.semantic_head.num_classes
 
+    @property
+    def loss_weight(self) -> float:
+        """Multiplies the loss (the head's `loss_weight`)."""
+        return self.semantic_head.loss_weight
+
+    @property
+    def ignore_index(self) -> int:
+        """The label the loss ignores (the head's)."""
+        return self.semantic_head.ignore_index
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         check_images(images)
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         if self.training:
-            check_semantic_targets(targets, original_sizes, self.num_classes, self.ignore_index)  # type: ignore[arg-type]
+            self.semantic_head.check_targets(targets, original_sizes)  # type: ignore[arg-type]
         batch, sizes, _ = self.preprocessor(images)
         logits = self.semantic_head(self.backbone(batch))
         if self.training:
             assert targets is not None
-            sem_targets = prepare_semantic_targets(targets, sizes, original_sizes, tuple(batch.shape[-2:]),
-                                                   self.ignore_index, batch.device)
-            return {"loss_sem_seg": semantic_loss(logits, sem_targets, self.ignore_index) * self.loss_weight}
-        return [{"sem_seg": s} for s in semantic_inference(logits, sizes, original_sizes)]
+            return self.semantic_head.losses(logits, targets, sizes, original_sizes, tuple(batch.shape[-2:]))
+        return self.semantic_head.predict(logits, sizes, original_sizes)
 
 
 # ----------------------------------------------------------------------------------------- builders
@@ -220,27 +203,22 @@ def build_semantic_head(spec: ModelSpec, input_shape: dict[str, ShapeSpec]) -> S
                          f"{ {k: v.channels for k, v in shapes.items()} }")
     return SemanticFPNHead(s.in_features, [v.stride for v in shapes.values()], channels.pop(),
                            spec.require_num_classes() + 1, conv_dims=s.conv_dims, common_stride=s.common_stride,
-                           norm=s.norm)
+                           norm=s.norm, loss_weight=s.loss_weight, ignore_index=s.ignore_index)
 
 
-def _rcnn_parts(spec: ModelSpec, *, with_masks: bool) -> tuple[Backbone, RPN, RoIHeads]:
-    """Backbone + FPN, RPN and the box branch (+ the mask branch), built in the seeded order: backbone,
-    box head, RPN head, box predictor, mask head."""
-    backbone = build_fpn_backbone(spec)
-    roi_shapes = pooled_features(backbone.output_shape())
-    box_head, resolution = build_box_head(spec, roi_shapes)
-    rpn = build_rpn(spec, backbone.output_shape())
-    if not with_masks:
-        return backbone, rpn, build_roi_heads(spec, roi_shapes, box_head, resolution)
-    predictor = build_box_predictor(spec, box_head)
+def _mask_branch(spec: ModelSpec, roi_shapes: dict[str, ShapeSpec]) -> tuple[type[RoIHeads], dict[str, Any]]:
+    """The mask branch as the RoI heads' extra arguments (`detection.models.build_rcnn`'s `roi_branches`)."""
     mask_pooler, mask_head = build_mask_head(spec, roi_shapes)
-    roi_heads = build_roi_heads(spec, roi_shapes, box_head, resolution, predictor=predictor, cls=MaskRoIHeads,
-                                mask_pooler=mask_pooler, mask_head=mask_head)
-    return backbone, rpn, roi_heads
+    return MaskRoIHeads, {"mask_pooler": mask_pooler, "mask_head": mask_head}
+
+
+def _semantic_branch(spec: ModelSpec, shapes: dict[str, ShapeSpec]) -> dict[str, nn.Module]:
+    """The semantic head as an image head (`detection.models.build_rcnn`'s `image_heads`)."""
+    return {"semantic_head": build_semantic_head(spec, shapes)}
 
 
 def build_mask_rcnn(spec: ModelSpec | None = None, mask: MaskSpec | None = None, **overrides: Any) -> MaskRCNN:
-    """Mask R-CNN (FPN): the Faster R-CNN of `spec` with a mask branch, built directly.
+    """Mask R-CNN (FPN): the Faster R-CNN of `spec` with a mask branch (`detection.models.build_rcnn`).
 
     Args:
         spec: the model (default `ModelSpec()`); `num_classes` counts foreground classes and must be set.
@@ -256,16 +234,12 @@ def build_mask_rcnn(spec: ModelSpec | None = None, mask: MaskSpec | None = None,
     if mask is not None:
         spec = spec.replace(mask=mask)
     _require_fpn(spec, "mask head")
-    spec.require_num_classes()
-    backbone, rpn, roi_heads = _rcnn_parts(spec, with_masks=True)
-    model = MaskRCNN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone))
-    model.spec = spec
-    load_model_weights(model, spec)
-    return model
+    return build_rcnn(spec, model_cls=MaskRCNN, roi_branches=_mask_branch)  # type: ignore[return-value]
 
 
 def build_panoptic_fpn(spec: ModelSpec | None = None, *, with_masks: bool = False, **overrides: Any) -> PanopticFPN:
-    """Faster R-CNN (Mask R-CNN with `with_masks`) + the semantic head on the same FPN.
+    """Faster R-CNN (Mask R-CNN with `with_masks`) + the semantic head on the same FPN
+    (`detection.models.build_rcnn` with the semantic head as an image head).
 
     The semantic head predicts `num_classes` + background classes (the labels a COCO-style dataset paints
     from its instances, or a semantic PNG with the same labels); its loss is weighted by
@@ -273,14 +247,8 @@ def build_panoptic_fpn(spec: ModelSpec | None = None, *, with_masks: bool = Fals
     """
     spec = resolve_spec(spec, overrides)
     _require_fpn(spec, "panoptic FPN")
-    spec.require_num_classes()
-    backbone, rpn, roi_heads = _rcnn_parts(spec, with_masks=with_masks)
-    head = build_semantic_head(spec, backbone.output_shape())
-    model = PanopticFPN(backbone, rpn, roi_heads, build_preprocessor(spec, backbone), head,
-                        semantic_loss_weight=spec.semantic.loss_weight, ignore_index=spec.semantic.ignore_index)
-    model.spec = spec
-    load_model_weights(model, spec)
-    return model
+    return build_rcnn(spec, model_cls=PanopticFPN, roi_branches=_mask_branch if with_masks else None,
+                      image_heads=_semantic_branch)  # type: ignore[return-value]
 
 
 def build_semantic_fpn(spec: ModelSpec | None = None, **overrides: Any) -> SemanticFPN:
@@ -292,9 +260,7 @@ def build_semantic_fpn(spec: ModelSpec | None = None, **overrides: Any) -> Seman
     spec.require_num_classes()
     backbone = build_fpn_backbone(spec, top_block="none")
     head = build_semantic_head(spec, backbone.output_shape())
-    model = SemanticFPN(backbone, head, build_preprocessor(spec, backbone), loss_weight=spec.semantic.loss_weight,
-                        ignore_index=spec.semantic.ignore_index)
-    model.spec = spec
+    model = SemanticFPN(backbone, head, build_preprocessor(spec, backbone), spec=spec)
     load_model_weights(model, spec)
     return model
 

@@ -39,11 +39,19 @@ class SemanticFPNHead(nn.Module):
         conv_dims: channels of the stages (128 in the paper).
         common_stride: stride at which the levels are summed (4).
         norm: norm of the stages ("GN" in the paper).
+        loss_weight: multiplies `loss_sem_seg` (0.5 in Panoptic FPN).
+        ignore_index: the label of pixels the loss ignores (255).
+
+    It is a `detection.faster_rcnn.ImageHead` (`check_targets`, `losses`, `predict`), so the R-CNN forward
+    runs it beside the RoI heads (`PanopticFPN`); `SemanticFPN` runs it alone.
     """
 
     def __init__(self, in_features: Sequence[str], in_strides: Sequence[int], in_channels: int, num_classes: int,
-                 *, conv_dims: int = 128, common_stride: int = 4, norm: NormSpec = "GN") -> None:
+                 *, conv_dims: int = 128, common_stride: int = 4, norm: NormSpec = "GN", loss_weight: float = 1.0,
+                 ignore_index: int = 255) -> None:
         super().__init__()
+        self.loss_weight = loss_weight
+        self.ignore_index = ignore_index
         if len(in_features) != len(in_strides) or not in_features:
             raise ValueError(f"give one stride per feature: in_features={tuple(in_features)}, "
                              f"in_strides={tuple(in_strides)}")
@@ -81,6 +89,22 @@ class SemanticFPNHead(nn.Module):
             x = y if x is None else x + y
         x = self.predictor(x)
         return F.interpolate(x, scale_factor=self.common_stride, mode="bilinear", align_corners=False)
+
+    def check_targets(self, targets: Sequence[dict[str, Tensor]], original_sizes: Sequence[tuple[int, int]]) -> None:
+        """`check_semantic_targets` with this head's classes and ignore value."""
+        check_semantic_targets(targets, original_sizes, self.num_classes, self.ignore_index)
+
+    def losses(self, logits: Tensor, targets: Sequence[dict[str, Tensor]], sizes: Sequence[tuple[int, int]],
+               original_sizes: Sequence[tuple[int, int]], batch_size: tuple[int, int]) -> dict[str, Tensor]:
+        """`{"loss_sem_seg": ...}` of the padded-batch logits against the label maps (`prepare_semantic_targets`),
+        times `loss_weight`."""
+        sem = prepare_semantic_targets(targets, sizes, original_sizes, batch_size, self.ignore_index, logits.device)
+        return {"loss_sem_seg": semantic_loss(logits, sem, self.ignore_index) * self.loss_weight}
+
+    def predict(self, logits: Tensor, sizes: Sequence[tuple[int, int]], original_sizes: Sequence[tuple[int, int]]
+                ) -> list[dict[str, Tensor]]:
+        """`[{"sem_seg": int64 [H, W]}, ...]` at each image's size (`semantic_inference`)."""
+        return [{"sem_seg": s} for s in semantic_inference(logits, sizes, original_sizes)]
 
 
 def check_semantic_targets(targets: Sequence[dict[str, Tensor]], image_sizes: Sequence[tuple[int, int]],
