@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resnet_det.common import atomic_write
-from resnet_det.common.io import FileLoadError, load_weights_only
+from resnet_det_common import atomic_write
+from resnet_det_common.io import FileLoadError, load_weights_only
 
 log = logging.getLogger(__name__)
 

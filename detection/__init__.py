@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from resnet_det.common.lazy import lazy_exports
+from resnet_det_common.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names, for type checkers; at run time they are imported on first use
     from .convert import convert_torchvision_detection, load_detector_weights, load_torchvision_detector
@@ -77,7 +77,7 @@ __all__ = [
     "torchvision_spec",
 ]
 
-# Lazy (resnet_det.common.lazy): importing this package loads none of its submodules until a name is used.
+# Lazy (resnet_det_common.lazy): importing this package loads none of its submodules until a name is used.
 __getattr__, __dir__ = lazy_exports(__name__, {
     "convert_torchvision_detection": ".convert",
     "load_detector_weights": ".convert",

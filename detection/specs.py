@@ -3,7 +3,7 @@ the builders read.
 
 ``ModelSpec`` holds the top-level choices (task, architecture, classes, full-model weights) and one
 section per part: ``backbone``, ``fpn``, ``rpn``, ``roi``, ``mask``, ``semantic``, ``input``. The
-config loader (``detection.config``) parses YAML straight into these classes, so adding a field
+config loader (``resnet_det.config``) parses YAML straight into these classes, so adding a field
 is one edit: the field, its default and the one-line docstring after it (the loader's
 convention). Channels and strides never appear here: the builders read them from the
 ``output_shape()`` of the module that feeds each head.
@@ -30,7 +30,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from resnet_det.common import check
+from resnet_det_common import check
 
 __all__ = [
     "C4_ANCHOR_SIZES",
@@ -360,15 +360,15 @@ class InputSpec(_Spec):
 # --------------------------------------------------------------------------------------------------
 
 
-#: Every task, by name: where its :class:`~detection.engine.task.Task` is declared (``"module:ATTRIBUTE"``). The
+#: Every task, by name: where its :class:`~resnet_det.engine.task.Task` is declared (``"module:ATTRIBUTE"``). The
 #: one place task names live: ``model.task`` is checked against it when a config loads, and the command line
 #: imports the declaration from here (the task modules sit above the config, which must not import them).
 #: A task of your own: :func:`register_task`.
 TASKS: dict[str, str] = {
-    "detection": "detection.tasks:DETECTION",
-    "instance": "segmentation.tasks:INSTANCE",
-    "semantic": "segmentation.tasks:SEMANTIC",
-    "panoptic_fpn": "segmentation.tasks:PANOPTIC_FPN",
+    "detection": "resnet_det.tasks.detection:DETECTION",
+    "instance": "resnet_det.tasks.segmentation:INSTANCE",
+    "semantic": "resnet_det.tasks.segmentation:SEMANTIC",
+    "panoptic_fpn": "resnet_det.tasks.segmentation:PANOPTIC_FPN",
 }
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from resnet_det.common import autocast
+from resnet_det_common import autocast
 
 from .boxes import clip_boxes, nonempty
 from .faster_rcnn import FasterRCNN

@@ -1,6 +1,6 @@
 """resnet-det: the distribution's own package.
 
-- ``resnet_det.common``: the bottom layer every package uses (autocast, atomic file writes,
+- ``resnet_det_common``: the bottom layer every package uses (autocast, atomic file writes,
   distributed helpers, RNG states); it imports nothing else of this project.
 - ``resnet_det.cli``: the ``resnet-det`` command (``python -m resnet_det``), the top layer.
 - ``resnet_det.studies``: experiments (the paper study, the CIFAR-10 degradation study, the
@@ -10,4 +10,4 @@
 The library itself is ``backbone`` <- ``detection`` <- ``segmentation``; see ARCHITECTURE.md.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

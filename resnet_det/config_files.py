@@ -12,7 +12,7 @@ Example::
     shipped_configs()["coco/faster_rcnn_R_50_FPN_1x"]     # its path
 
 This module reads files only; it imports nothing of the project (the config loader is
-``detection.config.load_config``, which takes the path returned here).
+``resnet_det.config.load_config``, which takes the path returned here).
 """
 
 from __future__ import annotations

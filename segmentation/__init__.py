@@ -2,7 +2,7 @@
 
 Importing this package loads the model layer only; the tasks "instance" (Mask R-CNN: COCO bbox +
 segm AP), "semantic" (semantic FPN: mean IoU) and "panoptic_fpn" (Faster R-CNN + semantic head) are
-declared in `segmentation.tasks`, which only the command line and the tests import.
+declared in `resnet_det.tasks.segmentation`, which only the command line and the tests import.
 """
 
 from __future__ import annotations

@@ -5,23 +5,30 @@ functions alike (a function-level import is still a dependency), relative import
 module belongs to the first layer whose prefix matches its name:
 
     tools       resnet_det.cli, resnet_det.studies, resnet_det.__main__, tools/*.py
-    tasks       detection.tasks, segmentation.tasks
-    engine      detection.engine
-    config      detection.config
-    data        detection.data
-    evaluation  detection.evaluation
+    tasks       resnet_det.tasks.detection, resnet_det.tasks.segmentation
+    engine      resnet_det.engine
+    config      resnet_det.config
+    data        resnet_det.data
+    evaluation  resnet_det.evaluation
     segmentation (models)   segmentation
     detection (models)      detection
     backbone    backbone
-    common      resnet_det.common
+    common      resnet_det_common
 
 Arrows point down only; the forbidden edges are DESIGN.md's list. The tests below also check, in a
 fresh interpreter, what ``import backbone / detection / segmentation`` actually load.
+
+The folders show the layers: each top-level package holds one band of them, bottom to top
+``resnet_det_common`` (common), ``backbone``, ``detection`` (models), ``segmentation`` (models), ``resnet_det``
+(config, data, evaluation, engine, tasks, tools); an import between two packages runs only into a package
+whose every layer sits below the importer. The old module paths (``detection.engine``, ``resnet_det.common``,
+...) are aliases for one release (``SHIMS``), which only alias.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import subprocess
 import sys
@@ -30,17 +37,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("backbone", "detection", "segmentation", "resnet_det")
+PACKAGES = ("resnet_det_common", "backbone", "detection", "segmentation", "resnet_det")
+# Bottom to top: a package may import only packages before it.
+PACKAGE_ORDER = PACKAGES
+# old module (a file that only aliases, resnet_det_common.moved) -> the module it is an alias of, until 0.4.
+SHIMS = {
+    "resnet_det.common": "resnet_det_common",
+    "detection.engine": "resnet_det.engine",
+    "detection.data": "resnet_det.data",
+    "detection.evaluation": "resnet_det.evaluation",
+    "detection.config": "resnet_det.config",
+    "detection.tasks": "resnet_det.tasks.detection",
+    "segmentation.tasks": "resnet_det.tasks.segmentation",
+}
 
 # Longest prefix first: a module is in the first layer whose prefix matches.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tools", ("resnet_det.cli", "resnet_det.studies", "resnet_det.__main__", "tools")),
-    ("tasks", ("detection.tasks", "segmentation.tasks")),
-    ("engine", ("detection.engine",)),
-    ("config", ("detection.config",)),
-    ("data", ("detection.data",)),
-    ("evaluation", ("detection.evaluation",)),
-    ("common", ("resnet_det.common",)),
+    ("tasks", ("resnet_det.tasks.detection", "resnet_det.tasks.segmentation")),
+    ("engine", ("resnet_det.engine",)),
+    ("config", ("resnet_det.config",)),
+    ("data", ("resnet_det.data",)),
+    ("evaluation", ("resnet_det.evaluation",)),
+    ("common", ("resnet_det_common",)),
     ("segmentation", ("segmentation",)),
     ("detection", ("detection",)),
     ("backbone", ("backbone",)),
@@ -48,6 +67,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 MODEL_LAYERS = {"backbone", "detection", "segmentation"}
+# Height of each layer (DESIGN.md's picture, bottom 0); layers of one height do not import each other's folders.
+LAYER_HEIGHT = {"common": 0, "backbone": 1, "detection": 2, "segmentation": 3, "package": 4, "config": 4, "data": 4,
+                "evaluation": 4, "engine": 5, "tasks": 6, "tools": 7}
 LIBRARY = {"common", "backbone", "detection", "segmentation", "data", "evaluation", "config", "engine", "tasks",
            "package"}
 
@@ -132,6 +154,55 @@ def edges() -> list[tuple[str, str, str, str, int]]:
     return out
 
 
+def test_each_package_holds_one_band_of_layers_and_imports_run_into_lower_packages_only() -> None:
+    """No import runs from a lower layer into a folder that also holds a higher one: the packages are ordered
+    (PACKAGE_ORDER), each holds layers no higher than the lowest layer of any package above it, and an import
+    between packages goes down that order."""
+    held: dict[str, set[str]] = {}
+    for path in project_files():
+        name = module_name(path)
+        if name in SHIMS:
+            continue
+        held.setdefault(name.split(".")[0], set()).add(layer_of(name) or "?")
+    rank = {pkg: i for i, pkg in enumerate(PACKAGE_ORDER)}
+    for lower, upper in itertools.pairwise(PACKAGE_ORDER):
+        top = max(LAYER_HEIGHT[layer] for layer in held[lower])
+        bottom = min(LAYER_HEIGHT[layer] for layer in held[upper])
+        assert top <= bottom, f"{lower} holds layers {sorted(held[lower])} above {upper}'s {sorted(held[upper])}"
+    bad = []
+    for src, dst, a, _, line in edges():
+        p, q = src.split(".")[0], dst.split(".")[0]
+        crosses = p in rank and q in rank and p != q and src not in SHIMS
+        if crosses and (rank[q] > rank[p] or max(LAYER_HEIGHT[layer] for layer in held[q]) > LAYER_HEIGHT[a]):
+            bad.append(f"{src}:{line} ({a}) imports {dst}, in {q}, which holds {sorted(held[q])}")
+    assert not bad, "imports into a package that holds a higher layer:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(SHIMS.items()))
+def test_old_module_paths_are_aliases_of_the_new_modules_with_a_deprecation_warning(old: str, new: str) -> None:
+    """Same module objects (classes keep their identity), submodules included, and a DeprecationWarning naming
+    the new import; the shim file holds nothing but the alias."""
+    path = REPO / (old.replace(".", "/") + ".py")
+    path = path if path.exists() else REPO / old.replace(".", "/") / "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    assert [ast.unparse(c) for c in calls] == [f"alias_module(__name__, {new!r})"], f"{path} does more than alias"
+    sub = {"resnet_det.engine": "trainer", "resnet_det.data": "formats.yolo", "resnet_det.evaluation": "coco",
+           "resnet_det_common": "io"}.get(new)
+    pairs = [(old, new)] + ([(f"{old}.{sub}", f"{new}.{sub}")] if sub else [])
+    code = (
+        "import importlib, json, warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    same = [importlib.import_module(a) is importlib.import_module(b) for a, b in {pairs!r}]\n"
+        "print(json.dumps({'same': same, 'warnings': [str(x.message) for x in w if x.category is DeprecationWarning]}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(report["same"]) and report["same"], report
+    assert any(f"{old} moved to {new}" in m and f"import {new}" in m for m in report["warnings"]), report
+
+
 def test_every_project_module_has_a_layer() -> None:
     missing = [module_name(p) for p in project_files() if layer_of(module_name(p)) is None]
     assert not missing, f"modules outside every layer (add them to LAYERS and ARCHITECTURE.md): {missing}"
@@ -148,10 +219,10 @@ def test_no_forbidden_import() -> None:
 
 def test_the_reader_sees_function_level_and_relative_imports() -> None:
     """So the rules above can fail: a hidden import inside a function of an engine module is seen."""
-    source = "def f():\n    from ...segmentation import models\n    import detection.tasks\n"
-    found = [t for t, _ in imports_in(source, "detection.engine.probe")]
-    assert {"segmentation", "segmentation.models", "detection.tasks"} <= set(found)
-    assert layer_of("detection.engine.probe") == "engine"
+    source = "def f():\n    from ...segmentation import models\n    import resnet_det.tasks.detection\n"
+    found = [t for t, _ in imports_in(source, "resnet_det.engine.probe")]
+    assert {"segmentation", "segmentation.models", "resnet_det.tasks.detection"} <= set(found)
+    assert layer_of("resnet_det.engine.probe") == "engine"
     assert ("engine", "segmentation") in FORBIDDEN and ("engine", "tasks") in FORBIDDEN
 
 
@@ -214,6 +285,6 @@ def test_one_atomic_writer_one_autocast_helper_no_sys_path_edits() -> None:
             if text in ("sys.path.insert", "sys.path.append", "sys.path.extend"):
                 sys_path.append(rel)
     library_autocast = [p for p in autocast if not p.startswith("tests/")]
-    assert sorted(set(replace)) == ["resnet_det/common/io.py"], replace
-    assert sorted(set(library_autocast)) == ["resnet_det/common/amp.py"], library_autocast
+    assert sorted(set(replace)) == ["resnet_det_common/io.py"], replace
+    assert sorted(set(library_autocast)) == ["resnet_det_common/amp.py"], library_autocast
     assert not sys_path, f"sys.path edits: {sys_path}"

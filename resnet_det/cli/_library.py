@@ -1,9 +1,9 @@
 """The library calls of ``train``, ``eval`` and ``infer``, in one place, and the task lookup.
 
 The tasks (``model.task``: detection, instance, semantic, panoptic_fpn) are named in one registry,
-:data:`detection.specs.TASKS`, and declared at the edge, in ``detection.tasks`` and ``segmentation.tasks``;
-this module (the command line) is what imports one by name and hands it to the engine, which never imports a
-task module.
+:data:`detection.specs.TASKS`, and declared at the edge, in ``resnet_det.tasks.detection`` and
+``resnet_det.tasks.segmentation``; this module (the command line) is what imports one by name and hands it to the
+engine, which never imports a task module.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from detection.config import Config
-    from detection.engine.task import Task
+    from resnet_det.config import Config
+    from resnet_det.engine.task import Task
 
 
 def get_task(name: str) -> Task:
@@ -40,22 +40,22 @@ def get_task(name: str) -> Task:
 
 
 def train(cfg: Config, *, resume: bool, progress: bool) -> dict[str, Any]:
-    """Trains and evaluates as ``cfg`` says (:func:`detection.engine.launch.train`)."""
-    from detection.engine.launch import train as launch_train
+    """Trains and evaluates as ``cfg`` says (:func:`resnet_det.engine.launch.train`)."""
+    from resnet_det.engine.launch import train as launch_train
 
     return launch_train(cfg, get_task(cfg.model.task), resume=resume, progress=progress)
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, *, progress: bool) -> dict[str, Any]:
-    """Evaluates ``checkpoint`` on the config's val split (:func:`detection.engine.launch.evaluate_checkpoint`)."""
-    from detection.engine.launch import evaluate_checkpoint as launch_evaluate
+    """Evaluates ``checkpoint`` on the config's val split (:func:`resnet_det.engine.launch.evaluate_checkpoint`)."""
+    from resnet_det.engine.launch import evaluate_checkpoint as launch_evaluate
 
     return launch_evaluate(cfg, get_task(cfg.model.task), checkpoint, progress=progress)
 
 
 def val_dataset(cfg: Config) -> Any:
     """The config's val split, with the targets its task needs (no augmentation)."""
-    from detection.engine.launch import build_dataset
+    from resnet_det.engine.launch import build_dataset
 
     return build_dataset(cfg, get_task(cfg.model.task), "val")
 
@@ -90,7 +90,7 @@ def inference_model(cfg: Config, checkpoint: str, *, num_classes: int | None = N
     import dataclasses
 
     from detection.convert import load_detector_weights
-    from detection.engine.launch import build_dataset, build_model
+    from resnet_det.engine.launch import build_dataset, build_model
 
     task = get_task(cfg.model.task)
     n = cfg.model.num_classes or num_classes or (len(class_names) - 1 if class_names else None)

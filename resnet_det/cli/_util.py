@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from resnet_det.config_files import resolve_config
 
 if TYPE_CHECKING:
-    from detection.config import Config
+    from resnet_det.config import Config
 
 
 class CommandError(Exception):
@@ -53,7 +53,7 @@ def load_config_arg(ref: str, overrides: Sequence[str]) -> Config:
     Raises:
         CommandError: An unknown config, an invalid file, a bad override or value (one line).
     """
-    from detection.config import load_config
+    from resnet_det.config import load_config
 
     try:
         return load_config(resolve_config(ref), list(overrides))
@@ -62,8 +62,8 @@ def load_config_arg(ref: str, overrides: Sequence[str]) -> Config:
 
 
 def print_config(cfg: Config) -> None:
-    """Writes ``cfg`` to stdout in :func:`detection.config.dump_config`'s YAML (which loads back equal)."""
-    from detection.config import dump_config
+    """Writes ``cfg`` to stdout in :func:`resnet_det.config.dump_config`'s YAML (which loads back equal)."""
+    from resnet_det.config import dump_config
 
     with tempfile.TemporaryDirectory() as tmp:
         text = dump_config(cfg, Path(tmp) / "config.yaml").read_text(encoding="utf-8")
@@ -73,10 +73,10 @@ def print_config(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def console_logging() -> Iterator[None]:
-    """The project's console logging (:func:`resnet_det.common.setup_logger`: INFO, the format of the
+    """The project's console logging (:func:`resnet_det_common.setup_logger`: INFO, the format of the
     runs' ``log.txt``) while a command runs, undone after it, so a command called in-process leaves no
     handler behind. Under ``torchrun`` the processes other than rank 0 log warnings only."""
-    from resnet_det.common import logging_scope
+    from resnet_det_common import logging_scope
 
     with logging_scope(rank=int(os.environ.get("RANK", "0"))):
         yield

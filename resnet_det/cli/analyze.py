@@ -56,7 +56,7 @@ def analyze(results: str, annotations: str, output_dir: str, *, iou_type: str | 
             calibration_bins: int = 10, top_images: int = 20, progress: bool = True) -> None:
     """The analysis with the command's console logging; bad input is a :class:`CommandError` (also
     used by ``eval --analyze``)."""
-    from detection.evaluation.analysis import analyze_results
+    from resnet_det.evaluation.analysis import analyze_results
 
     try:
         with console_logging():

@@ -20,7 +20,7 @@ HELP = "convert a dataset between layouts (yolo, voc, coco): e.g. --from yolo --
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The parser of ``convert``."""
-    from detection.data.formats import format_names
+    from resnet_det.data.formats import format_names
 
     names = list(format_names())
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Converts and prints the output folder; returns 0, or raises :class:`CommandError`."""
     from pathlib import Path
 
-    from detection.data.formats import Source, convert
+    from resnet_det.data.formats import Source, convert
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

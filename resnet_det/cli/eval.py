@@ -89,9 +89,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _results(args: argparse.Namespace) -> int:
-    # coco_core, not detection.evaluation.coco: a results file needs no torch (seconds and ~0.7 GiB saved)
-    from detection.evaluation.coco_core import evaluate_results_json
-    from resnet_det.common.io import OutputWriteError
+    # coco_core, not resnet_det.evaluation.coco: a results file needs no torch (seconds and ~0.7 GiB saved)
+    from resnet_det.evaluation.coco_core import evaluate_results_json
+    from resnet_det_common.io import OutputWriteError
 
     try:
         evaluate_results_json(args.results, args.annotations, iou_types=args.iou_types,
@@ -116,9 +116,9 @@ def _checkpoint(args: argparse.Namespace) -> int:
         raise CommandError(f"--checkpoint {args.checkpoint!r} does not exist")
     cfg = load_config_arg(args.config, _overrides(args))
     from backbone.weights import WeightsError
-    from detection.data.coco import DatasetError
-    from detection.evaluation import set_default_backend
-    from resnet_det.common.io import OutputWriteError
+    from resnet_det.data.coco import DatasetError
+    from resnet_det.evaluation import set_default_backend
+    from resnet_det_common.io import OutputWriteError
 
     set_default_backend(args.backend)  # the task's evaluators are built inside; they take the default
     try:

@@ -63,8 +63,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = load_config_arg(args.config, args.overrides)
-    from detection.engine.inference import run_inference, visualize_dataset
-    from resnet_det.common import OutputWriteError, resolve_device
+    from resnet_det.engine.inference import run_inference, visualize_dataset
+    from resnet_det_common import OutputWriteError, resolve_device
 
     try:
         names, label_to_cat = _library.read_class_names(args.class_names) if args.class_names else (None, None)

@@ -20,8 +20,8 @@ HELP = "write the synthetic shapes dataset (COCO JSON, JPEGs, instance and seman
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The parser of ``make-shapes``."""
-    from detection.data.formats import format_names
-    from detection.data.shapes import DEFAULT_CLASSES, SHAPE_CLASSES
+    from resnet_det.data.formats import format_names
+    from resnet_det.data.shapes import DEFAULT_CLASSES, SHAPE_CLASSES
 
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --overwrite)")
@@ -36,7 +36,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), choices=SHAPE_CLASSES,
                     help=f"shape classes, category ids 1..K in this order (default {' '.join(DEFAULT_CLASSES)})")
     ap.add_argument("--format", default="coco", choices=list(format_names()),
-                    help="the layout to write (detection.data.formats): coco (default; with instance and semantic "
+                    help="the layout to write (resnet_det.data.formats): coco (default; with instance and semantic "
                     "masks), yolo (data.yaml, images/, labels/), voc (JPEGImages/, Annotations/, ImageSets/Main/); "
                     "train on it with data.format=FORMAT data.root=OUT_DIR")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -45,7 +45,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Generates the dataset and prints its folder; returns 0, or raises :class:`CommandError`."""
-    from detection.data.shapes import make_shapes
+    from resnet_det.data.shapes import make_shapes
 
     start = time.perf_counter()
     params = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
@@ -68,8 +68,8 @@ def _make_in_format(out_dir: str, fmt: str, params: dict) -> Path:
     import shutil
     import tempfile
 
-    from detection.data.formats import Source, convert
-    from detection.data.shapes import OutputExistsError, make_shapes
+    from resnet_det.data.formats import Source, convert
+    from resnet_det.data.shapes import OutputExistsError, make_shapes
 
     out = Path(out_dir)
     if out.exists():

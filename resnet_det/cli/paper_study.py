@@ -37,7 +37,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs the study; returns 0, or raises :class:`CommandError` for a bad config, path or data."""
     from backbone.weights import WeightsError
-    from detection.data.coco import DatasetError
+    from resnet_det.data.coco import DatasetError
     from resnet_det.studies.paper import run_study
 
     try:

@@ -44,7 +44,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def _kept(output_dir: str) -> str:
     """What is safe on disk after a failed write, and what to do."""
-    from detection.engine.checkpoint import last_checkpoint_name
+    from resnet_det.engine.checkpoint import last_checkpoint_name
 
     name = last_checkpoint_name(output_dir)
     kept = f"the last complete checkpoint is '{name}'" if name else "no checkpoint was completed"
@@ -58,10 +58,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print_config(cfg)
         return 0
     from backbone.weights import WeightsError
-    from detection.data.coco import DatasetError
-    from detection.engine.checkpoint import CheckpointError, CheckpointWriteError
-    from resnet_det.common.dist import ProcessGroupError
-    from resnet_det.common.io import OutputWriteError
+    from resnet_det.data.coco import DatasetError
+    from resnet_det.engine.checkpoint import CheckpointError, CheckpointWriteError
+    from resnet_det_common.dist import ProcessGroupError
+    from resnet_det_common.io import OutputWriteError
 
     with console_logging():
         try:

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnet_det.common import autocast
+from resnet_det_common import autocast
 
 ARCHS = {"R50-FPN": "resnet50", "R101-FPN": "resnet101", "R18-FPN": "resnet18"}
 VARIANTS = ("ours", "ours-prepared", "ours-static", "ours-onnx", "torchvision", "torchvision-cl")

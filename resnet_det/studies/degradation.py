@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from backbone.applications import ImageClassifier
 from backbone.resnet import CifarResNet
-from resnet_det.common import atomic_write, autocast, progress_bar
+from resnet_det_common import atomic_write, autocast, progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ included, for all three); memory is the child's peak RSS (``ru_maxrss`` from ``w
 small (generation happens in a child) because Linux carries a parent's RSS into a child it starts.
 
 ``dist`` (optional, ``--dist-ranks``): a distributed evaluation of the same bbox predictions with
-:class:`detection.evaluation.COCOEvaluator` in ``W`` gloo processes (each rank converts and processes its
+:class:`resnet_det.evaluation.COCOEvaluator` in ``W`` gloo processes (each rank converts and processes its
 share of the images, writes its shard, rank 0 evaluates from the shards), for ``W`` in the given world
 sizes; reported: rank 0's peak RSS and wall time.
 """
@@ -143,7 +143,7 @@ def generate_eval_set(work_dir: str | os.PathLike[str], *, images: int = 5000, i
         ``{"annotations": path, "results": {iou_type: path}, "images", "instances", "detections", "bytes",
         "seconds"}``.
     """
-    from resnet_det.common.io import atomic_write
+    from resnet_det_common.io import atomic_write
 
     start = time.perf_counter()
     work = Path(work_dir)
@@ -286,8 +286,8 @@ def _dist_rank(rank: int, world: int, init_file: str, ann: str, shard_file: str,
     import torch
     import torch.distributed as dist
 
-    from detection.evaluation import COCOEvaluator
-    from resnet_det.common import all_gather_object, get_world_size, is_main_process
+    from resnet_det.evaluation import COCOEvaluator
+    from resnet_det_common import all_gather_object, get_world_size, is_main_process
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

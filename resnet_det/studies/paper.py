@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from detection.config import load_config
-from resnet_det.common import atomic_write, is_main_process, log_report
+from resnet_det.config import load_config
 from resnet_det.config_files import resolve_config
+from resnet_det_common import atomic_write, is_main_process, log_report
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def run_study(overrides: Sequence[str] = (), *, configs: Sequence[str] = CONFIGS
         FileNotFoundError: A config is neither a file nor a shipped name (before anything trains).
         ValueError, TypeError: A config or an override is invalid (before anything trains).
     """
-    from detection.engine.launch import train
-    from detection.tasks import DETECTION
+    from resnet_det.engine.launch import train
+    from resnet_det.tasks.detection import DETECTION
 
     paths = [resolve_config(c) for c in configs]
     loaded = [load_config(path, list(overrides)) for path in paths]  # every config checked before training

@@ -9,13 +9,13 @@ in a fresh Python process (so that one measurement's memory cannot leak into the
 that process's own, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 
 * ``pycocotools``: ``pycocotools.coco.COCO(ann_file)`` (read, parse, index);
-* ``ours``: :class:`detection.data.CocoDetection` for training without the cache (read, parse, validate,
+* ``ours``: :class:`resnet_det.data.CocoDetection` for training without the cache (read, parse, validate,
   columnar index);
 * ``ours_write_cache``: the same while writing the cached index (what rank 0 pays once);
-* ``ours_cached``: :class:`detection.data.CocoDetection` from the cached index (what the other ranks and
+* ``ours_cached``: :class:`resnet_det.data.CocoDetection` from the cached index (what the other ranks and
   every later run pay).
 
-Every process imports the same modules (torch, pycocotools, ``detection.data``) before the clock starts, so
+Every process imports the same modules (torch, pycocotools, ``resnet_det.data``) before the clock starts, so
 the peaks compare like with like; the RSS after those imports is reported too, and the growth over it is
 the cost of the dataset itself. The parent process stays small (the file is generated in a child too),
 because Linux carries a parent's peak RSS into a child it starts.
@@ -191,7 +191,7 @@ def generate_coco_file(path: str | os.PathLike[str], *, images: int = 118287, in
     Raises:
         ValueError: ``images`` or ``instances`` below 1.
     """
-    from resnet_det.common import atomic_write  # here: it imports torch, which the measuring parent must not
+    from resnet_det_common import atomic_write  # here: it imports torch, which the measuring parent must not
 
     if images < 1 or instances < 1:
         raise ValueError(f"images={images} and instances={instances} must both be >= 1")
@@ -265,7 +265,7 @@ def measure(mode: str, ann_file: str | os.PathLike[str], cache_dir: str | os.Pat
     import pycocotools.coco
     import torch  # noqa: F401 - every mode pays the same imports, so the peaks compare like with like
 
-    from detection.data import CocoDetection
+    from resnet_det.data import CocoDetection
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detection.config import Config, dump_config
-from resnet_det.common import atomic_write, autocast, check_autocast, temp_file_owner
+from resnet_det.config import Config, dump_config
+from resnet_det_common import atomic_write, autocast, check_autocast, temp_file_owner
 
 
 def _mode(path: Path) -> int:

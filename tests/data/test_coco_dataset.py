@@ -14,9 +14,9 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from detection.data.coco import CocoDetection, DatasetError
-from detection.data.images import load_image
-from detection.data.transforms import boxes_from_masks
+from resnet_det.data.coco import CocoDetection, DatasetError
+from resnet_det.data.images import load_image
+from resnet_det.data.transforms import boxes_from_masks
 
 CROWD_IMAGE = 184613  # has one crowd RLE annotation
 
@@ -130,7 +130,7 @@ def test_keep_empty_defaults(tiny_coco: Path, caplog: pytest.LogCaptureFixture) 
     shutil.copy(tiny_coco / "images" / src["file_name"], tiny_coco / "images" / "empty.jpg")
     data["images"].append({**src, "id": 1, "file_name": "empty.jpg"})
     ann.write_text(json.dumps(data))
-    with caplog.at_level(logging.INFO, logger="detection.data.coco"):
+    with caplog.at_level(logging.INFO, logger="resnet_det.data.coco"):
         train = make(tiny_coco, training=True, with_masks=True)
     assert 1 not in train.ids and len(train) == 16
     assert train.report.skipped == {"image_without_annotations": 1}
@@ -156,7 +156,7 @@ def test_unreadable_image_is_skipped_and_counted(tiny_coco: Path, caplog: pytest
     ds = make(tiny_coco)
     bad = ds.image_info(2)["file_name"]
     (tiny_coco / "images" / bad).write_bytes(b"\xff\xd8 corrupt jpeg")
-    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="resnet_det.data.coco"):
         _, target = ds[2]
     assert target["image_id"] == ds.ids[3]  # the next readable image, not a zero image
     assert ds.num_unreadable == 1
@@ -180,7 +180,7 @@ def test_size_mismatch_is_skipped(tiny_coco: Path, caplog: pytest.LogCaptureFixt
             im["height"] += 7
     ann.write_text(json.dumps(data))
     ds = make(tiny_coco)
-    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="resnet_det.data.coco"):
         _, target = ds[len(ds) - 1]
     assert target["image_id"] == ds.ids[0]  # wrapped around to the first image
     assert ds.num_unreadable == 1

@@ -18,9 +18,9 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 
-from detection.data import CocoDetection, DatasetError
-from detection.data import index_cache as cache_module
-from detection.data.index_cache import cache_path, index_cache_dir
+from resnet_det.data import CocoDetection, DatasetError
+from resnet_det.data import index_cache as cache_module
+from resnet_det.data.index_cache import cache_path, index_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,9 +136,9 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tiny_coco_src: Path, tmp_path
     reference = make(tiny_coco_src, tmp_path)
     (path,) = tmp_path.glob("*.idx")
     _corrupt(kind, path)
-    with caplog.at_level(logging.WARNING, logger="detection.data.index_cache"):
+    with caplog.at_level(logging.WARNING, logger="resnet_det.data.index_cache"):
         ds = make(tiny_coco_src, tmp_path)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "detection.data.index_cache"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "resnet_det.data.index_cache"]
     assert ds.index_source == "built" and len(warnings) == 1 and path.name in warnings[0], warnings
     assert "rebuilding it" in warnings[0]
     assert_same_items(reference, ds)
@@ -149,7 +149,7 @@ def test_an_unwritable_cache_folder_warns_and_the_dataset_still_loads(tiny_coco_
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="detection.data.index_cache"):
+    with caplog.at_level(logging.WARNING, logger="resnet_det.data.index_cache"):
         ds = make(tiny_coco_src, blocker / "cache")
     assert ds.index_source == "built" and len(ds) == 16
     assert any("could not write the index cache" in r.getMessage() for r in caplog.records)
@@ -175,9 +175,9 @@ def test_the_default_cache_folder(tiny_coco_src: Path, tmp_path: Path, monkeypat
 
 
 def test_build_dataset_caches_large_files(tiny_coco_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from detection.config import load_config
-    from detection.engine.launch import build_dataset
-    from detection.tasks import DETECTION
+    from resnet_det.config import load_config
+    from resnet_det.engine.launch import build_dataset
+    from resnet_det.tasks.detection import DETECTION
 
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path))
     monkeypatch.setattr(cache_module, "INDEX_CACHE_MIN_BYTES", 1)
@@ -191,9 +191,9 @@ _WORKER = textwrap.dedent("""
     import json, os, sys
     rank, tmp, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
-    from resnet_det.common import cleanup, init_distributed
+    from resnet_det_common import cleanup, init_distributed
     init_distributed("cpu", init_method=f"file://{tmp}/rendezvous")
-    from detection.data import CocoDetection, DatasetError
+    from resnet_det.data import CocoDetection, DatasetError
     out = {}
     try:
         CocoDetection(root + "/images", tmp + "/broken.json", training=True, cache_dir=tmp + "/cache")

@@ -13,9 +13,9 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from detection.data.coco import CocoDetection, DatasetError
+from resnet_det.data.coco import CocoDetection, DatasetError
 
-LOGGER = "detection.data.coco"
+LOGGER = "resnet_det.data.coco"
 
 
 def base_coco() -> dict[str, Any]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from detection.data.build import TrainLoader, build_test_loader, build_train_loader, collate
-from detection.data.transforms import build_transforms
+from resnet_det.data.build import TrainLoader, build_test_loader, build_train_loader, collate
+from resnet_det.data.transforms import build_transforms
 
 
 class ToyDataset(Dataset):

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from detection.data.samplers import GroupedBatchSampler, InferenceSampler
+from resnet_det.data.samplers import GroupedBatchSampler, InferenceSampler
 
 
 def ratios(n: int = 53) -> list[float]:
@@ -146,7 +146,7 @@ def test_load_state_with_other_parameters(kwargs: dict, field: str, caplog: pyte
         make().load_state_dict(state, strict=True)
     # default: a warning, then an approximate continuation in the same epoch, batch count kept
     other = make()
-    with caplog.at_level("WARNING", logger="detection.data.samplers"):
+    with caplog.at_level("WARNING", logger="resnet_det.data.samplers"):
         other.load_state_dict(state)
     assert field in caplog.records[-1].getMessage() and "cannot continue" in caplog.records[-1].getMessage()
     resumed = other.state_dict()

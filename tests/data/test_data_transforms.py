@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from detection.data.coco import CocoDetection
-from detection.data.transforms import (
+from resnet_det.data.coco import CocoDetection
+from resnet_det.data.transforms import (
     DetectionTransforms,
     LargeScaleJitter,
     ShorterSideResize,
@@ -256,7 +256,7 @@ def test_bad_sample_layout_is_reported() -> None:
 
 def test_per_instance_mask_targets_match_masks_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The albumentations-1.x route (each instance as an extra "mask" target) gives the same result."""
-    import detection.data.transforms as tmod
+    import resnet_det.data.transforms as tmod
 
     results = {}
     for flag in (False, True):
@@ -288,7 +288,7 @@ def _fresh_compose_reference(ops: list, image: np.ndarray, target: dict) -> tupl
 def test_resize_and_lsj_compose_once_and_equal_freshly_built_ops() -> None:
     import albumentations as A
 
-    from detection.data.transforms import _filter_small
+    from resnet_det.data.transforms import _filter_small
 
     resize = ShorterSideResize((64, 80, 96), max_size=200)
     lsj = LargeScaleJitter(96, (0.3, 1.5))

@@ -1,4 +1,4 @@
-"""Dataset formats (detection.data.formats): the registry, the YOLO and Pascal VOC loaders with their
+"""Dataset formats (resnet_det.data.formats): the registry, the YOLO and Pascal VOC loaders with their
 validation, conversion between layouts, and the synthetic shapes written in those layouts."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detection.config import load_config
-from detection.data.coco_index import DatasetError
-from detection.data.formats import (
+from resnet_det.config import load_config
+from resnet_det.config_files import resolve_config
+from resnet_det.data.coco_index import DatasetError
+from resnet_det.data.formats import (
     DatasetFormat,
     Source,
     SplitFiles,
@@ -23,10 +24,9 @@ from detection.data.formats import (
     get_format,
     register_format,
 )
-from detection.data.shapes import make_shapes, shapes_paths
-from detection.engine.launch import build_dataset, dataset_paths
-from detection.tasks import DETECTION
-from resnet_det.config_files import resolve_config
+from resnet_det.data.shapes import make_shapes, shapes_paths
+from resnet_det.engine.launch import build_dataset, dataset_paths
+from resnet_det.tasks.detection import DETECTION
 
 SHAPES_SOURCE = dict(train_images="train", train_annotations="annotations/instances_train.json", val_images="val",
                      val_annotations="annotations/instances_val.json")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detection.data.images import ImageLoadError, load_image
+from resnet_det.data.images import ImageLoadError, load_image
 
 
 def _check_rgb(arr: np.ndarray, h: int, w: int) -> None:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import detection.data.shapes as shapes_mod
-from detection.data.coco import CocoDetection
-from detection.data.shapes import (
+import resnet_det.data.shapes as shapes_mod
+from resnet_det.data.coco import CocoDetection
+from resnet_det.data.shapes import (
     DEFAULT_CLASSES,
     OutputExistsError,
     default_cache_root,
@@ -26,7 +26,7 @@ from detection.data.shapes import (
     render_image,
     shapes_paths,
 )
-from detection.data.transforms import boxes_from_masks, build_transforms
+from resnet_det.data.transforms import boxes_from_masks, build_transforms
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(num_train=20, num_val=6, image_size=96, seed=0)

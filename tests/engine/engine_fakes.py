@@ -232,9 +232,9 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
     import sys
     from pathlib import Path
 
-    from detection.config import SolverConfig
-    from detection.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer
-    from resnet_det.common import (
+    from resnet_det.config import SolverConfig
+    from resnet_det.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det_common import (
         all_gather_object,
         all_reduce_dict,
         barrier,
@@ -360,8 +360,8 @@ def nan_child() -> None:
     import sys
     from pathlib import Path
 
-    from detection.config import SolverConfig
-    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.config import SolverConfig
+    from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
 
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)

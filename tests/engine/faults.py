@@ -2,11 +2,11 @@
 
 Nothing here is a hook in production code. A fault is installed from the outside, in the child only:
 
-- file faults patch the one writer, :mod:`resnet_det.common.io` (its module-level ``open`` and ``os``
-  names, so only the writes of :func:`~resnet_det.common.io.atomic_write` see them): at the Nth write
+- file faults patch the one writer, :mod:`resnet_det_common.io` (its module-level ``open`` and ``os``
+  names, so only the writes of :func:`~resnet_det_common.io.atomic_write` see them): at the Nth write
   of a checkpoint file, write half of the bytes to the temporary file and SIGKILL the process (or raise
   ``OSError(ENOSPC)``), or SIGKILL just before / just after the rename that publishes a file;
-- ``kill_in_step@N`` patches :meth:`detection.engine.Trainer.run_step` to SIGKILL the process at the
+- ``kill_in_step@N`` patches :meth:`resnet_det.engine.Trainer.run_step` to SIGKILL the process at the
   start of its Nth call (one rank of a distributed run dies in the middle of training).
 
 Children are forked from a multiprocessing *forkserver* that has imported torch and the project once, so
@@ -52,8 +52,9 @@ TARGETS = ("safetensors", "state.pt", "last_checkpoint")
 # Imported once by the forkserver: what every run would import (the data transforms, the evaluation and
 # matplotlib for the plots included), so that children start at once.
 PRELOAD = ["faults", "resnet_det.cli", "resnet_det.cli.train", "resnet_det.cli.eval", "resnet_det.cli.infer",
-           "detection.engine.launch", "detection.engine.inference", "detection.tasks", "segmentation.tasks",
-           "detection.data", "detection.data.build", "detection.data.transforms", "detection.evaluation",
+           "resnet_det.engine.launch", "resnet_det.engine.inference", "resnet_det.tasks.detection",
+           "resnet_det.tasks.segmentation",
+           "resnet_det.data", "resnet_det.data.build", "resnet_det.data.transforms", "resnet_det.evaluation",
            "matplotlib.backends.backend_agg", "matplotlib.figure", "matplotlib.pyplot"]
 
 
@@ -113,7 +114,7 @@ class _HalfWriter:
 
 def uninstall() -> None:
     """Undoes the file faults of :func:`install` (for tests that install one in the pytest process)."""
-    from resnet_det.common import io as writer
+    from resnet_det_common import io as writer
 
     writer.__dict__.pop("open", None)
     writer.os = os  # type: ignore[attr-defined]
@@ -131,7 +132,7 @@ def install(fault: str) -> None:
         return seen["n"] == nth
 
     if action in ("kill_in_step", "stop_in_step"):
-        from detection.engine import trainer as trainer_module
+        from resnet_det.engine import trainer as trainer_module
 
         real_step = trainer_module.Trainer.run_step
 
@@ -147,7 +148,7 @@ def install(fault: str) -> None:
         trainer_module.Trainer.run_step = run_step  # type: ignore[method-assign]
         return
 
-    from resnet_det.common import io as writer
+    from resnet_det_common import io as writer
 
     if action in ("half_kill", "enospc"):
         import builtins

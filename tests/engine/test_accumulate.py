@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 from tiny_detection import ListLoader, tiny_detector, tiny_images
 
 import detection.matcher as matcher
-from detection.config import SolverConfig, config_from_dict
-from detection.engine import Checkpointer, HookBase, Trainer, build_lr_scheduler, build_optimizer, build_trainer
-from resnet_det.common import unwrap_model
+from resnet_det.config import SolverConfig, config_from_dict
+from resnet_det.engine import Checkpointer, HookBase, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from resnet_det_common import unwrap_model
 
 SOLVER = SolverConfig(lr=0.02, max_iter=3, steps=(2,), warmup_iters=1, warmup_factor=0.5)
 IMAGES = tiny_images(8, seed=3)
@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, world: int, tmp: str, port: int) -> None:
     torch.set_num_threads(1)
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from resnet_det.common import cleanup, init_distributed, wrap_ddp
+    from resnet_det_common import cleanup, init_distributed, wrap_ddp
 
     init_distributed("cpu")
     try:

@@ -16,8 +16,8 @@ import torch
 from engine_fakes import FakeDetector, FakeLoader
 from torch import nn
 
-from detection.config import SolverConfig
-from detection.engine import (
+from resnet_det.config import SolverConfig
+from resnet_det.engine import (
     POINTER_FILE,
     Checkpointer,
     CheckpointError,
@@ -25,7 +25,7 @@ from detection.engine import (
     build_optimizer,
     make_trainer_state,
 )
-from detection.engine.checkpoint import CheckpointWriteError
+from resnet_det.engine.checkpoint import CheckpointWriteError
 
 
 class Tied(nn.Module):
@@ -220,7 +220,7 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint_and_says_so(tmp_path
         data[-5] ^= 0x01
         weights.write_bytes(bytes(data))
     model, opt, sched, loader = _resume_objects()
-    with caplog.at_level("WARNING", logger="detection.engine.checkpoint"):
+    with caplog.at_level("WARNING", logger="resnet_det.engine.checkpoint"):
         assert ck.resume(model, opt, sched, None, loader) == 2
     assert ck.resumed_from == "model_0000002" and loader.position == 2
     assert torch.all(model.conv.weight == 2.0)
@@ -233,7 +233,7 @@ def test_resume_reads_the_folder_when_the_pointer_is_garbage(tmp_path, caplog):
     ck = _saved_run(tmp_path)
     (tmp_path / POINTER_FILE).write_bytes(b"\xff\xfe not a name")
     model, opt, sched, loader = _resume_objects()
-    with caplog.at_level("WARNING", logger="detection.engine.checkpoint"):
+    with caplog.at_level("WARNING", logger="resnet_det.engine.checkpoint"):
         assert ck.resume(model, opt, sched, None, loader) == 3
     assert "last_checkpoint" in caplog.text
 
@@ -328,7 +328,7 @@ _WRITER = textwrap.dedent(
     import sys, time
     import torch
     from torch import nn
-    from detection.engine import Checkpointer
+    from resnet_det.engine import Checkpointer
 
     model = nn.Linear(1024, 4096)  # 16 MiB of weights
     ck = Checkpointer(sys.argv[1], keep=2)

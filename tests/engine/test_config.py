@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detection.config import (
+from detection.specs import FPN_ANCHOR_SIZES, ModelSpec
+from resnet_det.config import (
     Config,
     SolverConfig,
     config_from_dict,
@@ -18,7 +19,6 @@ from detection.config import (
     load_config,
     parse_overrides,
 )
-from detection.specs import FPN_ANCHOR_SIZES, ModelSpec
 
 
 def _write(path: Path, data: dict | str) -> Path:

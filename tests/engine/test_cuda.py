@@ -27,10 +27,10 @@ from parity_helpers import perturb_frozen_bn
 from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
-from detection.config import SolverConfig, load_config
-from detection.engine import Checkpointer, ModelEma, Trainer, build_lr_scheduler, build_optimizer, build_trainer
 from detection.models import build_faster_rcnn
-from resnet_det.common import autocast
+from resnet_det.config import SolverConfig, load_config
+from resnet_det.engine import Checkpointer, ModelEma, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from resnet_det_common import autocast
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = "cuda"
@@ -147,8 +147,8 @@ def _tiny_detector(**overrides: Any) -> torch.nn.Module:
 
 def _shapes_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[dict]]:
     """Four 64-px images of the synthetic shapes val split with their boxes (on the CPU)."""
-    from detection.engine.launch import build_dataset
-    from detection.tasks import TASKS
+    from resnet_det.engine.launch import build_dataset
+    from resnet_det.tasks.detection import TASKS
 
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     cfg = load_config(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml", faults.TINY)

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from engine_fakes import TinyDetector, ddp_batch, ddp_worker
 from torch import nn
 
-from resnet_det.common import (
+from resnet_det_common import (
     all_gather_object,
     all_reduce_dict,
     barrier,

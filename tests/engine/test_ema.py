@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_detection import ListLoader, tiny_detector, tiny_images
 
-from detection.config import Config, SolverConfig, config_from_dict, dump_config, load_config
-from detection.engine import Checkpointer, HookBase, ModelEma, Trainer, build_lr_scheduler, build_optimizer
-from detection.engine.launch import ema_weights
+from resnet_det.config import Config, SolverConfig, config_from_dict, dump_config, load_config
+from resnet_det.engine import Checkpointer, HookBase, ModelEma, Trainer, build_lr_scheduler, build_optimizer
+from resnet_det.engine.launch import ema_weights
 
 SOLVER = SolverConfig(lr=0.02, max_iter=4, steps=(3,), warmup_iters=1, warmup_factor=0.5)
 BATCHES = [tiny_images(2, seed) for seed in range(4)]
@@ -148,7 +148,7 @@ def test_config_keys_default_off_and_check_their_values(tmp_path):
     with pytest.raises(ValueError, match=r"train\.ema\.decay"):
         config_from_dict({"train": {"ema": {"decay": 1.0}}})
     with pytest.raises(ValueError, match=r"test\.use_ema=true needs train\.ema"):
-        from detection.engine import build_trainer
+        from resnet_det.engine import build_trainer
 
         cfg = config_from_dict({"test": {"use_ema": True}, "train": {"device": "cpu", "output_dir": str(tmp_path)}})
         build_trainer(cfg, tiny_detector(), ListLoader(BATCHES), progress=False)

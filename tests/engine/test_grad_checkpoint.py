@@ -12,10 +12,10 @@ import torch
 from tiny_detection import TINY, tiny_detector, tiny_images
 
 from detection import ModelSpec
-from detection.config import Config, config_from_dict
-from detection.engine.launch import build_model
 from detection.models import build_faster_rcnn
-from resnet_det.common import autocast
+from resnet_det.config import Config, config_from_dict
+from resnet_det.engine.launch import build_model
+from resnet_det_common import autocast
 
 IMAGES, TARGETS = tiny_images(2, seed=5)
 

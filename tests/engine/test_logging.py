@@ -1,4 +1,4 @@
-"""One logging path (resnet_det.common.logs): console and log.txt get the same records; bars stay out of files."""
+"""One logging path (resnet_det_common.logs): console and log.txt get the same records; bars stay out of files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_det.common import log_report, logging_scope, progress_bar, setup_logger
+from resnet_det_common import log_report, logging_scope, progress_bar, setup_logger
 
 REPO = Path(__file__).resolve().parents[2]
 ESCAPES = re.compile(r"\r|\x1b\[")
@@ -77,7 +77,7 @@ def test_setup_logger_is_idempotent(tmp_path):
 
 
 def test_a_report_is_logged_when_logging_is_on_and_printed_otherwise(tmp_path, capsys):
-    log = logging.getLogger("detection.evaluation.x")
+    log = logging.getLogger("resnet_det.evaluation.x")
     log_report(log, "TABLE 1")
     assert capsys.readouterr().out == "TABLE 1\n"
     with logging_scope(tmp_path):
@@ -101,7 +101,7 @@ def test_bar_on_a_terminal_and_log_lines_do_not_break_it(tmp_path):
     code = textwrap.dedent(f"""
         import logging, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from resnet_det.common import logging_scope, progress_bar
+        from resnet_det_common import logging_scope, progress_bar
         with logging_scope(None), progress_bar(total=3, desc="bar") as bar:
             assert bar is not None
             bar.update(1); bar.refresh()
@@ -138,7 +138,7 @@ def test_script_with_stderr_to_a_file_gets_lines_and_no_redraws(tmp_path):
     code = textwrap.dedent(f"""
         import logging, sys
         sys.path.insert(0, {str(REPO)!r})
-        from resnet_det.common import logging_scope, progress_bar
+        from resnet_det_common import logging_scope, progress_bar
         with logging_scope(None), progress_bar(total=3) as bar:
             logging.getLogger("detection.x").info("a line")
             print("bar" if bar is not None else "no bar", file=sys.stderr)
@@ -155,8 +155,8 @@ import sys
 sys.path[:0] = [{repo!r}, {here!r}]
 import torch
 from engine_fakes import FakeDetector, FakeLoader
-from detection.config import SolverConfig
-from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+from resnet_det.config import SolverConfig
+from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
 
 torch.manual_seed(0)
 model = FakeDetector()
@@ -186,8 +186,8 @@ def test_resume_warnings_reach_the_run_log(tmp_path):
     import torch
     from engine_fakes import FakeDetector, FakeLoader
 
-    from detection.config import SolverConfig
-    from detection.engine import Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.config import SolverConfig
+    from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
 
     cfg = SolverConfig(lr=0.05, max_iter=4, steps=(3,), warmup_iters=0)
 
@@ -206,7 +206,7 @@ def test_resume_warnings_reach_the_run_log(tmp_path):
 
 
 def test_the_dataset_report_goes_through_logging(tiny_coco_src, tmp_path, capsys):
-    from detection.data.coco import CocoDetection
+    from resnet_det.data.coco import CocoDetection
 
     with logging_scope(tmp_path):
         ds = CocoDetection(tiny_coco_src / "images", tiny_coco_src / "annotations.json", training=False)

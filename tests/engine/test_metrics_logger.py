@@ -9,8 +9,8 @@ import pytest
 import torch
 from engine_fakes import FakeDetector, FakeLoader
 
-from detection.config import SolverConfig
-from detection.engine import MetricsLogger, Trainer, build_lr_scheduler, build_optimizer, plot_curves, read_metrics
+from resnet_det.config import SolverConfig
+from resnet_det.engine import MetricsLogger, Trainer, build_lr_scheduler, build_optimizer, plot_curves, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

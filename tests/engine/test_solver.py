@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.config import SolverConfig
-from detection.engine import WarmupLR, build_lr_scheduler, build_optimizer, lr_multiplier
+from resnet_det.config import SolverConfig
+from resnet_det.engine import WarmupLR, build_lr_scheduler, build_optimizer, lr_multiplier
 
 
 def _model() -> nn.Module:

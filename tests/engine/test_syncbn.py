@@ -17,9 +17,9 @@ import torch
 import torch.multiprocessing as mp
 from tiny_detection import tiny_detector
 
-from detection.config import config_from_dict
-from detection.engine import build_trainer
-from detection.engine.trainer import check_sync_batchnorm
+from resnet_det.config import config_from_dict
+from resnet_det.engine import build_trainer
+from resnet_det.engine.trainer import check_sync_batchnorm
 
 
 def _port() -> int:

@@ -22,8 +22,8 @@ import pytest
 import torch
 from engine_fakes import FakeLoader, TinyDetector, tiny_loader
 
-from detection.config import Config, SolverConfig, load_config
-from detection.engine import (
+from resnet_det.config import Config, SolverConfig, load_config
+from resnet_det.engine import (
     Checkpointer,
     HookBase,
     Trainer,
@@ -342,7 +342,7 @@ def test_build_trainer_from_a_config(tmp_path):
 
 
 def test_build_trainer_checks_the_global_batch(monkeypatch):
-    import detection.engine.trainer as trainer_module
+    import resnet_det.engine.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "get_world_size", lambda: 4)
     cfg = Config()

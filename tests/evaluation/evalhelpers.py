@@ -193,7 +193,7 @@ def dist_worker(rank: int, world_size: int, init_file: str, out_dir: str, gt_pat
     """One rank of the gloo test: half of the images (one image on both ranks) and its own seg batch."""
     import torch.distributed as dist
 
-    from detection.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+    from resnet_det.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -229,8 +229,8 @@ def dist_shard_worker(rank: int, world_size: int, init_file: str, out_dir: str, 
     ``all_gather_object``."""
     import torch.distributed as dist
 
-    import detection.evaluation.coco as coco_module
-    from detection.evaluation import COCOEvaluator
+    import resnet_det.evaluation.coco as coco_module
+    from resnet_det.evaluation import COCOEvaluator
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

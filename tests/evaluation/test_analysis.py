@@ -13,10 +13,10 @@ import evalhelpers
 import numpy as np
 import pytest
 
-from detection.evaluation.analysis import analyze_results, detection_ece
-from detection.evaluation.analysis import diagnostics as diag
-from detection.evaluation.analysis import matching as M
-from detection.evaluation.analysis import tide as T
+from resnet_det.evaluation.analysis import analyze_results, detection_ece
+from resnet_det.evaluation.analysis import diagnostics as diag
+from resnet_det.evaluation.analysis import matching as M
+from resnet_det.evaluation.analysis import tide as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import evalhelpers
 import pytest
 
-from detection.evaluation.analysis import ANALYSIS_FILENAME, HTML_FILENAME, PLOTS
 from resnet_det.cli import main
+from resnet_det.evaluation.analysis import ANALYSIS_FILENAME, HTML_FILENAME, PLOTS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +130,7 @@ def test_missing_files_and_bad_options(tmp_path, results_file, tiny_coco_src, ca
 
 def test_eval_analyze_writes_the_analysis_next_to_the_metrics(tmp_path, results_file, tiny_coco_src, capsys,
                                                               monkeypatch):
-    import detection.evaluation.analysis as analysis_module
+    import resnet_det.evaluation.analysis as analysis_module
 
     monkeypatch.setattr(analysis_module, "write_plots", lambda report, out: {})  # plots: tested above
     gt = str(tiny_coco_src / "annotations.json")
@@ -148,8 +148,8 @@ def test_eval_analyze_writes_the_analysis_next_to_the_metrics(tmp_path, results_
 
 
 def test_progress_bar_on_a_terminal_only(results_file, tiny_coco_src, monkeypatch, capsys):
-    from detection.evaluation.analysis import analyze_results
-    from resnet_det.common import logs
+    from resnet_det.evaluation.analysis import analyze_results
+    from resnet_det_common import logs
 
     gt = tiny_coco_src / "annotations.json"
     analyze_results(results_file, gt, progress=True)

@@ -25,7 +25,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detection.evaluation import METRIC_NAMES, COCOEvaluator, COCOEvalWarning, coco_core, evaluate_results_json
+from resnet_det.evaluation import METRIC_NAMES, COCOEvaluator, COCOEvalWarning, coco_core, evaluate_results_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -290,7 +290,7 @@ def test_results_mode_imports_no_torch(gt_path, synthetic_results_file):
 
 
 def test_progress_lines_and_stage_times_are_logged(gt_path, synthetic_results_file, tmp_path, monkeypatch):
-    from resnet_det.common import logging_scope
+    from resnet_det_common import logging_scope
 
     monkeypatch.setattr(coco_core, "LOG_EVERY_S", 0.0)  # every pair logs: the line a long evaluation prints
     with logging_scope(tmp_path):
@@ -315,7 +315,7 @@ def synthetic_results_file(gt, tmp_path):
 
 
 def test_default_backend_is_faster_coco_eval_and_can_be_set(gt_path):
-    from detection.evaluation import DEFAULT_BACKEND, default_backend, set_default_backend
+    from resnet_det.evaluation import DEFAULT_BACKEND, default_backend, set_default_backend
 
     assert DEFAULT_BACKEND == default_backend() == "faster-coco-eval"
     assert COCOEvaluator(gt_path).backend == "faster-coco-eval"

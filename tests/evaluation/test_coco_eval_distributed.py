@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from detection.evaluation import COCOEvaluator, SemSegEvaluator
+from resnet_det.evaluation import COCOEvaluator, SemSegEvaluator
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 

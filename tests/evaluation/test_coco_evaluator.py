@@ -12,7 +12,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_util
 
-from detection.evaluation import (
+from resnet_det.evaluation import (
     METRIC_NAMES,
     COCOEvaluator,
     COCOEvalWarning,
@@ -387,7 +387,7 @@ def test_instances_to_coco_json_is_the_evaluators_converter(gt_path, synthetic):
 
 
 def test_the_tables_reach_the_run_log_when_logging_is_set_up(gt_path, synthetic, tmp_path, capsys):
-    from resnet_det.common import logging_scope
+    from resnet_det_common import logging_scope
 
     ids, outs, l2c = synthetic
     ev = COCOEvaluator(gt_path, label_to_cat_id=l2c)

@@ -135,8 +135,8 @@ def test_checkpoint_mode_evaluates_saved_weights(tool, tmp_path, monkeypatch, ca
     import torch
     from safetensors.torch import save_file
 
-    from detection.config import load_config
     from detection.models import build_faster_rcnn
+    from resnet_det.config import load_config
 
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     config = str(Path(__file__).resolve().parents[2] / "configs/shapes/faster_rcnn_R_50_FPN.yaml")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.evaluation import DatasetEvaluator, DatasetEvaluators, SemSegEvaluator, inference_on_dataset
-from resnet_det.common import logging_scope
+from resnet_det.evaluation import DatasetEvaluator, DatasetEvaluators, SemSegEvaluator, inference_on_dataset
+from resnet_det_common import logging_scope
 
 
 class Recorder(DatasetEvaluator):
@@ -117,11 +117,11 @@ def test_tables_and_the_inference_summary_reach_the_run_log(tmp_path):
 
 
 def test_the_progress_lines_without_a_terminal_are_log_records(monkeypatch, caplog):
-    import detection.evaluation.evaluator as evaluator_module
+    import resnet_det.evaluation.evaluator as evaluator_module
 
     monkeypatch.setattr(evaluator_module, "LOG_EVERY_SECONDS", -1.0)  # a line for every batch
-    with caplog.at_level(logging.INFO, logger="detection.evaluation"):
+    with caplog.at_level(logging.INFO, logger="resnet_det.evaluation"):
         inference_on_dataset(HalfPrecisionModel(), _loader(), Recorder(), device="cpu", progress=True)
-    lines = [r.getMessage() for r in caplog.records if r.name == "detection.evaluation.evaluator"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "resnet_det.evaluation.evaluator"]
     assert [x.split(",")[0] for x in lines[:3]] == ["inference: batch 1/3", "inference: batch 2/3",
                                                      "inference: batch 3/3"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.evaluation import SemSegEvaluator
+from resnet_det.evaluation import SemSegEvaluator
 
 
 def _feed(ev: SemSegEvaluator, preds, targets) -> None:

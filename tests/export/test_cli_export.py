@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from detection.config import load_config
 from detection.models import build_faster_rcnn
 from resnet_det.cli import main
 from resnet_det.cli.infer_onnx import rle_encode
+from resnet_det.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml")

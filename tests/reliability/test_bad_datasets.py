@@ -2,7 +2,7 @@
 
 Every row states its class and the test holds the dataset to it:
 
-- **fatal**: :class:`~detection.data.CocoDetection` raises :class:`~detection.data.DatasetError` with one line that
+- **fatal**: :class:`~resnet_det.data.CocoDetection` raises :class:`~resnet_det.data.DatasetError` with one line that
   names the file, the field and the fix (and ``resnet-det train`` exits 2 with that line and no traceback:
   :func:`test_train_tool_refuses_a_fatal_file_in_one_line`);
 - **skipped**: the bad entries are left out and the rest loads. Problems in the annotation file are counted in
@@ -33,10 +33,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import detection.data.coco as coco_module
-from detection.data import CocoDetection, DatasetError
-from detection.data.images import load_image
+import resnet_det.data.coco as coco_module
 from resnet_det.cli import main
+from resnet_det.data import CocoDetection, DatasetError
+from resnet_det.data.images import load_image
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "tiny_coco" / "overfit_R_18_FPN.yaml")
@@ -505,9 +505,9 @@ def test_bad_dataset(case: Case, ctx: dict[str, Any], tmp_path: Path, monkeypatc
             assert fragment in message, f"{fragment!r} not in {message!r}"
         return
 
-    caplog.set_level(logging.INFO, logger="detection.data")
+    caplog.set_level(logging.INFO, logger="resnet_det.data")
     ds = make()
-    summary = [r.getMessage() for r in caplog.records if r.name == "detection.data.coco"]
+    summary = [r.getMessage() for r in caplog.records if r.name == "resnet_det.data.coco"]
     assert len(summary) == 1, summary  # one summary line when the dataset opens
     counts = {**ds.report.skipped, **ds.report.fixed}
     assert counts == (case.counts(ctx) if case.counts else {}), counts

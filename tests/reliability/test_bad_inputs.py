@@ -9,7 +9,7 @@ Every row states its class and the test holds the entry point to it:
 
 The entry points are the real ones: ``resnet-det eval --results`` (results files), ``resnet-det train CONFIG
 --print-config`` (configs: the same loader as training), ``resnet-det infer --checkpoint`` (checkpoints:
-the loader of eval and infer), :meth:`detection.engine.Checkpointer.resume` and
+the loader of eval and infer), :meth:`resnet_det.engine.Checkpointer.resume` and
 :func:`backbone.load_weights` (the two skipping loaders). The dataset and image rows are
 tests/reliability/test_bad_datasets.py.
 """
@@ -35,11 +35,11 @@ from pycocotools import mask as mask_util
 from safetensors.torch import save_file
 
 import backbone
-from detection.config import SolverConfig, load_config
 from detection.convert import load_detector_weights
-from detection.engine import Checkpointer, build_lr_scheduler, build_optimizer, make_trainer_state
 from detection.models import build_faster_rcnn
 from resnet_det.cli import main
+from resnet_det.config import SolverConfig, load_config
+from resnet_det.engine import Checkpointer, build_lr_scheduler, build_optimizer, make_trainer_state
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES_CONFIG = REPO / "configs" / "shapes" / "faster_rcnn_R_50_FPN.yaml"
@@ -388,7 +388,7 @@ def test_bad_input(case: Case, corpus: dict[str, Any], tmp_path: Path, capsys: p
         ck = Checkpointer(path.parent)
         model = FakeDetector()
         opt = build_optimizer(model, SolverConfig(lr=0.1, max_iter=10, steps=(5,), warmup_iters=1))
-        with caplog.at_level("WARNING", logger="detection.engine.checkpoint"):
+        with caplog.at_level("WARNING", logger="resnet_det.engine.checkpoint"):
             assert ck.resume(model, opt, None, None, FakeLoader()) == 1, "resumed from the previous checkpoint"
         assert all(fragment in caplog.text for fragment in case.expect), caplog.text
         return

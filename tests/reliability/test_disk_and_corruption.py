@@ -1,7 +1,7 @@
 """A full disk during a save, and damaged checkpoints on ``--resume``, on the tiny real run.
 
 - Disk full: ``OSError(ENOSPC)`` half-way through writing a checkpoint file (injected into the one writer,
-  :mod:`resnet_det.common.io`). The previous checkpoint stays intact and loadable, the command exits 3 with
+  :mod:`resnet_det_common.io`). The previous checkpoint stays intact and loadable, the command exits 3 with
   one line that says "disk full" and names the file, and ``--resume`` afterwards ends bit for bit where the
   uninterrupted run does.
 - A damaged latest checkpoint (truncated weights, a flipped byte, a truncated trainer state): ``--resume``
@@ -18,7 +18,7 @@ import faults
 import pytest
 import torch
 
-from detection.engine import Checkpointer
+from resnet_det.engine import Checkpointer
 
 
 def _error_lines(log: str) -> list[str]:

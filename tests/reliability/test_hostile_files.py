@@ -25,11 +25,11 @@ from PIL import Image
 import backbone
 import detection
 from backbone.weights import WeightsError
-from detection.config import load_config
 from detection.convert import load_detector_weights
-from detection.engine import Checkpointer, CheckpointError
 from detection.models import build_faster_rcnn
 from resnet_det.cli import main
+from resnet_det.config import load_config
+from resnet_det.engine import Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = ("backbone", "detection", "segmentation", "resnet_det", "tools")
@@ -271,6 +271,6 @@ def test_every_torch_load_of_the_project_passes_weights_only_true():
     found = []
     for path in files:
         found += unsafe_loads(path.read_text(encoding="utf-8"), path.relative_to(REPO).as_posix(), calls)
-    # The scan sees the project's loads (the one helper of resnet_det.common.io, the CIFAR study's resume).
-    assert any(c.startswith("resnet_det/common/io.py:") for c in calls), calls
+    # The scan sees the project's loads (the one helper of resnet_det_common.io, the CIFAR study's resume).
+    assert any(c.startswith("resnet_det_common/io.py:") for c in calls), calls
     assert not found, f"loads that could unpickle arbitrary objects: {found}"

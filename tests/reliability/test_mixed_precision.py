@@ -19,11 +19,11 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detection.config import load_config
-from detection.engine.launch import build_dataset
 from detection.models import build_faster_rcnn
-from detection.tasks import TASKS
-from resnet_det.common import autocast
+from resnet_det.config import load_config
+from resnet_det.engine.launch import build_dataset
+from resnet_det.tasks.detection import TASKS
+from resnet_det_common import autocast
 
 REPO = Path(__file__).resolve().parents[2]
 TOP = 20  # detections per image compared

@@ -36,8 +36,8 @@ from pathlib import Path
 import faults
 import pytest
 
-from detection.engine import Checkpointer
 from resnet_det.cli import COMMANDS
+from resnet_det.engine import Checkpointer
 
 PAGE = 4096
 
@@ -161,7 +161,7 @@ def test_metrics_and_log_on_a_real_full_disk_fail_in_iteration_3_and_resume_exac
         # The log up to iteration 3's line fits, that line does not. (The reference run also logged the
         # generation of the shapes dataset, which later runs find in the cache.)
         before = text[: text.index(b"iter 3/")].splitlines(keepends=True)
-        room = sum(len(x) for x in before if b"detection.data.shapes]" not in x) + 20
+        room = sum(len(x) for x in before if b"resnet_det.data.shapes]" not in x) + 20
         what = "log file"
     fs = small_fs("disk", 64 << 10)
     target = fs / name
@@ -229,7 +229,7 @@ EXPORT_ARGV = ["export", faults.CONFIG, "--checkpoint", "{ckpt}", *faults.TINY, 
 
 @pytest.mark.xfail(strict=True, reason="open bug: `resnet-det export` does not yet turn an ENOSPC while the ONNX "
                    "file is written into one line + exit 3 (the exporter's own writer is not wrapped by "
-                   "resnet_det.common.io.writing); strict: the mark must go when it is fixed")
+                   "resnet_det_common.io.writing); strict: the mark must go when it is fixed")
 def test_export_into_a_real_full_disk_exits_3_naming_the_file(small_fs, tmp_path, shapes_env, reference_run):
     if "export" not in COMMANDS:
         pytest.skip("resnet-det export is not on this branch yet (EXPORT_ARGV is ready for it)")

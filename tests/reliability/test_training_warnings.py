@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from detection.config import SolverConfig, load_config
-from detection.engine import LossGrowthWarning, Trainer, build_lr_scheduler, build_optimizer
 from detection.models import build_faster_rcnn, frozen_bn_without_weights
+from resnet_det.config import SolverConfig, load_config
 from resnet_det.config_files import resolve_config
+from resnet_det.engine import LossGrowthWarning, Trainer, build_lr_scheduler, build_optimizer
 
 COCO = "coco/faster_rcnn_R_50_FPN_1x"
 TINY_COCO = Path(__file__).resolve().parents[1] / "data" / "tiny_coco"
@@ -123,7 +123,7 @@ def test_a_loss_grown_by_orders_of_magnitude_is_logged_once_with_its_iteration(g
     trainer = Trainer(model, opt, build_lr_scheduler(opt, solver), _Loader(), device="cpu", max_iter=6,
                       output_dir=tmp_path, log_period=1, checkpoint_period=100, progress=False, curves=False)
     trainer.register_hooks([LossGrowthWarning()])
-    with caplog.at_level(logging.WARNING, logger="detection.engine.hooks"):
+    with caplog.at_level(logging.WARNING, logger="resnet_det.engine.hooks"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if "growing by orders of magnitude" in r.getMessage()]
     if warned_at is None:

@@ -28,9 +28,9 @@ from pathlib import Path
 import faults
 import pytest
 
-from detection.data import CocoDetection
-from detection.data import images as images_module
-from detection.data.build import build_test_loader, build_train_loader
+from resnet_det.data import CocoDetection
+from resnet_det.data import images as images_module
+from resnet_det.data.build import build_test_loader, build_train_loader
 
 SRC = Path(__file__).resolve().parents[1] / "data" / "tiny_coco"
 

@@ -7,7 +7,7 @@ import math
 import seghelpers as H
 import torch
 
-from detection.data.coco import CocoDetection
+from resnet_det.data.coco import CocoDetection
 from segmentation import MaskRCNNHead, SemanticFPNHead, semantic_loss
 from segmentation.semantic_head import prepare_semantic_targets, semantic_inference
 

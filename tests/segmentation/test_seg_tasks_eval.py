@@ -1,5 +1,6 @@
-"""The segmentation tasks (segmentation.tasks), and their evaluation through `detection.engine.launch.evaluate`:
-segm AP from pasted masks (pycocotools), mean IoU from `sem_seg` outputs (model path of SemSegEvaluator)."""
+"""The segmentation tasks (resnet_det.tasks.segmentation), and their evaluation through
+`resnet_det.engine.launch.evaluate`: segm AP from pasted masks (pycocotools), mean IoU from `sem_seg` outputs
+(model path of SemSegEvaluator)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from detection.config import load_config
-from detection.data.coco import CocoDetection
-from detection.engine.launch import build_model, evaluate
-from detection.evaluation import CONFUSION_MATRIX_FILENAME, COCOEvaluator, SemSegEvaluator
+from resnet_det.config import load_config
+from resnet_det.data.coco import CocoDetection
+from resnet_det.engine.launch import build_model, evaluate
+from resnet_det.evaluation import CONFUSION_MATRIX_FILENAME, COCOEvaluator, SemSegEvaluator
+from resnet_det.tasks.segmentation import INSTANCE, PANOPTIC_FPN, SEMANTIC
 from segmentation import MaskRCNN, PanopticFPN, SemanticFPN
-from segmentation.tasks import INSTANCE, PANOPTIC_FPN, SEMANTIC
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-from detection.data import CocoDetection
 from resnet_det.cli import main
+from resnet_det.data import CocoDetection
 from resnet_det.studies.startup import COCO_CATEGORIES, MODES, generate_coco_file
 
 

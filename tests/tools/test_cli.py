@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detection.config import load_config
 from resnet_det.cli import COMMANDS, main
+from resnet_det.config import load_config
 from resnet_det.config_files import config_description, configs_root, resolve_config, shipped_configs
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from detection.config import load_config
-from detection.engine.launch import build_model
 from resnet_det.cli._library import get_task
+from resnet_det.config import load_config
+from resnet_det.engine.launch import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.endswith("_base.yaml"))
@@ -23,7 +23,7 @@ def test_config_loads_and_builds(path: Path) -> None:
 
 
 def test_paper_configs_differ_only_in_backbone() -> None:
-    from detection.config import config_to_dict
+    from resnet_det.config import config_to_dict
 
     a = config_to_dict(load_config(REPO / "configs/paper/faster_rcnn_VGG16_C4.yaml"))
     b = config_to_dict(load_config(REPO / "configs/paper/faster_rcnn_R_101_C4.yaml"))

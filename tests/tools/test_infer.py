@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from detection.config import load_config
-from detection.engine.inference import render
 from detection.models import build_faster_rcnn
+from resnet_det.config import load_config
+from resnet_det.engine.inference import render
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
@@ -85,7 +85,7 @@ def test_render_draws_boxes_and_masks() -> None:
 
 def test_results_json_goes_through_the_projects_one_coco_converter(tmp_path: Path, monkeypatch) -> None:
     """infer's results.json is what the evaluation's converter writes (xywh, category ids), not a copy."""
-    import detection.engine.inference as inference
+    import resnet_det.engine.inference as inference
 
     seen = []
     real = inference.instances_to_coco_json

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from detection.config import config_from_dict
-from detection.engine.launch import evaluate_checkpoint, train
 from detection.specs import TASKS, register_task
-from detection.tasks import DETECTION
 from resnet_det.cli import _library
-from segmentation.tasks import INSTANCE
+from resnet_det.config import config_from_dict
+from resnet_det.engine.launch import evaluate_checkpoint, train
+from resnet_det.tasks.detection import DETECTION
+from resnet_det.tasks.segmentation import INSTANCE
 
 
 def test_every_registered_task_is_declared_under_its_own_name() -> None:
@@ -27,7 +27,7 @@ def test_an_unknown_task_is_refused_when_the_config_loads_with_close_matches() -
 
 
 def test_a_task_registered_from_outside_is_valid_in_configs_and_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(TASKS, "boxes2", "detection.tasks:DETECTION")  # undone after the test
+    monkeypatch.setitem(TASKS, "boxes2", "resnet_det.tasks.detection:DETECTION")  # undone after the test
     assert config_from_dict({"model": {"task": "boxes2"}}).model.task == "boxes2"
     # The declaration must be the task of that name: a task registered under another name is refused.
     with pytest.raises(ValueError, match="which is the task 'detection'"):

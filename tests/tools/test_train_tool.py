@@ -69,7 +69,7 @@ def test_missing_coco_root_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
 
 def test_a_non_finite_loss_is_exit_3_with_one_line_naming_the_iteration_and_the_last_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import detection.engine.trainer as trainer_module
+    import resnet_det.engine.trainer as trainer_module
 
     real = trainer_module._as_scalar_losses
     calls = []
