@@ -221,6 +221,18 @@ class EvalConfig:
 
     use_ema: bool = False
     """Evaluate (during training and with resnet-det eval on a checkpoint) the EMA weights of train.ema."""
+    metrics: list[str] = field(default_factory=list)
+    """Metrics by name run beside the task's own evaluators (resnet_det.evaluation.registry), e.g. [detections]."""
+
+    def __post_init__(self) -> None:
+        from .evaluation.registry import metric_names
+
+        known = metric_names()
+        for name in self.metrics:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _check(name in known, "test.metrics", name, f"is not a metric{hint}; known: {', '.join(known)}")
+        _check(len(set(self.metrics)) == len(self.metrics), "test.metrics", self.metrics, "lists a metric twice")
 
 
 @dataclass

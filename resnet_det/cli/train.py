@@ -60,6 +60,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from backbone.weights import WeightsError
     from resnet_det.data.coco import DatasetError
     from resnet_det.engine.checkpoint import CheckpointError, CheckpointWriteError
+    from resnet_det.evaluation.registry import get_metric
     from resnet_det_common.dist import ProcessGroupError
     from resnet_det_common.io import OutputWriteError
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as e:  # bad paths, data, files
             raise CommandError(one_line(e)) from None
     ev = result.get("eval") or {}  # flattened metric names, e.g. "bbox/AP", "segm/AP", "sem_seg/mIoU"
-    shown = [f"{k} {v:.3f}" for k, v in ev.items() if k in SHOWN and isinstance(v, float | int)]
+    headline = [*SHOWN, *(k for name in cfg.test.metrics for k in get_metric(name).headline)]
+    shown = [f"{k} {ev[k]:.3f}" for k in headline if isinstance(ev.get(k), float | int)]
     if shown:
         print(f"final: {', '.join(shown)} ({result.get('iteration')} iterations, "
               f"{result.get('train_minutes', 0):.1f} min)")

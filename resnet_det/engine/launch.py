@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +109,21 @@ def build_model(cfg: Config, task: Task, num_classes: int | None = None) -> nn.M
 # --------------------------------------------------------------------------------------- evaluation
 def evaluate(model: nn.Module, dataset: Any, task: Task, *, device: torch.device, amp: str = "off",
              output_dir: str | Path | None = None, batch_size: int = 4, num_workers: int = 2,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, metrics: Sequence[str] = ()) -> dict[str, Any]:
     """Run `model` over `dataset` (sharded over processes) and compute the task's metrics.
 
-    The task's evaluators run as one `DatasetEvaluators` fed by `inference_on_dataset`. Every process
-    must call this (the evaluators gather across processes); the main process gets the metrics, the
+    The task's evaluators, and those of the named `metrics` (`test.metrics`, see
+    `resnet_det.evaluation.registry`), run as one `DatasetEvaluators` fed by `inference_on_dataset`. Every
+    process must call this (the evaluators gather across processes); the main process gets the metrics, the
     others `{}`.
     """
     from ..data.build import build_test_loader
     from ..evaluation import DatasetEvaluators, inference_on_dataset
+    from ..evaluation.registry import build_metric
 
-    evaluators = task.build_evaluators(dataset, Path(output_dir) if output_dir is not None else None)
+    folder = Path(output_dir) if output_dir is not None else None
+    evaluators = task.build_evaluators(dataset, folder)
+    evaluators += [build_metric(name, dataset, folder) for name in metrics]
     loader = build_test_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     results = inference_on_dataset(model, loader, DatasetEvaluators(evaluators), device=device, amp=amp,
                                    progress=progress)
@@ -207,7 +212,7 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
 
     def eval_fn(m: nn.Module, iteration: int) -> dict[str, Any]:
         return evaluate(m, val_set, task, device=device, amp=cfg.train.amp, output_dir=out / "eval",
-                        num_workers=min(2, cfg.data.num_workers), progress=progress)
+                        num_workers=min(2, cfg.data.num_workers), progress=progress, metrics=cfg.test.metrics)
 
     if is_main_process():
         log.info("task %s, %d classes, %d train / %d val images, %d process(es), device %s", task.name,
@@ -267,6 +272,6 @@ def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: b
         model.to(device)
         return evaluate(model, val_set, task, device=device, amp=cfg.train.amp,
                         output_dir=Path(cfg.train.output_dir) / "eval", num_workers=cfg.data.num_workers,
-                        progress=progress)
+                        progress=progress, metrics=cfg.test.metrics)
     finally:
         cleanup()

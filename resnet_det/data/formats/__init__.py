@@ -24,7 +24,7 @@ A format may also *write* a COCO split in its layout (``resnet-det make-shapes -
 
 Adding a format::
 
-    # detection/data/formats/myformat.py
+    # resnet_det/data/formats/myformat.py
     FORMAT = DatasetFormat("myformat", layout="...", resolve=..., write=...)
     # and its name in BUILTIN below (or, outside the library: register_format(FORMAT))
 """
