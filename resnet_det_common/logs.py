@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 LOG_FILENAME = "log.txt"
-PROJECT_LOGGERS: tuple[str, ...] = ("backbone", "detection", "segmentation", "resnet_det")
+PROJECT_LOGGERS: tuple[str, ...] = ("resnet_det_common", "backbone", "detection", "segmentation", "resnet_det")
 """The top-level loggers of this project's packages (every module logs under one of them)."""
 
 _TAG = "_resnet_det_handler"  # marks the handlers setup_logger made: ("console",) or ("file", path)

@@ -271,7 +271,7 @@ def measure(mode: str, ann_file: str | os.PathLike[str], cache_dir: str | os.Pat
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     if mode != "pycocotools" and mode != "ours" and cache_dir is None:
         raise ValueError(f"mode {mode!r} needs a cache folder")
-    logging.getLogger("detection").setLevel(logging.ERROR)  # the summary line of 87 empty images is not news
+    logging.getLogger("resnet_det.data").setLevel(logging.ERROR)  # the summary line of 87 empty images is not news
     gc.collect()
     base = _rss_bytes()
     start = time.perf_counter()
