@@ -22,7 +22,7 @@ from PIL import Image
 from resnet_det import __version__
 
 REPO = Path(__file__).resolve().parents[2]
-CODE = ("backbone", "detection", "segmentation", "resnet_det")
+CODE = ("resnet_det_common", "backbone", "detection", "segmentation", "resnet_det")
 # data / solver / train overrides only: they keep the run tiny whatever the model section looks like.
 TINY = ["data.shapes_num_train=8", "data.shapes_num_val=4", "data.shapes_image_size=64", "data.num_workers=0",
         "solver.ims_per_batch=2", "solver.max_iter=2", "solver.steps=[100]", "solver.warmup_iters=1",
