@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_fakes import FakeLoader, TinyDetector, tiny_loader
+from engine_fakes import FakeLoader, TinyDetector, tiny_loader, with_options
 
 from detection.config import Config, SolverConfig, load_config
 from detection.engine import (
@@ -28,10 +28,12 @@ from detection.engine import (
     HookBase,
     Trainer,
     TrainerBase,
+    TrainerOptions,
     build_lr_scheduler,
     build_optimizer,
     build_trainer,
 )
+from detection.engine.launch import write_run_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,13 +47,14 @@ def _seed(seed: int) -> None:
 
 
 def _trainer(out: Path, *, max_iter: int, make=TinyDetector, seed: int = 0, **kw) -> Trainer:
-    """A Trainer of the tiny detector, built by `make()` after seeding (same initial weights)."""
+    """A Trainer of the tiny detector, built by `make()` after seeding (same initial weights); `kw`: Trainer
+    arguments and TrainerOptions fields."""
     _seed(seed)
     model = make()
     opt = build_optimizer(model, SOLVER)
     kw = {"progress": False, "curves": False, "log_period": 1, "checkpoint_period": 100, **kw}
     return Trainer(model, opt, build_lr_scheduler(opt, SOLVER), tiny_loader(), device="cpu", max_iter=max_iter,
-                   output_dir=out, **kw)
+                   output_dir=out, **with_options(kw))
 
 
 def _conv_weight(model: TinyDetector) -> torch.Tensor:
@@ -313,7 +316,7 @@ def test_bad_loader_and_bad_batches_fail_clearly(tmp_path):
                 yield [torch.zeros(3, 8, 8)]
 
     trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), Bad(), device="cpu", max_iter=2,
-                      output_dir=tmp_path, progress=False, curves=False)
+                      output_dir=tmp_path, options=TrainerOptions(progress=False, curves=False))
     with pytest.raises(TypeError, match=r"\(images, targets\)"):
         trainer.train()
     with pytest.raises(ValueError, match="amp"):
@@ -331,11 +334,13 @@ def test_build_trainer_from_a_config(tmp_path):
     ])
     torch.manual_seed(0)
     trainer = build_trainer(cfg, TinyDetector(), tiny_loader(batch_size=2), progress=False)
-    assert (trainer.max_iter, trainer.amp, trainer.checkpoint_period) == (3, "bf16", 2)
+    assert (trainer.max_iter, trainer.amp, trainer.options.checkpoint_period) == (3, "bf16", 2)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.04 * 2 / 4
     assert _conv_weight(trainer.model).is_contiguous(memory_format=torch.channels_last)
-    saved = load_config(tmp_path / "run" / "config.yaml")
-    assert saved == cfg
+    # The run's config.yaml is the launch's (resnet-det train writes it before building the trainer).
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    saved = load_config(write_run_config(cfg))
+    assert saved == cfg and saved.train.output_dir == str(tmp_path / "run")
     trainer.train()
     assert Checkpointer(tmp_path / "run").list_checkpoints() == ["model_0000002", "model_final"]
     assert (tmp_path / "run" / "curves.png").is_file()
