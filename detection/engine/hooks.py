@@ -185,6 +185,9 @@ class InterruptHook(HookBase):
     interrupts at once. Either way ``after_train`` saves the state after the last completed
     iteration, unless the weights are half-updated or a loss was non-finite. Installed only in the
     main thread, and never over an ignored SIGINT.
+
+    State: reads ``in_step``, ``iter``, ``updating``, ``recorder``, ``last_saved_iter``, ``exception``,
+    ``checkpointer``; calls ``save_checkpoint``.
     """
 
     def __init__(self) -> None:
@@ -250,6 +253,8 @@ class TimeLimit(HookBase):
 
     One process stops at the first iteration past the limit; several stop at the next logging
     period at which any of them is past it (the vote rides on :class:`MetricsWriter`'s all-reduce).
+
+    State: reads ``train_start``, ``iter``, ``max_iter``; calls ``request_stop``.
     """
 
     def __init__(self, max_time_minutes: float) -> None:
@@ -274,6 +279,10 @@ class MetricsWriter(HookBase):
     The all-reduce carries the loss sums, the non-finite flag and the stop votes: one host-device
     synchronisation per period, and every process learns the same things at the same iteration.
     A non-finite loss raises here, before the record is written.
+
+    State: reads ``recorder``, ``device``, ``world_size``, ``stop_vote``, ``grad_norm``, ``scaler``, ``last_lr``,
+    ``train_start``, ``iter``, ``max_iter``, ``exception``, ``metrics_logger``; writes ``stop_reason``,
+    ``last_losses``, ``last_logged_iter``.
     """
 
     def __init__(self, period: int) -> None:
@@ -345,6 +354,8 @@ class LossGrowthWarning(HookBase):
     learning rate too high) stops nothing by itself; this says so in the log. It reads the losses
     :class:`MetricsWriter` has just logged (Python floats, already on every process alike): no synchronisation
     of its own. Register it after :class:`MetricsWriter`.
+
+    State: reads ``last_losses``, ``last_logged_iter``, ``iter``.
     """
 
     def __init__(self, factor: float = 100.0) -> None:
@@ -387,6 +398,9 @@ class NonFiniteGuard(HookBase):
     evaluation periods) and at the end, before the final checkpoint. After an error, when this
     process had seen a NaN, raises ``FloatingPointError`` from that error: a crash right after a
     NaN (NaN boxes in a later op) is reported as what it is.
+
+    State: reads ``recorder``, ``device``, ``world_size``, ``iter``, ``exception``, ``checkpointer``,
+    ``output_dir``.
     """
 
     def __init__(self, write_periods: Sequence[int]) -> None:
@@ -411,6 +425,9 @@ class PeriodicCheckpointer(HookBase):
 
     At the end: ``model_final`` after the last iteration, ``model_<iteration>`` when stopped early
     (the run can be resumed), nothing when the run was already complete.
+
+    State: reads ``iter``, ``start_iter``, ``max_iter``, ``stop_reason``, ``exception``; calls
+    ``save_checkpoint``.
     """
 
     def __init__(self, period: int) -> None:
@@ -443,6 +460,9 @@ class EvalHook(HookBase):
     ``state.ema``, with ``use_ema``), under ``torch.no_grad()``,
     with every RNG state saved and restored around it, so the training trajectory does not depend
     on the evaluation period. The final results are in ``state.eval_results``.
+
+    State: reads ``model``, ``ema`` (with ``use_ema``), ``iter``, ``exception``, ``train_start``, ``recorder``,
+    ``metrics_logger``; writes ``eval_results``.
     """
 
     def __init__(self, eval_fn: EvalFn, period: int = 0, *, use_ema: bool = False) -> None:

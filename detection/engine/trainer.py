@@ -93,8 +93,6 @@ _log = logging.getLogger(__name__)
 
 _SCHEDULER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
-
-
 _T = TypeVar("_T")
 
 
@@ -362,7 +360,8 @@ class Trainer(TrainerBase):
 
     Attributes:
         state: What the hooks see (:class:`~.state.TrainingState`); ``model``, ``optimizer``, ``scaler``,
-            ``ema``, ``checkpointer``, ``device``, ``world_size``, ``grad_norm`` are its fields of those names.
+            ``ema``, ``checkpointer``, ``device``, ``output_dir``, ``world_size``, ``grad_norm`` are its fields of
+            those names.
         options: The :class:`TrainerOptions`.
     """
 
@@ -372,6 +371,7 @@ class Trainer(TrainerBase):
     ema = _InState["ModelEma | None"]()
     checkpointer = _InState[Checkpointer]()
     device = _InState[torch.device]()
+    output_dir = _InState[Path]()
     world_size = _InState[int]()
     grad_norm = _InState["Tensor | None"]()
 
@@ -429,7 +429,6 @@ class Trainer(TrainerBase):
         ))
         self.scheduler = scheduler
         self.train_loader = train_loader
-        self.output_dir = output_dir
         self.amp = amp
         self.clip_grad_norm = clip_grad_norm
         self.accumulate = accumulate
