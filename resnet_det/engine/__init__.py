@@ -23,7 +23,8 @@ from .hooks import (
 )
 from .logger import MetricsLogger, flatten_metrics, plot_curves, read_metrics
 from .solver import WarmupLR, build_lr_scheduler, build_optimizer, lr_multiplier
-from .trainer import AMP_DTYPES, EvalFn, LossRecorder, Trainer, TrainerBase, build_trainer
+from .state import LossRecorder, TrainingState
+from .trainer import AMP_DTYPES, EvalFn, Trainer, TrainerBase, TrainerOptions, build_grad_scaler, build_trainer
 
 __all__ = [
     "AMP_DTYPES",
@@ -46,7 +47,10 @@ __all__ = [
     "TimeLimit",
     "Trainer",
     "TrainerBase",
+    "TrainerOptions",
+    "TrainingState",
     "WarmupLR",
+    "build_grad_scaler",
     "build_lr_scheduler",
     "build_optimizer",
     "build_trainer",

@@ -1,9 +1,16 @@
 """The trainer's hooks: everything periodic or exceptional around the training step.
 
 A hook has four methods, called by :class:`~resnet_det.engine.trainer.TrainerBase` (each a no-op by
-default): ``before_train``; per iteration ``before_step`` and ``after_step`` (``trainer.iter`` then
-counts the completed iterations); ``after_train`` (always, also after an error: ``trainer.exception``
+default): ``before_train``; per iteration ``before_step`` and ``after_step`` (``state.iter`` then
+counts the completed iterations); ``after_train`` (always, also after an error: ``state.exception``
 says which, and every hook's ``after_train`` runs even when an earlier one raised).
+
+A hook reads and writes its trainer's :class:`~resnet_det.engine.state.TrainingState` (``self.state``, which
+is ``self.trainer.state``) and calls :class:`~resnet_det.engine.trainer.TrainerBase`'s services
+(``request_stop``, ``save_checkpoint``); nothing else of the trainer. So the hooks here work with any
+``TrainerBase`` subclass that fills the state fields they read (each hook's docstring says which), and a
+hook of your own is written the same way. A test reads this module and keeps it so
+(tests/engine/test_trainer.py::test_the_hooks_read_the_state_and_no_trainer_internals).
 
 The :class:`~resnet_det.engine.Trainer`'s hooks, in the order they run (why the order matters):
 
@@ -64,7 +71,8 @@ from resnet_det_common import (
 )
 
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from .state import TrainingState
+    from .trainer import TrainerBase
 
 __all__ = [
     "EvalHook",
@@ -88,22 +96,28 @@ class HookBase:
     """A hook of the training loop; subclasses override what they need.
 
     Attributes:
-        trainer: The trainer (a weak proxy), set by ``trainer.register_hooks``.
+        trainer: The trainer (a weak proxy), set by ``trainer.register_hooks``: for its services
+            (``request_stop``, ``save_checkpoint``) and its ``state``.
     """
 
-    trainer: Trainer
+    trainer: TrainerBase
+
+    @property
+    def state(self) -> TrainingState:
+        """The trainer's :class:`~resnet_det.engine.state.TrainingState`: what a hook reads and writes."""
+        return self.trainer.state
 
     def before_train(self) -> None:
         """Called once, before the first iteration."""
 
     def after_train(self) -> None:
-        """Called once at the end, also after an error (``self.trainer.exception``)."""
+        """Called once at the end, also after an error (``self.state.exception``)."""
 
     def before_step(self) -> None:
         """Called before each iteration."""
 
     def after_step(self) -> None:
-        """Called after each iteration; ``self.trainer.iter`` counts it."""
+        """Called after each iteration; ``self.state.iter`` counts it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,8 +125,13 @@ class HookBase:
 # --------------------------------------------------------------------------------------------------
 
 
-def _nonfinite_message(trainer: Trainer, first_iter: int | None) -> str:
-    local = trainer.recorder.first_nonfinite()
+def _latest(state: TrainingState) -> str | None:
+    """The last checkpoint of the run, or None (none yet, or a loop without a checkpointer)."""
+    return state.checkpointer.latest_or_none() if state.checkpointer is not None else None
+
+
+def _nonfinite_message(state: TrainingState, first_iter: int | None) -> str:
+    local = state.recorder.first_nonfinite()
     first = first_iter if first_iter is not None else (local[0] if local else -1)
     if local is not None and local[0] == first:
         detail = "loss values: " + ", ".join(f"{k}={v}" for k, v in local[1].items())
@@ -120,8 +139,8 @@ def _nonfinite_message(trainer: Trainer, first_iter: int | None) -> str:
         detail = "the non-finite loss was on another process" + (
             f" (this one saw its first at iteration {local[0]})" if local else ""
         )
-    last = trainer.checkpointer.latest_or_none()
-    kept = f"the last good checkpoint is '{last}' in {trainer.output_dir}" if last else "no checkpoint was saved yet"
+    last = _latest(state)
+    kept = f"the last good checkpoint is '{last}' in {state.output_dir}" if last else "no checkpoint was saved yet"
     return (
         f"non-finite loss at iteration {first}; {detail}. Training stopped on every process; {kept}. "
         "Common causes: a learning rate too high for the batch size (lower solver.lr or lengthen "
@@ -129,28 +148,28 @@ def _nonfinite_message(trainer: Trainer, first_iter: int | None) -> str:
     )
 
 
-def raise_nonfinite(trainer: Trainer) -> None:
+def raise_nonfinite(state: TrainingState) -> None:
     """Raises ``FloatingPointError`` naming the first bad iteration of all processes (a collective)."""
     sentinel = 2**62
-    local = trainer.recorder.first_nonfinite()
-    first = torch.tensor([local[0] if local else sentinel], dtype=torch.int64, device=trainer.device)
-    if trainer.world_size > 1:
+    local = state.recorder.first_nonfinite()
+    first = torch.tensor([local[0] if local else sentinel], dtype=torch.int64, device=state.device)
+    if state.world_size > 1:
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    raise FloatingPointError(_nonfinite_message(trainer, int(first.item())))
+    raise FloatingPointError(_nonfinite_message(state, int(first.item())))
 
 
-def check_finite(trainer: Trainer) -> None:
+def check_finite(state: TrainingState) -> None:
     """Raises ``FloatingPointError`` on every process if any process saw a non-finite loss.
 
     A collective with several processes: call it at the same iterations on all of them.
     """
-    flag = trainer.recorder.nonfinite_flag()
+    flag = state.recorder.nonfinite_flag()
     if flag is None:  # no step recorded yet (on every process alike)
         return
-    if trainer.world_size > 1:
+    if state.world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:
-        raise_nonfinite(trainer)
+        raise_nonfinite(state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +185,9 @@ class InterruptHook(HookBase):
     interrupts at once. Either way ``after_train`` saves the state after the last completed
     iteration, unless the weights are half-updated or a loss was non-finite. Installed only in the
     main thread, and never over an ignored SIGINT.
+
+    State: reads ``in_step``, ``iter``, ``updating``, ``recorder``, ``last_saved_iter``, ``exception``,
+    ``checkpointer``; calls ``save_checkpoint``.
     """
 
     def __init__(self) -> None:
@@ -183,7 +205,7 @@ class InterruptHook(HookBase):
                 self._installed = True
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.trainer.in_step and not self.requested:
+        if self.state.in_step and not self.requested:
             # No logging here: writing to a file the interrupted code may be writing to is unsafe.
             self.requested = True
             signal.signal(signal.SIGINT, self._prev)
@@ -192,38 +214,38 @@ class InterruptHook(HookBase):
 
     def after_step(self) -> None:
         if self.requested:
-            _log.info("Ctrl-C: stopping after iteration %d", self.trainer.iter)
+            _log.info("Ctrl-C: stopping after iteration %d", self.state.iter)
             raise KeyboardInterrupt
 
     def after_train(self) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._prev)
             self._installed = False
-        if isinstance(self.trainer.exception, KeyboardInterrupt):
+        if isinstance(self.state.exception, KeyboardInterrupt):
             self._save_on_interrupt()
 
     def _save_on_interrupt(self) -> None:
-        t = self.trainer
+        s = self.state
         if not is_main_process():
             return
-        if t.updating:
+        if s.updating:
             _log.warning("interrupted inside the optimizer update of iteration %d: the weights are half-updated, "
-                         "so no checkpoint is saved; the last one is %s", t.iter + 1, t.checkpointer.latest_or_none())
+                         "so no checkpoint is saved; the last one is %s", s.iter + 1, _latest(s))
             return
-        if t.recorder.nonfinite_seen():
+        if s.recorder.nonfinite_seen():
             _log.warning("interrupted after a non-finite loss: not saving the weights; the last good checkpoint "
-                         "is %s", t.checkpointer.latest_or_none())
+                         "is %s", _latest(s))
             return
-        if t.last_saved_iter == t.iter and not t.in_step:
-            _log.info("interrupted at iteration %d, which is already saved (%s)", t.iter,
-                      t.checkpointer.latest_or_none())
+        if s.last_saved_iter == s.iter and not s.in_step:
+            _log.info("interrupted at iteration %d, which is already saved (%s)", s.iter,
+                      _latest(s))
             return
-        if t.in_step:
+        if s.in_step:
             _log.info("interrupted inside iteration %d: saving the state after iteration %d (the batch of the "
-                      "unfinished iteration was consumed and is skipped on resume)", t.iter + 1, t.iter)
+                      "unfinished iteration was consumed and is skipped on resume)", s.iter + 1, s.iter)
         # Other processes may not reach a collective now: save this rank's loader/RNG state only.
-        t.save_checkpoint(f"model_{t.iter:07d}", gather=False)
-        _log.info("interrupted at iteration %d; resume with train(resume=True) (tools: --resume)", t.iter)
+        self.trainer.save_checkpoint(f"model_{s.iter:07d}", gather=False)
+        _log.info("interrupted at iteration %d; resume with train(resume=True) (tools: --resume)", s.iter)
 
 
 class TimeLimit(HookBase):
@@ -231,6 +253,8 @@ class TimeLimit(HookBase):
 
     One process stops at the first iteration past the limit; several stop at the next logging
     period at which any of them is past it (the vote rides on :class:`MetricsWriter`'s all-reduce).
+
+    State: reads ``train_start``, ``iter``, ``max_iter``; calls ``request_stop``.
     """
 
     def __init__(self, max_time_minutes: float) -> None:
@@ -240,12 +264,13 @@ class TimeLimit(HookBase):
         self._start = time.perf_counter()
 
     def before_train(self) -> None:
-        self._start = self.trainer.train_start
+        self._start = self.state.train_start
 
     def after_step(self) -> None:
-        t = self.trainer
-        if t.iter < t.max_iter and time.perf_counter() - self._start > self.max_time_minutes * 60.0:
-            t.request_stop(f"the time limit of {self.max_time_minutes} minutes (train.max_time_minutes) was reached")
+        s = self.state
+        if s.iter < s.max_iter and time.perf_counter() - self._start > self.max_time_minutes * 60.0:
+            self.trainer.request_stop(
+                f"the time limit of {self.max_time_minutes} minutes (train.max_time_minutes) was reached")
 
 
 class MetricsWriter(HookBase):
@@ -254,6 +279,10 @@ class MetricsWriter(HookBase):
     The all-reduce carries the loss sums, the non-finite flag and the stop votes: one host-device
     synchronisation per period, and every process learns the same things at the same iteration.
     A non-finite loss raises here, before the record is written.
+
+    State: reads ``recorder``, ``device``, ``world_size``, ``stop_vote``, ``grad_norm``, ``scaler``, ``last_lr``,
+    ``train_start``, ``iter``, ``max_iter``, ``exception``, ``metrics_logger``; writes ``stop_reason``,
+    ``last_losses``, ``last_logged_iter``.
     """
 
     def __init__(self, period: int) -> None:
@@ -262,57 +291,57 @@ class MetricsWriter(HookBase):
         self.period = period
 
     def after_step(self) -> None:
-        t = self.trainer
-        t.metrics_logger.advance()
-        if t.iter % self.period == 0 or t.finishing:
+        s = self.state
+        s.metrics_logger.advance()
+        if s.iter % self.period == 0 or s.finishing:
             self.write()
 
     def after_train(self) -> None:
-        t = self.trainer
+        s = self.state
         # Ctrl-C: with one process, log the partial period (several may not all reach a collective now).
-        if isinstance(t.exception, KeyboardInterrupt) and t.world_size == 1 and t.recorder.period_iters > 0:
+        if isinstance(s.exception, KeyboardInterrupt) and s.world_size == 1 and s.recorder.period_iters > 0:
             self.write()
 
     def write(self) -> None:
         """Reduces, checks and logs the period's losses; applies an agreed stop."""
-        t = self.trainer
-        rec = t.recorder
+        s = self.state
+        rec = s.recorder
         sums, counts = rec.period_sums()
-        keys = sorted({k for ks in all_gather_object(sorted(sums)) for k in ks}) if t.world_size > 1 else sorted(sums)
-        zero = torch.zeros((), device=t.device)
+        keys = sorted({k for ks in all_gather_object(sorted(sums)) for k in ks}) if s.world_size > 1 else sorted(sums)
+        zero = torch.zeros((), device=s.device)
         flag = rec.nonfinite_flag()
         packed = torch.stack(
             [sums.get(k, zero) for k in keys]
-            + [torch.tensor(float(counts.get(k, 0)), device=t.device) for k in keys]
+            + [torch.tensor(float(counts.get(k, 0)), device=s.device) for k in keys]
             + [flag.reshape(()) if flag is not None else zero,
-               torch.tensor(float(t.stop_vote is not None), device=t.device)]
+               torch.tensor(float(s.stop_vote is not None), device=s.device)]
         )
-        if t.world_size > 1:
+        if s.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         values = packed.tolist()  # the one host-device synchronisation of the period
         n = len(keys)
         if values[2 * n] > 0:
-            raise_nonfinite(t)
-        if values[2 * n + 1] > 0 and t.stop_reason is None:
-            t.stop_reason = t.stop_vote or "another process asked to stop"
+            raise_nonfinite(s)
+        if values[2 * n + 1] > 0 and s.stop_reason is None:
+            s.stop_reason = s.stop_vote or "another process asked to stop"
         losses = {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
         elapsed = time.perf_counter() - rec.period_start
         iters = max(1, rec.period_iters)
         extra: dict[str, float] = {}
-        if t.grad_norm is not None:
-            extra["grad_norm"] = float(t.grad_norm)
-        if t.device.type == "cuda":
-            extra["max_mem_mb"] = torch.cuda.max_memory_allocated(t.device) / 2**20
-        if t.scaler.is_enabled():
-            extra["loss_scale"] = float(t.scaler.get_scale())
+        if s.grad_norm is not None:
+            extra["grad_norm"] = float(s.grad_norm)
+        if s.device.type == "cuda":
+            extra["max_mem_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
+        if s.scaler is not None and s.scaler.is_enabled():
+            extra["loss_scale"] = float(s.scaler.get_scale())
         if losses:
-            t.last_losses = losses
-            t.last_logged_iter = t.iter
-            t.metrics_logger.log_train(
-                t.iter, losses, lr=t.last_lr,
+            s.last_losses = losses
+            s.last_logged_iter = s.iter
+            s.metrics_logger.log_train(
+                s.iter, losses, lr=s.last_lr,
                 images_per_sec=rec.period_images / elapsed if elapsed > 0 else 0.0,
-                time_s=time.perf_counter() - t.train_start, data_time=rec.period_data_time / iters,
-                eta_seconds=(t.max_iter - t.iter) * elapsed / iters, extra=extra,
+                time_s=time.perf_counter() - s.train_start, data_time=rec.period_data_time / iters,
+                eta_seconds=(s.max_iter - s.iter) * elapsed / iters, extra=extra,
             )
         rec.reset_period()
         raise_log_write_failure()  # log.txt on a full disk stops the run here, with one line naming it
@@ -325,6 +354,8 @@ class LossGrowthWarning(HookBase):
     learning rate too high) stops nothing by itself; this says so in the log. It reads the losses
     :class:`MetricsWriter` has just logged (Python floats, already on every process alike): no synchronisation
     of its own. Register it after :class:`MetricsWriter`.
+
+    State: reads ``last_losses``, ``last_logged_iter``, ``iter``.
     """
 
     def __init__(self, factor: float = 100.0) -> None:
@@ -338,14 +369,14 @@ class LossGrowthWarning(HookBase):
         self.first, self.warned = None, False
 
     def after_step(self) -> None:
-        t = self.trainer
-        if self.warned or getattr(t, "last_logged_iter", None) != t.iter or not t.last_losses:
+        s = self.state
+        if self.warned or s.last_logged_iter != s.iter or not s.last_losses:
             return
-        total = float(sum(t.last_losses.values()))
+        total = float(sum(s.last_losses.values()))
         if not math.isfinite(total):
             return  # a non-finite loss is MetricsWriter's error, not a warning
         if self.first is None:
-            self.first = (t.iter, total)
+            self.first = (s.iter, total)
             return
         first_iter, first = self.first
         if first > 0 and total > self.factor * first:
@@ -357,7 +388,7 @@ class LossGrowthWarning(HookBase):
                     "pretrained weights (use model.backbone.norm=GN/BN/SyncBN to train from scratch, or give "
                     "model.backbone.weights), a learning rate too high (lower solver.lr, lengthen "
                     "solver.warmup_iters), or clipping off (solver.clip_grad_norm)",
-                    total, t.iter, total / first, first, first_iter)
+                    total, s.iter, total / first, first, first_iter)
 
 
 class NonFiniteGuard(HookBase):
@@ -367,23 +398,26 @@ class NonFiniteGuard(HookBase):
     evaluation periods) and at the end, before the final checkpoint. After an error, when this
     process had seen a NaN, raises ``FloatingPointError`` from that error: a crash right after a
     NaN (NaN boxes in a later op) is reported as what it is.
+
+    State: reads ``recorder``, ``device``, ``world_size``, ``iter``, ``exception``, ``checkpointer``,
+    ``output_dir``.
     """
 
     def __init__(self, write_periods: Sequence[int]) -> None:
         self.write_periods = tuple(p for p in write_periods if p > 0)
 
     def after_step(self) -> None:
-        t = self.trainer
-        if not t.finishing and any(t.iter % p == 0 for p in self.write_periods):
-            check_finite(t)
+        s = self.state
+        if not s.finishing and any(s.iter % p == 0 for p in self.write_periods):
+            check_finite(s)
 
     def after_train(self) -> None:
-        t = self.trainer
-        if t.exception is None:
-            check_finite(t)
-        elif (isinstance(t.exception, Exception) and not isinstance(t.exception, FloatingPointError)
-              and t.recorder.nonfinite_seen()):
-            raise FloatingPointError(_nonfinite_message(t, None)) from t.exception
+        s = self.state
+        if s.exception is None:
+            check_finite(s)
+        elif (isinstance(s.exception, Exception) and not isinstance(s.exception, FloatingPointError)
+              and s.recorder.nonfinite_seen()):
+            raise FloatingPointError(_nonfinite_message(s, None)) from s.exception
 
 
 class PeriodicCheckpointer(HookBase):
@@ -391,6 +425,9 @@ class PeriodicCheckpointer(HookBase):
 
     At the end: ``model_final`` after the last iteration, ``model_<iteration>`` when stopped early
     (the run can be resumed), nothing when the run was already complete.
+
+    State: reads ``iter``, ``start_iter``, ``max_iter``, ``stop_reason``, ``exception``; calls
+    ``save_checkpoint``.
     """
 
     def __init__(self, period: int) -> None:
@@ -399,67 +436,78 @@ class PeriodicCheckpointer(HookBase):
         self.period = period
 
     def after_step(self) -> None:
-        t = self.trainer
-        if not t.finishing and t.iter % self.period == 0:
-            t.save_checkpoint(f"model_{t.iter:07d}")
+        s = self.state
+        if not s.finishing and s.iter % self.period == 0:
+            self.trainer.save_checkpoint(f"model_{s.iter:07d}")
 
     def after_train(self) -> None:
-        t = self.trainer
-        if t.exception is not None:
+        s = self.state
+        if s.exception is not None:
             return
-        if t.stop_reason is not None:
-            _log.info("stopping early at iteration %d of %d: %s", t.iter, t.max_iter, t.stop_reason)
-            t.save_checkpoint(f"model_{t.iter:07d}")
-        elif t.iter > t.start_iter:
-            t.save_checkpoint("model_final")
+        if s.stop_reason is not None:
+            _log.info("stopping early at iteration %d of %d: %s", s.iter, s.max_iter, s.stop_reason)
+            self.trainer.save_checkpoint(f"model_{s.iter:07d}")
+        elif s.iter > s.start_iter:
+            self.trainer.save_checkpoint("model_final")
         else:
-            _log.info("training was already complete at iteration %d", t.iter)
+            _log.info("training was already complete at iteration %d", s.iter)
 
 
 class EvalHook(HookBase):
     """Evaluates every ``period`` iterations (0: only at the end) and once at the end.
 
-    ``eval_fn(model, iteration)`` gets the unwrapped model in eval mode (holding the EMA weights when the
-    trainer has ``eval_with_ema``), under ``torch.no_grad()``,
+    ``eval_fn(model, iteration)`` gets the unwrapped ``state.model`` in eval mode (holding the EMA weights,
+    ``state.ema``, with ``use_ema``), under ``torch.no_grad()``,
     with every RNG state saved and restored around it, so the training trajectory does not depend
-    on the evaluation period. The final results are in ``trainer.eval_results``.
+    on the evaluation period. The final results are in ``state.eval_results``.
+
+    State: reads ``model``, ``ema`` (with ``use_ema``), ``iter``, ``exception``, ``train_start``, ``recorder``,
+    ``metrics_logger``; writes ``eval_results``.
     """
 
-    def __init__(self, eval_fn: EvalFn, period: int = 0) -> None:
+    def __init__(self, eval_fn: EvalFn, period: int = 0, *, use_ema: bool = False) -> None:
         if not callable(eval_fn):
             raise TypeError(f"eval_fn must be callable(model, iteration), got {type(eval_fn).__name__}")
+        if not isinstance(period, int) or isinstance(period, bool) or period < 0:
+            raise ValueError(f"EvalHook period must be an int >= 0 (0: only at the end), got {period!r}")
         self.eval_fn = eval_fn
         self.period = period
+        self.use_ema = use_ema
 
     def after_step(self) -> None:
-        t = self.trainer
-        if self.period > 0 and not t.finishing and t.iter % self.period == 0:
+        s = self.state
+        if self.period > 0 and not s.finishing and s.iter % self.period == 0:
             self.evaluate()
 
     def after_train(self) -> None:
-        if self.trainer.exception is None:
+        if self.state.exception is None:
             self.evaluate()
 
     def evaluate(self) -> dict[str, Any]:
         """Runs ``eval_fn`` now, logs the metrics and returns them."""
-        t = self.trainer
-        model = unwrap_model(t.model)
+        s = self.state
+        if s.model is None:
+            raise ValueError("EvalHook needs the trained model in the trainer's state (state.model); the loop sets it")
+        if self.use_ema and s.ema is None:
+            raise ValueError("EvalHook use_ema=True needs the weights' EMA in the trainer's state (state.ema; "
+                             "train.ema in a config)")
+        model = unwrap_model(s.model)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
         # test.use_ema: the averaged weights are evaluated; the trained ones come back bit for bit after.
-        weights = t.ema.swapped_into(model) if t.ema is not None and t.eval_with_ema else contextlib.nullcontext()
+        weights = s.ema.swapped_into(model) if s.ema is not None and self.use_ema else contextlib.nullcontext()
         try:
             with preserve_rng_states(), torch.no_grad(), weights:
-                results = self.eval_fn(model, t.iter)
+                results = self.eval_fn(model, s.iter)
         finally:
             model.train(was_training)
         if results is None:
             results = {}
         if not isinstance(results, Mapping):
             raise TypeError(f"eval_fn must return a dict of metrics, got {type(results).__name__}")
-        t.metrics_logger.log_eval(t.iter, results, time_s=time.perf_counter() - t.train_start)
+        s.metrics_logger.log_eval(s.iter, results, time_s=time.perf_counter() - s.train_start)
         _log.info("evaluation took %.1f s", time.perf_counter() - t0)
-        t.recorder.restart_clock()  # the evaluation's time must not count against the training speed
-        t.eval_results = dict(results)
-        return t.eval_results
+        s.recorder.restart_clock()  # the evaluation's time must not count against the training speed
+        s.eval_results = dict(results)
+        return s.eval_results

@@ -33,7 +33,7 @@ from resnet_det_common import (
 )
 from resnet_det_common.dist import ProcessGroupError, is_process_group_failure
 
-from ..config import Config
+from ..config import Config, dump_config
 from .task import Task
 from .trainer import build_trainer, check_global_batch
 
@@ -185,6 +185,21 @@ def _lost_peer(cfg: Config, rank: int, world: int, err: BaseException) -> Proces
     )
 
 
+def write_run_config(cfg: Config) -> Path | None:
+    """Writes the resolved config to ``<train.output_dir>/config.yaml`` on the main process (the run's folder is
+    the launch's: ``resnet-det eval`` / ``infer`` read the run back from it); returns the path, None elsewhere.
+
+    Raises:
+        OutputWriteError: The file cannot be written (a full disk), with one line naming it.
+    """
+    if not is_main_process():
+        return None
+    path = Path(cfg.train.output_dir) / "config.yaml"
+    with writing(path, "config file"):
+        dump_config(cfg, path)
+    return path
+
+
 def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, progress: bool) -> dict[str, Any]:
     seed_everything(cfg.train.seed, rank)
     train_set = build_dataset(cfg, task, "train")
@@ -217,6 +232,7 @@ def _train(cfg: Config, task: Task, *, rank: int, world: int, resume: bool, prog
     if is_main_process():
         log.info("task %s, %d classes, %d train / %d val images, %d process(es), device %s", task.name,
                  num_classes, len(train_set), len(val_set), world, device)
+    write_run_config(cfg)
     trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn, progress=progress)
     start = time.time()
     result = trainer.train(resume=resume)

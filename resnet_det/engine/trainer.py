@@ -6,6 +6,12 @@ autocast, backward, clipping, optimizer and LR-schedule steps, and the on-device
 loss values. Everything periodic or exceptional is a hook (:mod:`.hooks`, where their order is
 explained): Ctrl-C, time limit, metrics logging, the non-finite guard, checkpoints, evaluation.
 
+What a hook sees is the loop's :class:`~.state.TrainingState` (``trainer.state``: the iteration, the model,
+the optimizer, the scaler, the loss records, the stop flag, ...) and :class:`TrainerBase`'s services
+(``request_stop``, ``save_checkpoint``); never a :class:`Trainer` internal. :class:`Trainer` takes built
+parts (``build_trainer`` builds them from a config) and builds its hooks in :meth:`Trainer.build_hooks`, which
+a subclass overrides to add, drop or replace one.
+
 Invariants (each proven by the test named):
 
 - Exact resume: a run resumed from a checkpoint repeats the uninterrupted run bit for bit (weights,
@@ -23,7 +29,7 @@ Invariants (each proven by the test named):
   Proof: test_trainer.py::test_non_finite_loss_names_iteration_and_losses_and_keeps_the_last_checkpoint,
   ::test_an_error_after_a_nan_is_reported_as_the_nan, test_distributed.py.
 - Every process takes the same decisions at the same iterations, so collectives never deadlock: a
-  stop is requested locally and agreed through the logging all-reduce (:meth:`Trainer.request_stop`).
+  stop is requested locally and agreed through the logging all-reduce (:meth:`TrainerBase.request_stop`).
   Proof: test_distributed.py (a NaN, and a time limit, on one of two ranks stop both at the same
   iteration), test_trainer.py::test_time_limit_stops_checkpoints_evaluates_and_says_so. A process that
   dies or hangs is not a decision: the others fail within train.dist_timeout_minutes with one line
@@ -38,13 +44,14 @@ Invariants (each proven by the test named):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -56,14 +63,12 @@ from resnet_det_common import (
     check_autocast,
     get_rank,
     get_world_size,
-    is_main_process,
     logging_scope,
     resolve_device,
     wrap_ddp,
-    writing,
 )
 
-from ..config import Config, dump_config
+from ..config import Config
 from .checkpoint import Checkpointer, make_trainer_state
 from .ema import ModelEma
 from .hooks import (
@@ -79,39 +84,66 @@ from .hooks import (
 )
 from .logger import MetricsLogger, flatten_metrics
 from .solver import build_lr_scheduler, build_optimizer
+from .state import LossRecorder, TrainingState
 
-__all__ = ["AMP_DTYPES", "EvalFn", "LossRecorder", "ModelEma", "Trainer", "TrainerBase", "build_trainer",
-           "check_global_batch", "check_sync_batchnorm"]
+__all__ = ["AMP_DTYPES", "EvalFn", "LossRecorder", "ModelEma", "Trainer", "TrainerBase", "TrainerOptions",
+           "TrainingState", "build_grad_scaler", "build_trainer", "check_global_batch", "check_sync_batchnorm"]
 
 _log = logging.getLogger(__name__)
 
 _SCHEDULER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
+
+_T = TypeVar("_T")
+
+
+class _InState(Generic[_T]):
+    """A trainer attribute that is the field of the same name of its ``state`` (read and written through either):
+    ``trainer.iter`` is ``trainer.state.iter``, one value in one place."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _InState[_T]: ...
+
+    @overload
+    def __get__(self, obj: TrainerBase, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: TrainerBase | None, owner: type | None = None) -> _InState[_T] | _T:
+        return self if obj is None else getattr(obj.state, self.name)
+
+    def __set__(self, obj: TrainerBase, value: _T) -> None:
+        setattr(obj.state, self.name, value)
 
 
 class TrainerBase:
     """A loop with hooks: ``before_train``; per iteration ``before_step``, ``run_step``, ``after_step``;
     ``after_train``.
 
-    ``iter`` counts completed iterations: during ``run_step`` iteration ``iter + 1`` runs, and
-    ``after_step`` sees it counted. The loop ends at ``max_iter`` or when ``stop_reason`` is set.
+    The loop keeps its position in ``state`` (:class:`~.state.TrainingState`), which is all a hook reads:
+    ``state.iter`` counts completed iterations (during ``run_step`` iteration ``iter + 1`` runs, and
+    ``after_step`` sees it counted). The loop ends at ``state.max_iter`` or when ``state.stop_reason`` is set.
+    A subclass implements ``run_step`` and fills the state fields its hooks read (the model, the optimizer,
+    the loss records, ...); :meth:`save_checkpoint` when it has checkpoints.
+
+    Args:
+        state: The state to train with; default: a new one.
 
     Attributes:
-        iter: Completed iterations.
-        start_iter: Where this ``train()`` call started.
-        max_iter: Iteration to train up to.
-        in_step: True from the start of ``run_step`` until the iteration is counted.
-        stop_reason: Why the loop stops before ``max_iter`` (set by a hook), or None.
-        exception: The error the loop or a hook raised, or None; what ``after_train`` hooks look at.
+        state: The training state shared with the hooks.
+        iter / start_iter / max_iter / in_step / stop_reason / exception: The state's fields of those names.
     """
 
-    def __init__(self) -> None:
+    iter = _InState[int]()
+    start_iter = _InState[int]()
+    max_iter = _InState[int]()
+    in_step = _InState[bool]()
+    stop_reason = _InState["str | None"]()
+    exception = _InState["BaseException | None"]()
+
+    def __init__(self, state: TrainingState | None = None) -> None:
         self._hooks: list[HookBase] = []
-        self.iter = 0
-        self.start_iter = 0
-        self.max_iter = 0
-        self.in_step = False
-        self.stop_reason: str | None = None
-        self.exception: BaseException | None = None
+        self.state = state if state is not None else TrainingState()
 
     @property
     def hooks(self) -> tuple[HookBase, ...]:
@@ -121,7 +153,7 @@ class TrainerBase:
     @property
     def finishing(self) -> bool:
         """True after the loop's last iteration: the hooks' final work is then done in ``after_train``."""
-        return self.iter >= self.max_iter or self.stop_reason is not None
+        return self.state.finishing
 
     def register_hooks(self, hooks: Iterable[HookBase | None]) -> None:
         """Appends hooks (None entries are skipped); they run after those registered before."""
@@ -136,27 +168,56 @@ class TrainerBase:
 
     def train(self) -> None:
         """Runs iterations ``iter + 1 .. max_iter`` (fewer if a hook sets ``stop_reason``)."""
-        self.exception = None
-        self.stop_reason = None
+        s = self.state
+        s.exception = None
+        s.stop_reason = None
+        s.start_iter = s.iter
+        s.train_start = time.perf_counter()
         try:
             self.before_train()
-            while self.iter < self.max_iter and self.stop_reason is None:
+            while s.iter < s.max_iter and s.stop_reason is None:
                 self.before_step()
-                self.in_step = True
+                s.in_step = True
                 self.run_step()
-                self.iter += 1
-                self.in_step = False
+                s.iter += 1
+                s.in_step = False
                 self.after_step()
         except BaseException as exc:
-            self.exception = exc
+            s.exception = exc
             raise
         finally:
             self.after_train()
-            self.in_step = False
+            s.in_step = False
 
     def run_step(self) -> Any:
         """One iteration; subclasses implement it."""
         raise NotImplementedError
+
+    # -- services for the hooks ---------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Stops the loop after this iteration, cleanly (the hooks' final work: checkpoint, evaluation).
+
+        With one process at once (``state.stop_reason``). With several, the request is a vote
+        (``state.stop_vote``) carried by the next logging all-reduce (:class:`~.hooks.MetricsWriter`), so that
+        every process stops at the same iteration.
+        """
+        s = self.state
+        if s.world_size == 1:
+            s.stop_reason = reason
+        elif s.stop_vote is None:
+            s.stop_vote = reason
+
+    def save_checkpoint(self, name: str, *, gather: bool = True) -> None:
+        """Saves the state to resume from as checkpoint ``name`` (what :class:`~.hooks.PeriodicCheckpointer` and
+        :class:`~.hooks.InterruptHook` call); a loop with checkpoints implements it, and sets
+        ``state.last_saved_iter``. ``gather``: collect every process's part (a collective) or this one's only."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not save checkpoints: implement save_checkpoint(name, *, gather) (see "
+            "Trainer.save_checkpoint), or leave PeriodicCheckpointer out of its hooks"
+        )
+
+    # -- the hook calls -----------------------------------------------------------------------------
 
     def before_train(self) -> None:
         for hook in self._hooks:
@@ -172,96 +233,16 @@ class TrainerBase:
 
     def after_train(self) -> None:
         """Every hook's ``after_train``, even after one of them raised (the later ones then see the
-        error in ``exception``); the first error is raised at the end."""
+        error in ``state.exception``); the first error is raised at the end."""
         error: BaseException | None = None
         for hook in self._hooks:
             try:
                 hook.after_train()
             except BaseException as exc:
                 error = error or exc
-                self.exception = exc
+                self.state.exception = exc
         if error is not None:
             raise error
-
-
-class LossRecorder:
-    """The step's on-device bookkeeping: loss sums of the logging period and the first non-finite step.
-
-    ``record`` uses device ops only (no synchronisation); the readers (``period_sums``,
-    ``first_nonfinite``, ``nonfinite_seen``) are for the hooks, once per period or on the way out.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._iter: Tensor | None = None  # the iteration being recorded, on the device
-        self._bad_seen: Tensor | None = None
-        self._bad: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
-        self.reset_period()
-
-    def reset_period(self) -> None:
-        # Loss sums per key signature: {keys: [sum vector, steps]}. A model that returns the same
-        # keys every step (the usual case) has one entry.
-        self._sums: dict[tuple[str, ...], list[Any]] = {}
-        self.period_iters = 0
-        self.period_images = 0
-        self.period_data_time = 0.0
-        self.restart_clock()
-
-    def restart_clock(self) -> None:
-        """Starts timing the period anew (after an evaluation, whose time is not training time)."""
-        self.period_start = time.perf_counter()
-
-    def record(self, keys: tuple[str, ...], values: Tensor, *, iteration: int) -> None:
-        """Adds the detached loss ``values`` of 1-based ``iteration``; remembers the first non-finite one."""
-        if self._iter is None:
-            self._iter = torch.tensor(iteration - 1, dtype=torch.int64, device=self.device)
-            self._bad_seen = torch.zeros((), dtype=torch.bool, device=self.device)
-        assert self._bad_seen is not None
-        self._iter += 1
-        entry = self._sums.get(keys)
-        if entry is None:
-            self._sums[keys] = [values.clone(), 1]
-        else:
-            entry[0] += values
-            entry[1] += 1
-        bad = ~torch.isfinite(values.sum())
-        newly = bad & ~self._bad_seen
-        prev_iter, prev_vals = self._bad.get(keys, (torch.zeros_like(self._iter), torch.zeros_like(values)))
-        self._bad[keys] = (torch.where(newly, self._iter, prev_iter), torch.where(newly, values, prev_vals))
-        self._bad_seen |= bad
-        self.period_iters += 1
-
-    def period_sums(self) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """Per loss name: the device sum over the period and the number of steps that had it."""
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, int] = {}
-        for keys, (vec, steps) in self._sums.items():
-            for i, k in enumerate(keys):
-                sums[k] = sums[k] + vec[i] if k in sums else vec[i]
-                counts[k] = counts.get(k, 0) + steps
-        return sums, counts
-
-    def nonfinite_flag(self) -> Tensor | None:
-        """``[1]`` float32 on the device: 1 if a non-finite loss was recorded; None before any step."""
-        return None if self._bad_seen is None else self._bad_seen.to(torch.float32).reshape(1)
-
-    def nonfinite_seen(self) -> bool:
-        """Whether a non-finite loss was recorded here (synchronises); False if the device cannot say."""
-        if self._bad_seen is None:
-            return False
-        try:
-            return bool(self._bad_seen)
-        except Exception:  # e.g. a CUDA error made the device unusable: keep the original error
-            return False
-
-    def first_nonfinite(self) -> tuple[int, dict[str, float]] | None:
-        """(1-based iteration, loss values) of the first non-finite step recorded here, or None."""
-        if not self.nonfinite_seen():
-            return None
-        for keys, (it, vals) in self._bad.items():
-            if int(it) > 0:
-                return int(it), dict(zip(keys, vals.tolist()))
-        return None
 
 
 def _as_scalar_losses(loss_dict: Any) -> dict[str, Tensor]:
@@ -277,13 +258,82 @@ def _as_scalar_losses(loss_dict: Any) -> dict[str, Tensor]:
     return dict(loss_dict)
 
 
+
+
+def _check_int(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{owner} {name} must be an int {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """What a :class:`Trainer` does around its step: the periods of its default hooks
+    (:meth:`Trainer.build_hooks`), the evaluation, the time limit and the run's outputs.
+
+    Attributes:
+        log_period: Log averaged losses every this many iterations (:class:`~.hooks.MetricsWriter`).
+        checkpoint_period: Save ``model_<iteration>`` every this many iterations; ``model_final`` is always
+            saved at the end (:class:`~.hooks.PeriodicCheckpointer`).
+        eval_fn: ``eval_fn(model, iteration) -> metrics``: called on every process with the unwrapped model in
+            eval mode; returns (possibly nested) metrics on the main process ({} elsewhere is fine). None: no
+            evaluation (:class:`~.hooks.EvalHook`).
+        eval_period: Evaluate every this many iterations (0 = only at the end).
+        eval_with_ema: Evaluate the EMA weights instead of the trained ones (``test.use_ema``).
+        max_time_minutes: Stop cleanly (checkpoint, evaluate) after this long; None = no limit. Checked every
+            iteration with one process, every ``log_period`` iterations with several (the processes must agree
+            on when to stop) (:class:`~.hooks.TimeLimit`).
+        tensorboard: Also write TensorBoard events.
+        progress: Show a progress bar on the main process (only when stderr is a terminal; the periodic log
+            lines are the progress otherwise).
+        curves: Draw ``curves.png`` when training ends.
+    """
+
+    log_period: int = 20
+    checkpoint_period: int = 5000
+    eval_fn: EvalFn | None = None
+    eval_period: int = 0
+    eval_with_ema: bool = False
+    max_time_minutes: float | None = None
+    tensorboard: bool = False
+    progress: bool = True
+    curves: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("TrainerOptions", "log_period", self.log_period)
+        _check_int("TrainerOptions", "checkpoint_period", self.checkpoint_period)
+        _check_int("TrainerOptions", "eval_period", self.eval_period, allow_zero=True)
+        if self.max_time_minutes is not None and not self.max_time_minutes > 0:
+            raise ValueError(f"TrainerOptions max_time_minutes must be > 0 or None, got {self.max_time_minutes!r}")
+        if self.eval_fn is not None and not callable(self.eval_fn):
+            raise TypeError(f"TrainerOptions eval_fn must be callable(model, iteration), got "
+                            f"{type(self.eval_fn).__name__}")
+
+
+def build_grad_scaler(device: torch.device | str, amp: str) -> torch.amp.GradScaler:
+    """The gradient scaler of a precision: enabled for ``amp="fp16"`` only.
+
+    Raises:
+        ValueError: fp16 on a device whose torch has no gradient scaler.
+    """
+    device = torch.device(device)
+    try:
+        return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"a gradient scaler (train.amp=fp16) is not available on {device.type} with torch "
+            f"{torch.__version__}: {err}; use train.amp=bf16 or off"
+        ) from err
+
+
 class Trainer(TrainerBase):
     """Trains a detector (torchvision convention) with checkpoints, resume and evaluation.
 
-    Its hooks (see :mod:`.hooks`): :class:`~.hooks.InterruptHook`, :class:`~.hooks.TimeLimit`
-    (with ``max_time_minutes``), :class:`~.hooks.MetricsWriter`, :class:`~.hooks.NonFiniteGuard`,
-    :class:`~.hooks.PeriodicCheckpointer`, :class:`~.hooks.EvalHook` (with ``eval_fn``); more with
-    :meth:`register_hooks` (they run after these).
+    It takes built parts (the model, its optimizer and schedule, the loader, and optionally the checkpointer,
+    the gradient scaler and the weights' EMA), the step's options (precision, clipping, accumulation) and
+    :class:`TrainerOptions` for everything around the step. Its hooks come from :meth:`build_hooks`, called
+    at the end of ``__init__``: override it to add, drop or replace one; :meth:`register_hooks` appends more
+    (they run after those).
 
     Args:
         model: The model on ``device``, possibly wrapped by :func:`~resnet_det_common.wrap_ddp`.
@@ -295,32 +345,35 @@ class Trainer(TrainerBase):
         device: This process's device.
         max_iter: Iteration to train up to.
         output_dir: Folder for checkpoints, logs (``log.txt``, ``metrics.jsonl``) and curves.
+        checkpointer: The run's checkpointer, on ``output_dir``; default: ``Checkpointer(output_dir)`` (3
+            periodic checkpoints kept).
+        scaler: The gradient scaler; default: :func:`build_grad_scaler` (enabled for ``amp="fp16"``).
+        ema: An EMA of the weights (:class:`~.ema.ModelEma`), updated after every optimizer step and
+            stored in the checkpoints; ``model_final_ema.safetensors`` holds it at the end.
         amp: ``"bf16"``, ``"fp16"`` (with a gradient scaler) or ``"off"``.
         clip_grad_norm: Clip the global gradient norm (after unscaling); None disables.
-        checkpoint_period: Save ``model_<iteration>`` every this many iterations; ``model_final``
-            is always saved at the end.
-        keep_checkpoints: Periodic checkpoints kept on disk.
-        eval_fn: ``eval_fn(model, iteration) -> metrics``: called on every process with the
-            unwrapped model in eval mode; returns (possibly nested) metrics on the main process
-            ({} elsewhere is fine). None: no evaluation.
-        eval_period: Evaluate every this many iterations (0 = only at the end).
-        log_period: Log averaged losses every this many iterations.
-        max_time_minutes: Stop cleanly (checkpoint, evaluate) after this long; None = no limit.
-            Checked every iteration with one process, every ``log_period`` iterations with several
-            (the processes must agree on when to stop).
-        grad_scaler_enabled: Use a GradScaler; default: only for ``amp="fp16"``.
-        tensorboard: Also write TensorBoard events.
-        progress: Show a progress bar on the main process (only when stderr is a terminal; the
-            periodic log lines are the progress otherwise).
-        curves: Draw ``curves.png`` when training ends.
         accumulate: Gradient accumulation: an iteration is ``accumulate`` forward/backward passes over
             consecutive loader batches (each loss divided by ``accumulate``: the gradient of the mean over
             all of them), then one optimizer step. Iterations, the LR schedule, logging and checkpoints count
             optimizer steps; under DDP the inner passes skip the gradient all-reduce (``no_sync``).
-        ema: An EMA of the weights (:class:`~.ema.ModelEma`), updated after every optimizer step and
-            stored in the checkpoints; ``model_final_ema.safetensors`` holds it at the end.
-        eval_with_ema: Evaluate the EMA weights instead of the trained ones (``test.use_ema``).
+        options: Periods, evaluation, time limit, outputs (:class:`TrainerOptions`); default: its defaults.
+
+    Attributes:
+        state: What the hooks see (:class:`~.state.TrainingState`); ``model``, ``optimizer``, ``scaler``,
+            ``ema``, ``checkpointer``, ``device``, ``output_dir``, ``world_size``, ``grad_norm`` are its fields of
+            those names.
+        options: The :class:`TrainerOptions`.
     """
+
+    model = _InState[nn.Module]()
+    optimizer = _InState[torch.optim.Optimizer]()
+    scaler = _InState[torch.amp.GradScaler]()
+    ema = _InState["ModelEma | None"]()
+    checkpointer = _InState[Checkpointer]()
+    device = _InState[torch.device]()
+    output_dir = _InState[Path]()
+    world_size = _InState[int]()
+    grad_norm = _InState["Tensor | None"]()
 
     def __init__(
         self,
@@ -332,111 +385,82 @@ class Trainer(TrainerBase):
         device: torch.device | str,
         max_iter: int,
         output_dir: str | Path,
+        checkpointer: Checkpointer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        ema: ModelEma | None = None,
         amp: str = "off",
         clip_grad_norm: float | None = None,
-        checkpoint_period: int = 5000,
-        keep_checkpoints: int = 3,
-        eval_fn: EvalFn | None = None,
-        eval_period: int = 0,
-        log_period: int = 20,
-        max_time_minutes: float | None = None,
-        grad_scaler_enabled: bool | None = None,
-        tensorboard: bool = False,
-        progress: bool = True,
-        curves: bool = True,
         accumulate: int = 1,
-        ema: ModelEma | None = None,
-        eval_with_ema: bool = False,
+        options: TrainerOptions | None = None,
     ) -> None:
-        super().__init__()
-
-        def positive(name: str, value: Any, allow_zero: bool = False) -> None:
-            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-            if not ok:
-                raise ValueError(f"Trainer {name} must be an int {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-        positive("max_iter", max_iter)
-        positive("checkpoint_period", checkpoint_period)
-        positive("keep_checkpoints", keep_checkpoints)
-        positive("eval_period", eval_period, allow_zero=True)
-        positive("log_period", log_period)
-        positive("accumulate", accumulate)
-        if ema is not None and not isinstance(ema, ModelEma):
-            raise TypeError(f"Trainer ema must be a resnet_det.engine.ModelEma or None, got {type(ema).__name__}")
-        if eval_with_ema and ema is None:
-            raise ValueError("Trainer eval_with_ema=True needs an EMA (train.ema: {decay: ...}); test.use_ema=true "
-                             "without train.ema has no averaged weights to evaluate")
+        options = TrainerOptions() if options is None else options
+        if not isinstance(options, TrainerOptions):
+            raise TypeError(f"Trainer options must be a TrainerOptions, got {type(options).__name__}")
+        _check_int("Trainer", "max_iter", max_iter)
+        _check_int("Trainer", "accumulate", accumulate)
         if amp not in AMP_DTYPES:
             raise ValueError(f"Trainer amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"Trainer clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
-        if max_time_minutes is not None and not max_time_minutes > 0:
-            raise ValueError(f"Trainer max_time_minutes must be > 0 or None, got {max_time_minutes!r}")
-        if eval_fn is not None and not callable(eval_fn):
-            raise TypeError(f"Trainer eval_fn must be callable(model, iteration), got {type(eval_fn).__name__}")
+        if ema is not None and not isinstance(ema, ModelEma):
+            raise TypeError(f"Trainer ema must be a resnet_det.engine.ModelEma or None, got {type(ema).__name__}")
+        if options.eval_with_ema and ema is None:
+            raise ValueError("Trainer eval_with_ema=True needs an EMA (train.ema: {decay: ...}); test.use_ema=true "
+                             "without train.ema has no averaged weights to evaluate")
         for method in ("state_dict", "load_state_dict"):
             if not callable(getattr(train_loader, method, None)):
                 raise TypeError(
                     f"the train loader ({type(train_loader).__name__}) needs {method}() so that a resumed "
                     "run continues the same data order"
                 )
-
-        self.model = model
-        self.optimizer = optimizer
+        device = torch.device(device)
+        check_autocast(device, amp)
+        output_dir = Path(output_dir)
+        if checkpointer is None:
+            checkpointer = Checkpointer(output_dir)
+        elif checkpointer.output_dir.resolve() != output_dir.resolve():
+            raise ValueError(f"the Trainer's checkpointer writes to {checkpointer.output_dir}, its output_dir is "
+                             f"{output_dir}: give both the same folder (the run's checkpoints and logs go together)")
+        super().__init__(TrainingState(
+            max_iter=max_iter, world_size=get_world_size(), device=device, output_dir=output_dir, model=model,
+            optimizer=optimizer, scaler=build_grad_scaler(device, amp) if scaler is None else scaler, ema=ema,
+            checkpointer=checkpointer, recorder=LossRecorder(device),
+            last_lr=float(optimizer.param_groups[0]["lr"]),
+        ))
         self.scheduler = scheduler
         self.train_loader = train_loader
-        self.device = torch.device(device)
-        self.max_iter = max_iter
-        self.output_dir = Path(output_dir)
         self.amp = amp
-        self.amp_dtype = AMP_DTYPES[amp]
-        check_autocast(self.device, amp)
         self.clip_grad_norm = clip_grad_norm
-        self.checkpoint_period = checkpoint_period
-        self.eval_fn = eval_fn
-        self.eval_period = eval_period
-        self.log_period = log_period
-        self.max_time_minutes = max_time_minutes
-        self.tensorboard = tensorboard
-        self.progress = progress
-        self.curves = curves
         self.accumulate = accumulate
-        self.ema = ema
-        self.eval_with_ema = eval_with_ema
-        use_scaler = amp == "fp16" if grad_scaler_enabled is None else grad_scaler_enabled
-        try:
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        except (RuntimeError, ValueError, TypeError) as err:
-            raise ValueError(
-                f"a gradient scaler (train.amp=fp16) is not available on {self.device.type} with torch "
-                f"{torch.__version__}: {err}; use train.amp=bf16 or off"
-            ) from err
-        self.checkpointer = Checkpointer(self.output_dir, keep=keep_checkpoints)
-        self.world_size = get_world_size()
+        self.options = options
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-
-        # State shared with the hooks.
-        self.recorder = LossRecorder(self.device)
-        self.metrics_logger: MetricsLogger = MetricsLogger(self.output_dir, max_iter=max_iter, enabled=False)
-        self.train_start = time.perf_counter()
-        self.last_lr = float(optimizer.param_groups[0]["lr"])
-        self.last_losses: dict[str, float] = {}
-        self.last_logged_iter = -1  # the iteration MetricsWriter last logged (LossGrowthWarning reads its losses)
-        self.grad_norm: Tensor | None = None
-        self.updating = False  # inside the optimizer update: a Ctrl-C there leaves half-updated weights
-        self.last_saved_iter = -1
-        self.stop_vote: str | None = None
-        self.eval_results: dict[str, Any] = {}
         self._data_iter: Iterator[Any] | None = None
+        self.register_hooks(self.build_hooks())
 
-        self.register_hooks([
+    def build_hooks(self) -> list[HookBase]:
+        """The trainer's hooks, in the order they run (:mod:`.hooks` says why this order): Ctrl-C, the time
+        limit (with ``options.max_time_minutes``), metrics logging, the non-finite guard, checkpoints, the
+        evaluation (with ``options.eval_fn``).
+
+        Called once, at the end of ``__init__`` (a subclass sets what its own hooks need before calling
+        ``super().__init__``). Override it to add, drop or replace a hook::
+
+            class MyTrainer(Trainer):
+                def build_hooks(self):
+                    return [*super().build_hooks(), MyHook()]
+
+        A hook reads ``self.trainer.state`` (:class:`~.state.TrainingState`) only, and calls
+        ``request_stop`` / ``save_checkpoint``: see :class:`~.hooks.HookBase`.
+        """
+        o = self.options
+        return [
             InterruptHook(),
-            TimeLimit(max_time_minutes) if max_time_minutes is not None else None,
-            MetricsWriter(log_period),
-            NonFiniteGuard(write_periods=(checkpoint_period, eval_period if eval_fn is not None else 0)),
-            PeriodicCheckpointer(checkpoint_period),
-            EvalHook(eval_fn, eval_period) if eval_fn is not None else None,
-        ])
+            *([TimeLimit(o.max_time_minutes)] if o.max_time_minutes is not None else []),
+            MetricsWriter(o.log_period),
+            NonFiniteGuard(write_periods=(o.checkpoint_period, o.eval_period if o.eval_fn is not None else 0)),
+            PeriodicCheckpointer(o.checkpoint_period),
+            *([EvalHook(o.eval_fn, o.eval_period, use_ema=o.eval_with_ema)] if o.eval_fn is not None else []),
+        ]
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -462,16 +486,16 @@ class Trainer(TrainerBase):
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
-        self.updating = True
+        self.state.updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.state.last_lr = float(self.optimizer.param_groups[0]["lr"])
         self._scheduler_step()
         if self.ema is not None:
             self.ema.update(self.model)
-        self.updating = False
+        self.state.updating = False
         values = losses.detach()
-        self.recorder.record(keys, values, iteration=self.iter + 1)
+        self.state.recorder.record(keys, values, iteration=self.iter + 1)
         return dict(zip(keys, values.unbind(0)))
 
     def _accumulate_gradients(self) -> tuple[tuple[str, ...], Tensor]:
@@ -512,7 +536,7 @@ class Trainer(TrainerBase):
             self._data_iter = iter(self.train_loader)
         t0 = time.perf_counter()
         batch = next(self._data_iter)
-        self.recorder.period_data_time += time.perf_counter() - t0
+        self.state.recorder.period_data_time += time.perf_counter() - t0
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
                 f"the train loader must yield (images, targets) pairs, got {type(batch).__name__}"
@@ -521,7 +545,7 @@ class Trainer(TrainerBase):
         images, targets = batch
         if len(targets) != len(images):
             raise ValueError(f"a batch has {len(images)} images but {len(targets)} targets")
-        self.recorder.period_images += len(images) * self.world_size
+        self.state.recorder.period_images += len(images) * self.world_size
         return self._to_device(images, targets)
 
     def _to_device(self, images: Any, targets: Sequence[Mapping[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
@@ -538,43 +562,28 @@ class Trainer(TrainerBase):
         return images, moved
 
     # ----------------------------------------------------------------------------------------------
-    # Services for the hooks
+    # Checkpoints and training
     # ----------------------------------------------------------------------------------------------
-
-    def request_stop(self, reason: str) -> None:
-        """Stops the loop after this iteration, cleanly (checkpoint, final evaluation).
-
-        With one process at once. With several, the request is a vote carried by the next logging
-        all-reduce (:class:`~.hooks.MetricsWriter`), so that every process stops at the same
-        iteration.
-        """
-        if self.world_size == 1:
-            self.stop_reason = reason
-        elif self.stop_vote is None:
-            self.stop_vote = reason
 
     def save_checkpoint(self, name: str, *, gather: bool = True) -> None:
         """Saves the weights and the trainer state as ``name`` (rank 0 writes; ``gather`` collects
         every rank's loader/RNG state and is then a collective)."""
-        extra: dict[str, Any] = {"max_iter": self.max_iter}
+        s = self.state
+        extra: dict[str, Any] = {"max_iter": s.max_iter}
         if self.accumulate > 1:
             extra["accumulate"] = self.accumulate
-        if self.ema is not None:
-            extra["ema"] = self.ema.state_dict()
-        state = make_trainer_state(
-            self.iter, self.optimizer, self.scheduler, self.scaler, self.train_loader, gather=gather, extra=extra,
+        if s.ema is not None:
+            extra["ema"] = s.ema.state_dict()
+        trainer_state = make_trainer_state(
+            s.iter, self.optimizer, self.scheduler, self.scaler, self.train_loader, gather=gather, extra=extra,
         )
-        path = self.checkpointer.save(name, self.model, state)
-        if path is not None and self.ema is not None and name == "model_final":
-            ema_path = self.checkpointer.export_weights(f"{name}_ema", self.ema.weights(), iteration=self.iter)
-            _log.info("saved the EMA weights %s (iteration %d)", ema_path.name, self.iter)
-        self.last_saved_iter = self.iter
+        path = self.checkpointer.save(name, self.model, trainer_state)
+        if path is not None and s.ema is not None and name == "model_final":
+            ema_path = self.checkpointer.export_weights(f"{name}_ema", s.ema.weights(), iteration=s.iter)
+            _log.info("saved the EMA weights %s (iteration %d)", ema_path.name, s.iter)
+        s.last_saved_iter = s.iter
         if path is not None:
-            _log.info("saved checkpoint %s (iteration %d)", path.name, self.iter)
-
-    # ----------------------------------------------------------------------------------------------
-    # Training
-    # ----------------------------------------------------------------------------------------------
+            _log.info("saved checkpoint %s (iteration %d)", path.name, s.iter)
 
     def train(self, resume: bool = False) -> dict[str, Any]:  # type: ignore[override]
         """Trains to ``max_iter`` (or the time limit), saving checkpoints and evaluating.
@@ -594,51 +603,52 @@ class Trainer(TrainerBase):
             FloatingPointError: A loss became NaN or infinite (on every process).
             KeyboardInterrupt: After saving a checkpoint at the current iteration.
         """
+        s = self.state
+        o = self.options
         with logging_scope(self.output_dir, rank=get_rank()):
-            self.train_start = time.perf_counter()
-            self.start_iter = 0
+            start = time.perf_counter()
+            s.iter = 0
             if resume:
-                self.start_iter = self.checkpointer.resume(
-                    self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader, ema=self.ema
+                s.iter = self.checkpointer.resume(
+                    self.model, self.optimizer, self.scheduler, self.scaler, self.train_loader, ema=s.ema
                 )
             latest = self.checkpointer.resumed_from if resume else None
-            self.iter = self.start_iter
-            self.last_saved_iter = self.start_iter if latest else -1
-            self.last_lr = float(self.optimizer.param_groups[0]["lr"])
-            self.recorder = LossRecorder(self.device)
-            self.stop_vote = None
-            self.eval_results = {}
+            s.last_saved_iter = s.iter if latest else -1
+            s.last_lr = float(self.optimizer.param_groups[0]["lr"])
+            s.recorder = LossRecorder(s.device)
+            s.stop_vote = None
+            s.eval_results = {}
             self._data_iter = None
             if resume:
-                _log.info(f"resumed from {latest} at iteration {self.start_iter}" if latest
+                _log.info(f"resumed from {latest} at iteration {s.iter}" if latest
                           else f"no checkpoint in {self.output_dir}; starting from scratch")
-            _log.info("training iterations %d..%d on %s (%d process%s, amp=%s)", self.start_iter + 1, self.max_iter,
-                      self.device, self.world_size, "es" if self.world_size > 1 else "", self.amp)
-            self.metrics_logger = MetricsLogger(self.output_dir, max_iter=self.max_iter, start_iter=self.start_iter,
-                                                tensorboard=self.tensorboard, progress=self.progress)
+            _log.info("training iterations %d..%d on %s (%d process%s, amp=%s)", s.iter + 1, s.max_iter,
+                      s.device, s.world_size, "es" if s.world_size > 1 else "", self.amp)
+            s.metrics_logger = MetricsLogger(self.output_dir, max_iter=s.max_iter, start_iter=s.iter,
+                                             tensorboard=o.tensorboard, progress=o.progress)
             self.model.train()
             try:
                 super().train()
                 barrier()  # when train() returns on any process, rank 0's final checkpoint is on disk
             except BaseException:
                 self._data_iter = None  # lets the loader's worker processes shut down
-                self.metrics_logger.close(plot=self.curves)  # a write error now is a warning: the first error wins
+                s.metrics_logger.close(plot=o.curves)  # a write error now is a warning: the first error wins
                 raise
             self._data_iter = None
-            self.metrics_logger.close(plot=self.curves, strict=True)  # curves.png on a full disk fails the run
-            total = time.perf_counter() - self.train_start
-            stopped_early = self.stop_reason is not None
+            s.metrics_logger.close(plot=o.curves, strict=True)  # curves.png on a full disk fails the run
+            total = time.perf_counter() - start
+            stopped_early = s.stop_reason is not None
             if stopped_early:
                 _log.info("stopped early after %.1f min; resume with train(resume=True) (tools: --resume)", total / 60)
             else:
-                _log.info("training finished: iteration %d in %.1f min", self.iter, total / 60)
+                _log.info("training finished: iteration %d in %.1f min", s.iter, total / 60)
         return {
-            "iteration": self.iter,
-            "max_iter": self.max_iter,
+            "iteration": s.iter,
+            "max_iter": s.max_iter,
             "stopped_early": stopped_early,
             "time_seconds": total,
-            "losses": dict(self.last_losses),
-            "eval": flatten_metrics(self.eval_results),
+            "losses": dict(s.last_losses),
+            "eval": flatten_metrics(s.eval_results),
         }
 
 
@@ -677,6 +687,8 @@ def check_sync_batchnorm(model: nn.Module, device: torch.device | str, world: in
         )
 
 
+
+
 def build_trainer(
     cfg: Config,
     model: nn.Module,
@@ -684,31 +696,37 @@ def build_trainer(
     *,
     eval_fn: EvalFn | None = None,
     progress: bool = True,
+    trainer_class: type[Trainer] | None = None,
 ) -> Trainer:
-    """Builds the Trainer of a config: device, optimizer, schedule, DDP, precision, periods.
+    """Builds the Trainer of a config and its parts: device, optimizer, schedule, checkpointer, gradient scaler,
+    EMA, DDP, the options.
 
     Call :func:`~resnet_det_common.init_distributed` (before building the loader) and
     :func:`~resnet_det_common.seed_everything` (before building the model) first. This moves the
     model to the device (channels_last if ``train.channels_last``), builds the optimizer and the
-    schedule, the weights' EMA (``train.ema``), wraps the model in DDP when several processes run, and
-    writes the resolved config to ``<output_dir>/config.yaml`` on the main process. Beyond the
-    :class:`Trainer`'s own hooks, registers :class:`~.hooks.LossGrowthWarning` (a loss grown by orders of
-    magnitude is reported with its iteration). ``train.compile`` is left to the model builder, which knows
-    which parts compile well.
+    schedule, the weights' EMA (``train.ema``), and wraps the model in DDP when several processes run.
+    Beyond the trainer's own hooks (:meth:`Trainer.build_hooks`), registers :class:`~.hooks.LossGrowthWarning`
+    (a loss grown by orders of magnitude is reported with its iteration). ``train.compile`` is left to the
+    model builder, which knows which parts compile well; the run's ``config.yaml`` to the launch
+    (:func:`~.launch.write_run_config`).
 
     Args:
         cfg: The experiment config.
         model: The (unwrapped) detector, on any device.
         train_loader: The endless training loader (see :class:`Trainer`); with ``solver.accumulate`` k,
             its batches hold ``solver.ims_per_batch / k`` images over all processes.
-        eval_fn: Evaluation callback (see :class:`Trainer`).
+        eval_fn: Evaluation callback (see :class:`TrainerOptions`).
         progress: Show a progress bar.
+        trainer_class: A :class:`Trainer` subclass to build (e.g. one whose ``build_hooks`` adds a hook);
+            default: :class:`Trainer`.
 
     Returns:
         The trainer; call ``train(resume=...)``.
     """
+    trainer_class = Trainer if trainer_class is None else trainer_class
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"build_trainer trainer_class must be a Trainer subclass, got {trainer_class!r}")
     check_global_batch(cfg, get_world_size())
-    k = cfg.solver.accumulate
     if cfg.test.use_ema and cfg.train.ema is None:
         raise ValueError("test.use_ema=true needs train.ema (e.g. train.ema={decay: 0.9998, warmup_iters: 2000}): "
                          "without it there are no averaged weights to evaluate")
@@ -722,31 +740,31 @@ def build_trainer(
     ema = (ModelEma(model, decay=cfg.train.ema.decay, warmup_iters=cfg.train.ema.warmup_iters)
            if cfg.train.ema is not None else None)
     model = wrap_ddp(model, device)
-    if is_main_process():
-        config_path = Path(cfg.train.output_dir) / "config.yaml"
-        with writing(config_path, "config file"):
-            dump_config(cfg, config_path)
-    trainer = Trainer(
+    output_dir = Path(cfg.train.output_dir)
+    trainer = trainer_class(
         model,
         optimizer,
         scheduler,
         train_loader,
         device=device,
         max_iter=cfg.solver.max_iter,
-        output_dir=cfg.train.output_dir,
+        output_dir=output_dir,
+        checkpointer=Checkpointer(output_dir, keep=cfg.train.keep_checkpoints),
+        scaler=build_grad_scaler(device, cfg.train.amp),
+        ema=ema,
         amp=cfg.train.amp,
         clip_grad_norm=cfg.solver.clip_grad_norm,
-        checkpoint_period=cfg.train.checkpoint_period,
-        keep_checkpoints=cfg.train.keep_checkpoints,
-        eval_fn=eval_fn,
-        eval_period=cfg.train.eval_period,
-        log_period=cfg.train.log_period,
-        max_time_minutes=cfg.train.max_time_minutes,
-        tensorboard=cfg.train.tensorboard,
-        progress=progress,
-        accumulate=k,
-        ema=ema,
-        eval_with_ema=cfg.test.use_ema,
+        accumulate=cfg.solver.accumulate,
+        options=TrainerOptions(
+            log_period=cfg.train.log_period,
+            checkpoint_period=cfg.train.checkpoint_period,
+            eval_fn=eval_fn,
+            eval_period=cfg.train.eval_period,
+            eval_with_ema=cfg.test.use_ema,
+            max_time_minutes=cfg.train.max_time_minutes,
+            tensorboard=cfg.train.tensorboard,
+            progress=progress,
+        ),
     )
     # After the standard hooks: it reads the losses MetricsWriter logged at the same iteration.
     trainer.register_hooks([LossGrowthWarning()])

@@ -4,6 +4,7 @@ an endless, resumable loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -13,6 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def with_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """Trainer keyword arguments from flat ones: the :class:`~resnet_det.engine.TrainerOptions` fields among ``kw``
+    (log_period, eval_fn, progress, ...) go into ``options=``, the rest (amp, ema, ...) stay as they are. For
+    the test helpers that take both kinds in one ``**kw``."""
+    from resnet_det.engine import TrainerOptions
+
+    names = {f.name for f in dataclasses.fields(TrainerOptions)}
+    options = {k: v for k, v in kw.items() if k in names}
+    return {**{k: v for k, v in kw.items() if k not in names}, "options": TrainerOptions(**options)}
 
 
 class FakeDetector(nn.Module):
@@ -233,7 +245,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
     from pathlib import Path
 
     from resnet_det.config import SolverConfig
-    from resnet_det.engine import Checkpointer, Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.engine import Checkpointer, Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
     from resnet_det_common import (
         all_gather_object,
         all_reduce_dict,
@@ -268,7 +280,8 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         opt = build_optimizer(model, cfg)
         trainer = Trainer(
             wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), FixedBatchLoader(images[half], targets[half]),
-            device="cpu", max_iter=1, output_dir=tmp_path / "grad_run", progress=False, curves=False,
+            device="cpu", max_iter=1, output_dir=tmp_path / "grad_run",
+            options=TrainerOptions(progress=False, curves=False),
         )
         torch.manual_seed(100 + rank)
         trainer.run_step()
@@ -283,7 +296,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         loader = tiny_loader(seed=rank + 1)
         Trainer(
             wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), loader, device="cpu", max_iter=4,
-            output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
+            output_dir=run, options=TrainerOptions(checkpoint_period=2, log_period=1, progress=False, curves=False),
         ).train()
         state = torch.load(run / "model_final.state.pt", weights_only=True)
         out["saved_loader"] = state["loader"]
@@ -293,7 +306,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         loader2 = tiny_loader(seed=rank + 1)
         t2 = Trainer(
             wrap_ddp(model2, "cpu"), opt2, build_lr_scheduler(opt2, cfg), loader2, device="cpu", max_iter=6,
-            output_dir=run, checkpoint_period=2, log_period=1, progress=False, curves=False,
+            output_dir=run, options=TrainerOptions(checkpoint_period=2, log_period=1, progress=False, curves=False),
         )
         start = t2.checkpointer.resume(t2.model, opt2, t2.scheduler, t2.scaler, loader2)
         out["resume_start"] = start
@@ -312,7 +325,7 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         try:
             Trainer(
                 wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=6,
-                output_dir=tmp_path / "nan_run", log_period=3, progress=False, curves=False,
+                output_dir=tmp_path / "nan_run", options=TrainerOptions(log_period=3, progress=False, curves=False),
             ).train()
             out["nan_error"] = None
         except FloatingPointError as err:
@@ -326,8 +339,9 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
         opt = build_optimizer(model, cfg)
         result = Trainer(
             wrap_ddp(model, "cpu"), opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=9,
-            output_dir=tmp_path / "time_run", log_period=3, max_time_minutes=1e-9 if rank == 1 else 60.0,
-            progress=False, curves=False,
+            output_dir=tmp_path / "time_run",
+            options=TrainerOptions(log_period=3, max_time_minutes=1e-9 if rank == 1 else 60.0, progress=False,
+                                   curves=False),
         ).train()
         out["time_stop"] = (result["iteration"], result["stopped_early"])
         out["time_checkpoint"] = Checkpointer(tmp_path / "time_run").latest()
@@ -361,7 +375,7 @@ def nan_child() -> None:
     from pathlib import Path
 
     from resnet_det.config import SolverConfig
-    from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.engine import Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
 
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)
@@ -372,8 +386,9 @@ def nan_child() -> None:
     cfg = SolverConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["solver"].items()})
     opt = build_optimizer(model, cfg)
     trainer = Trainer(model, opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu",
-                      max_iter=spec["max_iter"], output_dir=out, progress=False, curves=False,
-                      log_period=spec["log_period"], checkpoint_period=spec["checkpoint_period"])
+                      max_iter=spec["max_iter"], output_dir=out,
+                      options=TrainerOptions(progress=False, curves=False, log_period=spec["log_period"],
+                                             checkpoint_period=spec["checkpoint_period"]))
     try:
         trainer.train()
         result: dict[str, Any] = {"error": None, "type": None}

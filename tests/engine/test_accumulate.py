@@ -21,7 +21,15 @@ from tiny_detection import ListLoader, tiny_detector, tiny_images
 
 import detection.matcher as matcher
 from resnet_det.config import SolverConfig, config_from_dict
-from resnet_det.engine import Checkpointer, HookBase, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from resnet_det.engine import (
+    Checkpointer,
+    HookBase,
+    Trainer,
+    TrainerOptions,
+    build_lr_scheduler,
+    build_optimizer,
+    build_trainer,
+)
 from resnet_det_common import unwrap_model
 
 SOLVER = SolverConfig(lr=0.02, max_iter=3, steps=(2,), warmup_iters=1, warmup_factor=0.5)
@@ -63,8 +71,8 @@ def _train(out: Path, *, per_pass: int, accumulate: int, max_iter: int = 2) -> t
     model = tiny_detector(**MODEL)
     opt = build_optimizer(model, SOLVER)
     trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), ListLoader(_batches(per_pass)), device="cpu",
-                      max_iter=max_iter, output_dir=out, progress=False, curves=False, log_period=1,
-                      checkpoint_period=1, accumulate=accumulate)
+                      max_iter=max_iter, output_dir=out, accumulate=accumulate,
+                      options=TrainerOptions(progress=False, curves=False, log_period=1, checkpoint_period=1))
     grads = _Grads()
     trainer.register_hooks([grads])
     trainer.train()
@@ -165,7 +173,8 @@ def _ddp_worker(rank: int, world: int, tmp: str, port: int) -> None:
             n = 4 // k
             mine = [(imgs[rank * 4 + i:rank * 4 + i + n], tgts[rank * 4 + i:rank * 4 + i + n]) for i in range(0, 4, n)]
             trainer = Trainer(ddp, opt, build_lr_scheduler(opt, SOLVER), ListLoader(mine), device="cpu", max_iter=2,
-                              output_dir=Path(tmp) / f"k{k}r{rank}", progress=False, curves=False, accumulate=k)
+                              output_dir=Path(tmp) / f"k{k}r{rank}", accumulate=k,
+                              options=TrainerOptions(progress=False, curves=False))
             counter = _CallsPerStep(calls)
             grads = _Grads()
             trainer.register_hooks([counter, grads])

@@ -22,14 +22,22 @@ import faults
 import numpy as np
 import pytest
 import torch
-from engine_fakes import FakeDetector, FakeLoader, FixedBatchLoader
+from engine_fakes import FakeDetector, FakeLoader, FixedBatchLoader, with_options
 from parity_helpers import perturb_frozen_bn
 from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from detection.models import build_faster_rcnn
 from resnet_det.config import SolverConfig, load_config
-from resnet_det.engine import Checkpointer, ModelEma, Trainer, build_lr_scheduler, build_optimizer, build_trainer
+from resnet_det.engine import (
+    Checkpointer,
+    ModelEma,
+    Trainer,
+    TrainerOptions,
+    build_lr_scheduler,
+    build_optimizer,
+    build_trainer,
+)
 from resnet_det_common import autocast
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +65,7 @@ def _trainer(out, *, max_iter, seed=0, make=FakeDetector, **kw) -> Trainer:
     opt = build_optimizer(model, SOLVER)
     kw = {"progress": False, "curves": False, "log_period": 1, "checkpoint_period": 100, **kw}
     return Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cuda", max_iter=max_iter,
-                   output_dir=out, **kw)
+                   output_dir=out, **with_options(kw))
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
@@ -183,8 +191,8 @@ def test_real_detector_autocast_training_steps_on_cuda(tmp_path, monkeypatch, am
 
     opt = build_optimizer(model, SOLVER)
     trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FixedBatchLoader(images, targets), device=DEVICE,
-                      max_iter=3, output_dir=tmp_path / "run", amp=amp, clip_grad_norm=10.0, progress=False,
-                      curves=False, log_period=1, checkpoint_period=100)
+                      max_iter=3, output_dir=tmp_path / "run", amp=amp, clip_grad_norm=10.0,
+                      options=TrainerOptions(progress=False, curves=False, log_period=1, checkpoint_period=100))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     result = trainer.train()
     assert result["iteration"] == 3 and all(np.isfinite(v) for v in result["losses"].values())

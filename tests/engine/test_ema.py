@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fakes import with_options
 from safetensors.torch import load_file
 from tiny_detection import ListLoader, tiny_detector, tiny_images
 
@@ -40,7 +41,7 @@ def _trainer(out: Path, *, max_iter: int = 4, decay: float = 0.6, warmup_iters: 
     ema = ModelEma(model, decay=decay, warmup_iters=warmup_iters)
     kw = {"progress": False, "curves": False, "log_period": 1, "checkpoint_period": 100, **kw}
     return Trainer(model, opt, build_lr_scheduler(opt, SOLVER), ListLoader(BATCHES), device="cpu",
-                   max_iter=max_iter, output_dir=out, ema=ema, **kw)
+                   max_iter=max_iter, output_dir=out, ema=ema, **with_options(kw))
 
 
 def test_the_decay_warms_up_from_a_copy_to_the_configured_decay():

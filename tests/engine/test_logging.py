@@ -156,14 +156,15 @@ sys.path[:0] = [{repo!r}, {here!r}]
 import torch
 from engine_fakes import FakeDetector, FakeLoader
 from resnet_det.config import SolverConfig
-from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
+from resnet_det.engine import Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
 
 torch.manual_seed(0)
 model = FakeDetector()
 cfg = SolverConfig(lr=0.05, max_iter=6, steps=(4,), warmup_iters=1)
 opt = build_optimizer(model, cfg)
 Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=6, output_dir={out!r},
-        log_period=2, eval_fn=lambda m, it: {{"bbox": {{"AP": it / 10}}}}, progress=True, curves=False).train()
+        options=TrainerOptions(log_period=2, eval_fn=lambda m, it: {{"bbox": {{"AP": it / 10}}}}, progress=True,
+                               curves=False)).train()
 """
 
 
@@ -187,7 +188,7 @@ def test_resume_warnings_reach_the_run_log(tmp_path):
     from engine_fakes import FakeDetector, FakeLoader
 
     from resnet_det.config import SolverConfig
-    from resnet_det.engine import Trainer, build_lr_scheduler, build_optimizer
+    from resnet_det.engine import Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
 
     cfg = SolverConfig(lr=0.05, max_iter=4, steps=(3,), warmup_iters=0)
 
@@ -196,10 +197,10 @@ def test_resume_warnings_reach_the_run_log(tmp_path):
         model = FakeDetector()
         opt = build_optimizer(model, cfg)
         return Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=max_iter,
-                       output_dir=tmp_path, progress=False, curves=False, **kw)
+                       output_dir=tmp_path, options=TrainerOptions(progress=False, curves=False), **kw)
 
     trainer(2).train()
-    trainer(4, grad_scaler_enabled=True).train(resume=True)  # saved without a scaler: warned
+    trainer(4, scaler=torch.amp.GradScaler("cpu", enabled=True)).train(resume=True)  # saved without a scaler: warned
     log = (tmp_path / "log.txt").read_text()
     assert "WARNING: checkpoint model_final has no grad scaler state" in log
     assert "resumed from model_final at iteration 2" in log

@@ -10,7 +10,15 @@ import torch
 from engine_fakes import FakeDetector, FakeLoader
 
 from resnet_det.config import SolverConfig
-from resnet_det.engine import MetricsLogger, Trainer, build_lr_scheduler, build_optimizer, plot_curves, read_metrics
+from resnet_det.engine import (
+    MetricsLogger,
+    Trainer,
+    TrainerOptions,
+    build_lr_scheduler,
+    build_optimizer,
+    plot_curves,
+    read_metrics,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,8 +30,9 @@ def test_training_writes_parseable_metrics_log_and_curves(tmp_path):
     opt = build_optimizer(model, cfg)
     trainer = Trainer(
         model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=8, output_dir=tmp_path,
-        log_period=2, eval_period=4, eval_fn=lambda m, it: {"bbox": {"AP": it / 10, "AP50": it / 5}},
-        progress=True,
+        options=TrainerOptions(log_period=2, eval_period=4, eval_fn=lambda m, it: {"bbox": {"AP": it / 10,
+                                                                                            "AP50": it / 5}},
+                               progress=True),
     )
     trainer.train()
 

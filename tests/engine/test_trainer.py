@@ -20,18 +20,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_fakes import FakeLoader, TinyDetector, tiny_loader
+from engine_fakes import FakeDetector, FakeLoader, TinyDetector, tiny_loader, with_options
 
-from resnet_det.config import Config, SolverConfig, load_config
+from resnet_det.config import Config, SolverConfig, config_from_dict, load_config
 from resnet_det.engine import (
     Checkpointer,
     HookBase,
+    LossGrowthWarning,
+    MetricsLogger,
+    MetricsWriter,
+    NonFiniteGuard,
+    PeriodicCheckpointer,
+    TimeLimit,
     Trainer,
     TrainerBase,
+    TrainerOptions,
+    TrainingState,
     build_lr_scheduler,
     build_optimizer,
     build_trainer,
+    make_trainer_state,
+    read_metrics,
 )
+from resnet_det.engine.launch import write_run_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,13 +56,14 @@ def _seed(seed: int) -> None:
 
 
 def _trainer(out: Path, *, max_iter: int, make=TinyDetector, seed: int = 0, **kw) -> Trainer:
-    """A Trainer of the tiny detector, built by `make()` after seeding (same initial weights)."""
+    """A Trainer of the tiny detector, built by `make()` after seeding (same initial weights); `kw`: Trainer
+    arguments and TrainerOptions fields."""
     _seed(seed)
     model = make()
     opt = build_optimizer(model, SOLVER)
     kw = {"progress": False, "curves": False, "log_period": 1, "checkpoint_period": 100, **kw}
     return Trainer(model, opt, build_lr_scheduler(opt, SOLVER), tiny_loader(), device="cpu", max_iter=max_iter,
-                   output_dir=out, **kw)
+                   output_dir=out, **with_options(kw))
 
 
 def _conv_weight(model: TinyDetector) -> torch.Tensor:
@@ -313,7 +325,7 @@ def test_bad_loader_and_bad_batches_fail_clearly(tmp_path):
                 yield [torch.zeros(3, 8, 8)]
 
     trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), Bad(), device="cpu", max_iter=2,
-                      output_dir=tmp_path, progress=False, curves=False)
+                      output_dir=tmp_path, options=TrainerOptions(progress=False, curves=False))
     with pytest.raises(TypeError, match=r"\(images, targets\)"):
         trainer.train()
     with pytest.raises(ValueError, match="amp"):
@@ -331,11 +343,13 @@ def test_build_trainer_from_a_config(tmp_path):
     ])
     torch.manual_seed(0)
     trainer = build_trainer(cfg, TinyDetector(), tiny_loader(batch_size=2), progress=False)
-    assert (trainer.max_iter, trainer.amp, trainer.checkpoint_period) == (3, "bf16", 2)
+    assert (trainer.max_iter, trainer.amp, trainer.options.checkpoint_period) == (3, "bf16", 2)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.04 * 2 / 4
     assert _conv_weight(trainer.model).is_contiguous(memory_format=torch.channels_last)
-    saved = load_config(tmp_path / "run" / "config.yaml")
-    assert saved == cfg
+    # The run's config.yaml is the launch's (resnet-det train writes it before building the trainer).
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    saved = load_config(write_run_config(cfg))
+    assert saved == cfg and saved.train.output_dir == str(tmp_path / "run")
     trainer.train()
     assert Checkpointer(tmp_path / "run").list_checkpoints() == ["model_0000002", "model_final"]
     assert (tmp_path / "run" / "curves.png").is_file()
@@ -420,3 +434,189 @@ def test_every_tensor_a_target_holds_is_moved_to_the_device(tmp_path):
     assert moved[0]["boxes"].device.type == "meta" and moved[0]["keypoints"].device.type == "meta"
     assert moved[0]["image_id"] == 7 and moved[0]["orig_size"] == (8, 8)
     assert targets[0]["keypoints"].device.type == "cpu"  # the caller's targets are not changed
+
+
+# --------------------------------------------------------------------------------------------------
+# Extending the trainer: build_hooks(), hooks that read the state, loops that are not a Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class _StateProbe(HookBase):
+    """Records what the state says after each step (it runs after the trainer's own hooks)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def after_step(self) -> None:
+        s = self.state
+        self.seen.append({"iter": s.iter, "lr": s.last_lr, "logged": s.last_logged_iter, "in_step": s.in_step,
+                          "model": s.model, "optimizer": s.optimizer})
+
+
+class _ProbingTrainer(Trainer):
+    """A Trainer whose build_hooks replaces one hook (MetricsWriter every 2 iterations) and adds one."""
+
+    def build_hooks(self):
+        hooks = [MetricsWriter(2) if isinstance(h, MetricsWriter) else h for h in super().build_hooks()]
+        self.probe = _StateProbe()
+        return [*hooks, self.probe]
+
+
+def test_a_subclass_overriding_build_hooks_replaces_and_adds_hooks_that_see_the_state_each_step(tmp_path):
+    _seed(0)
+    model = TinyDetector()
+    opt = build_optimizer(model, SOLVER)
+    trainer = _ProbingTrainer(model, opt, build_lr_scheduler(opt, SOLVER), tiny_loader(), device="cpu", max_iter=4,
+                              output_dir=tmp_path, options=TrainerOptions(log_period=1, progress=False, curves=False))
+    assert [type(h).__name__ for h in trainer.hooks] == [
+        "InterruptHook", "MetricsWriter", "NonFiniteGuard", "PeriodicCheckpointer", "_StateProbe"]
+    assert trainer.hooks[1].period == 2  # the replacement, not the options' log_period=1
+    before = _conv_weight(model).detach().clone()
+    result = trainer.train()
+    seen = trainer.probe.seen
+    assert [x["iter"] for x in seen] == [1, 2, 3, 4] and not any(x["in_step"] for x in seen)
+    assert [x["logged"] for x in seen] == [-1, 2, 2, 4]  # MetricsWriter(2) ran before the probe
+    assert all(x["model"] is model and x["optimizer"] is opt for x in seen)
+    hist = _history(tmp_path)
+    assert sorted(hist) == [2, 4]
+    assert [seen[1]["lr"], seen[3]["lr"]] == [hist[2][1], hist[4][1]]
+    assert len({x["lr"] for x in seen}) == 4  # the warm-up: the probe saw each step's learning rate
+    assert result["iteration"] == 4 and not torch.equal(before, _conv_weight(model))  # it trained
+    assert Checkpointer(tmp_path).latest() == "model_final"
+
+
+def test_build_trainer_builds_a_trainer_subclass_with_its_hooks(tmp_path):
+    cfg = config_from_dict({"train": {"device": "cpu", "output_dir": str(tmp_path)}})
+    trainer = build_trainer(cfg, TinyDetector(), tiny_loader(), progress=False, trainer_class=_ProbingTrainer)
+    assert isinstance(trainer, _ProbingTrainer)
+    assert [type(h).__name__ for h in trainer.hooks][-2:] == ["_StateProbe", "LossGrowthWarning"]
+    with pytest.raises(TypeError, match="trainer_class must be a Trainer subclass"):
+        build_trainer(cfg, TinyDetector(), tiny_loader(), trainer_class=TrainerBase)
+
+
+def test_the_trainer_uses_the_parts_it_is_given(tmp_path):
+    model = FakeDetector()
+    opt = build_optimizer(model, SOLVER)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer = Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cpu", max_iter=3,
+                      output_dir=tmp_path, checkpointer=Checkpointer(tmp_path, keep=1), scaler=scaler,
+                      options=TrainerOptions(checkpoint_period=1, progress=False, curves=False))
+    assert trainer.scaler is scaler and trainer.state.scaler is scaler
+    trainer.train()
+    assert Checkpointer(tmp_path).list_checkpoints() == ["model_0000002", "model_final"]  # keep=1: its checkpointer
+    with pytest.raises(ValueError, match=r"checkpointer writes to .*other.* give both the same folder"):
+        Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cpu", max_iter=3,
+                output_dir=tmp_path, checkpointer=Checkpointer(tmp_path / "other"))
+    with pytest.raises(TypeError, match="options must be a TrainerOptions"):
+        Trainer(model, opt, build_lr_scheduler(opt, SOLVER), FakeLoader(), device="cpu", max_iter=3,
+                output_dir=tmp_path, options={"log_period": 1})
+    with pytest.raises(ValueError, match="log_period must be an int > 0"):
+        TrainerOptions(log_period=0)
+
+
+class _LeastSquares(TrainerBase):
+    """A loop that is not a Trainer: least squares by SGD on a linear model, with a step and checkpoints of its
+    own. It fills the state fields the hooks read (model, optimizer, checkpointer, metrics logger, the loss
+    records, the learning rate)."""
+
+    def __init__(self, out: Path, *, max_iter: int, nan_at: int | None = None) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        super().__init__(TrainingState(
+            max_iter=max_iter, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), output_dir=out,
+            checkpointer=Checkpointer(out), metrics_logger=MetricsLogger(out, max_iter=max_iter, progress=False)))
+        self.x = torch.randn(32, 3)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5]])
+        self.nan_at = nan_at
+
+    def run_step(self) -> None:
+        s = self.state
+        loss = torch.nn.functional.mse_loss(s.model(self.x), self.y)
+        if s.iter + 1 == self.nan_at:
+            loss = loss * float("nan")
+        s.optimizer.zero_grad()
+        loss.backward()
+        s.optimizer.step()
+        s.last_lr = s.optimizer.param_groups[0]["lr"]
+        s.recorder.record(("loss_mse",), loss.detach().reshape(1), iteration=s.iter + 1)
+
+    def save_checkpoint(self, name: str, *, gather: bool = True) -> None:
+        s = self.state
+        s.checkpointer.save(name, s.model, make_trainer_state(s.iter, s.optimizer, None, None, None, gather=gather))
+        s.last_saved_iter = s.iter
+
+
+def test_the_hooks_work_with_a_loop_that_is_not_a_trainer(tmp_path):
+    loop = _LeastSquares(tmp_path / "fit", max_iter=6)
+    loop.register_hooks([MetricsWriter(2), LossGrowthWarning(), NonFiniteGuard([3]), PeriodicCheckpointer(3)])
+    loop.train()
+    loop.state.metrics_logger.close(plot=False)
+    train = [r for r in read_metrics(tmp_path / "fit" / "metrics.jsonl")[0]]
+    assert [r["iteration"] for r in train] == [2, 4, 6] and [r["lr"] for r in train] == [0.1] * 3
+    mse = [r["losses"]["loss_mse"] for r in train]
+    assert mse[0] > mse[1] > mse[2]  # it fits
+    assert loop.state.last_losses == {"loss_mse": mse[2]}
+    assert Checkpointer(tmp_path / "fit").list_checkpoints() == ["model_0000003", "model_final"]
+    weights, state = Checkpointer(tmp_path / "fit").load("model_final")
+    assert state["iteration"] == 6 and torch.equal(weights["weight"], loop.state.model.weight)
+
+    # The non-finite check (NaN at iteration 5, found at the log of iteration 6) and the time limit's stop.
+    nan = _LeastSquares(tmp_path / "nan", max_iter=6, nan_at=5)
+    nan.register_hooks([MetricsWriter(2), NonFiniteGuard([3]), PeriodicCheckpointer(3)])
+    with pytest.raises(FloatingPointError, match=r"iteration 5; loss values: loss_mse=nan.*'model_0000003'"):
+        nan.train()
+    nan.state.metrics_logger.close(plot=False)
+    timed = _LeastSquares(tmp_path / "timed", max_iter=6)
+    timed.register_hooks([TimeLimit(1e-9), MetricsWriter(2), PeriodicCheckpointer(3)])
+    timed.train()
+    timed.state.metrics_logger.close(plot=False)
+    assert timed.iter == 1 and "max_time_minutes" in timed.stop_reason
+    assert Checkpointer(tmp_path / "timed").list_checkpoints() == ["model_0000001"]  # stopped early: resumable
+
+    # A loop without checkpoints says what PeriodicCheckpointer needs.
+    class NoCheckpoints(TrainerBase):
+        def run_step(self) -> None:
+            pass
+
+    bare = NoCheckpoints(TrainingState(max_iter=2))
+    bare.register_hooks([PeriodicCheckpointer(1)])
+    with pytest.raises(NotImplementedError, match=r"NoCheckpoints does not save checkpoints: implement save_check"):
+        bare.train()
+
+
+def test_the_hooks_read_the_state_and_no_trainer_internals():
+    """hooks.py reads ``self.trainer.state`` and calls TrainerBase's methods, nothing else of its trainer: every
+    ``self.trainer`` is followed by ``.state`` or a TrainerBase method, no function takes a trainer, and the
+    ``Trainer`` class is not named (the hooks are typed against TrainerBase)."""
+    import ast
+    import inspect
+
+    import resnet_det.engine.hooks as hooks_module
+
+    tree = ast.parse(Path(hooks_module.__file__).read_text(encoding="utf-8"))
+    allowed = {"state"} | {name for name, value in vars(TrainerBase).items()
+                           if inspect.isfunction(value) and not name.startswith("_")}
+    assert {"request_stop", "save_checkpoint"} <= allowed
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    uses, bad = [], []
+    declared = [ast.unparse(n.annotation) for n in ast.walk(tree)
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "trainer"]
+    assert declared == ["TrainerBase"]  # HookBase's `trainer: TrainerBase`, the one bare `trainer` allowed
+    for node in ast.walk(tree):
+        if isinstance(parents.get(node), ast.AnnAssign) and parents[node].target is node:
+            continue
+        if (isinstance(node, ast.Attribute) and node.attr == "trainer" and isinstance(node.value, ast.Name)
+                and node.value.id == "self"):
+            parent = parents[node]
+            used = parent.attr if isinstance(parent, ast.Attribute) and parent.value is node else None
+            uses.append(used)
+            if used not in allowed:
+                bad.append(f"line {node.lineno}: self.trainer{'.' + used if used else ''}")
+        elif isinstance(node, ast.Name) and node.id in ("trainer", "Trainer"):
+            bad.append(f"line {node.lineno}: {node.id}")
+        elif isinstance(node, ast.arg) and node.arg == "trainer":
+            bad.append(f"line {node.lineno}: a function takes a trainer")
+        elif isinstance(node, ast.ImportFrom) and any(alias.name == "Trainer" for alias in node.names):
+            bad.append(f"line {node.lineno}: imports Trainer")
+    assert uses.count("state") == 1 and {"request_stop", "save_checkpoint"} <= set(uses)  # the scan sees them
+    assert not bad, "hooks.py reads its trainer outside the state: " + "; ".join(bad)

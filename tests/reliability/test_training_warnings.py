@@ -21,7 +21,7 @@ from torch import nn
 from detection.models import build_faster_rcnn, frozen_bn_without_weights
 from resnet_det.config import SolverConfig, load_config
 from resnet_det.config_files import resolve_config
-from resnet_det.engine import LossGrowthWarning, Trainer, build_lr_scheduler, build_optimizer
+from resnet_det.engine import LossGrowthWarning, Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
 
 COCO = "coco/faster_rcnn_R_50_FPN_1x"
 TINY_COCO = Path(__file__).resolve().parents[1] / "data" / "tiny_coco"
@@ -121,7 +121,8 @@ def test_a_loss_grown_by_orders_of_magnitude_is_logged_once_with_its_iteration(g
     solver = SolverConfig(lr=1e-3, max_iter=6, steps=(), warmup_iters=0)  # the loss does not depend on w
     opt = build_optimizer(model, solver)
     trainer = Trainer(model, opt, build_lr_scheduler(opt, solver), _Loader(), device="cpu", max_iter=6,
-                      output_dir=tmp_path, log_period=1, checkpoint_period=100, progress=False, curves=False)
+                      output_dir=tmp_path,
+                      options=TrainerOptions(log_period=1, checkpoint_period=100, progress=False, curves=False))
     trainer.register_hooks([LossGrowthWarning()])
     with caplog.at_level(logging.WARNING, logger="resnet_det.engine.hooks"):
         trainer.train()
