@@ -79,6 +79,17 @@ class MaskRCNN(FasterRCNN):
             _check_masks_present(targets)
         return super().forward(images, targets)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """`torch.jit.script(model)` scripts this instead: `FasterRCNN.__prepare_scriptable__`'s inference module
+        with this model's mask pooler and mask head (`detection.torchscript`)."""
+        from detection.torchscript import scriptable_detector
+
+        heads = self.roi_heads
+        if type(heads) is not MaskRoIHeads:
+            raise ValueError(f"torch.jit.script({type(self).__name__}): model.roi_heads is a {type(heads).__name__}, "
+                             "not our MaskRoIHeads: only our own parts have a TorchScript equivalent here")
+        return scriptable_detector(self, reproduces=MaskRCNN, mask=(heads.mask_pooler, heads.mask_head))
+
     @staticmethod
     def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
