@@ -45,7 +45,7 @@ from .preprocess import Preprocessor
 from .roi_heads import RoIHeads
 from .rpn import RPN, RPNHead
 
-__all__ = ["ScriptableDetector", "scriptable_detector"]
+__all__ = ["ScriptableDetector", "check_forward", "scriptable_detector"]
 
 
 class _PerLevelRPNHead(nn.Module):
@@ -94,6 +94,14 @@ def _unsupported(model: nn.Module, what: str) -> ValueError:
     return ValueError(f"torch.jit.script({type(model).__name__}): {what}")
 
 
+def check_forward(model: nn.Module, reproduces: type[nn.Module]) -> None:
+    """`ValueError` unless `model`'s forward is `reproduces.forward` (the one the scripted module computes)."""
+    if not isinstance(model, reproduces) or type(model).forward is not reproduces.forward:
+        raise _unsupported(model, f"{type(model).__name__} overrides {reproduces.__name__}.forward, so what it adds "
+                                  "(e.g. PanopticFPN's semantic head) has no TorchScript equivalent here; only "
+                                  "FasterRCNN and MaskRCNN themselves script")
+
+
 def _multiscale_roi_align(pooler: RoIPooler, names: tuple[str, ...], model: nn.Module, where: str) -> nn.Module:
     """torchvision's `MultiScaleRoIAlign` with our pooler's geometry, or `ValueError` where it has none."""
     if pooler.pooler_type != "roi_align":
@@ -127,11 +135,7 @@ def scriptable_detector(model: nn.Module, *, reproduces: type[nn.Module] | None 
       subclass of yours): their forward is not the one torchvision's logic reproduces.
     """
     name = type(model).__name__
-    reproduces = reproduces or FasterRCNN
-    if not isinstance(model, reproduces) or type(model).forward is not reproduces.forward:
-        raise _unsupported(model, f"{name} overrides {reproduces.__name__}.forward, so what it adds (e.g. "
-                                  "PanopticFPN's semantic head) has no TorchScript equivalent here; only "
-                                  "FasterRCNN and MaskRCNN themselves script")
+    check_forward(model, reproduces or FasterRCNN)
     p, rpn, heads = model.preprocessor, model.rpn, model.roi_heads
     parts = {"preprocessor": (p, Preprocessor), "rpn": (rpn, RPN), "rpn.head": (rpn.head, RPNHead),
              "rpn.anchor_generator": (rpn.anchor_generator, AnchorGenerator), "roi_heads.box_pooler":

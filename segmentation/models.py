@@ -82,8 +82,9 @@ class MaskRCNN(FasterRCNN):
     def __prepare_scriptable__(self) -> nn.Module:
         """`torch.jit.script(model)` scripts this instead: `FasterRCNN.__prepare_scriptable__`'s inference module
         with this model's mask pooler and mask head (`detection.torchscript`)."""
-        from detection.torchscript import scriptable_detector
+        from detection.torchscript import check_forward, scriptable_detector
 
+        check_forward(self, MaskRCNN)
         heads = self.roi_heads
         if type(heads) is not MaskRoIHeads:
             raise ValueError(f"torch.jit.script({type(self).__name__}): model.roi_heads is a {type(heads).__name__}, "
@@ -178,6 +179,12 @@ class SemanticFPN(nn.Module):
     def num_classes(self) -> int:
         """Semantic classes, background included."""
         return self.semantic_head.num_classes
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """`torch.jit.script` of a semantic FPN is refused with this message (only the R-CNNs have a scriptable
+        equivalent, `detection.torchscript`); its backbone scripts by itself."""
+        raise ValueError("torch.jit.script(SemanticFPN): not supported (only Faster and Mask R-CNN have a "
+                         "TorchScript path); script model.backbone, the FPN, and run the head eagerly")
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
