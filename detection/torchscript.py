@@ -112,14 +112,14 @@ def _multiscale_roi_align(pooler: RoIPooler, names: tuple[str, ...], model: nn.M
                               canonical_scale=pooler.canonical_box_size, canonical_level=pooler.canonical_level)
 
 
-def scriptable_detector(model: nn.Module, *, reproduces: type[nn.Module] | None = None,
+def scriptable_detector(model: FasterRCNN, *, reproduces: type[FasterRCNN] | None = None,
                         mask: tuple[RoIPooler, nn.Module] | None = None) -> ScriptableDetector:
     """The module `torch.jit.script(model)` compiles for our `FasterRCNN` (see the module docstring); the mask
     branch of `segmentation.MaskRCNN` comes as `mask=(mask_pooler, mask_head)`, and `reproduces` names the class
     whose `forward` the result computes (default `FasterRCNN`).
 
-    Settings that change nothing torchvision's logic computes are mapped (thresholds, top-k, anchors, sizes,
-    box-coder weights and clip, minimum box sizes of the RPN); these raise `ValueError`, as torchvision's logic
+    Settings torchvision's logic has too are passed on (thresholds, top-k, anchors, sizes, normalisation,
+    box-coder weights and clip, the RPN's minimum box size); these raise `ValueError`, as torchvision's logic
     has no equivalent of them:
 
     - `preprocessor.fixed_size` (torchvision's `fixed_size` resizes to that size; ours pads to it), and
