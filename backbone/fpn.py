@@ -6,6 +6,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -122,6 +123,7 @@ class FPN(Backbone):
                 shapes[f"p{round(math.log2(s))}"] = ShapeSpec(out_channels, s)
         self._out_feature_shapes = shapes
         self._out_features = tuple(shapes)
+        self._out_feature_names = list(shapes)  # for the scripted forward
         self._size_divisibility = max(strides)
         self.out_channels = out_channels
 
@@ -134,19 +136,44 @@ class FPN(Backbone):
         """Args: x: `(N, 3, H, W)`. Returns: `{"p2": .., "p6": ..}`, each `(N, out_channels, H/s, W/s)`."""
         feats = self.bottom_up(x)
         inputs = [feats[f] for f in self.in_features]
-        last_inner = self.lateral[-1](inputs[-1])
-        results = [self.output[-1](last_inner)]
-        for i in range(len(inputs) - 2, -1, -1):
-            # Upsample to the lateral's exact size (not a fixed x2) so inputs of any size work.
-            top_down = F.interpolate(last_inner, size=inputs[i].shape[-2:], mode="nearest")
-            conv = self.lateral[i]
-            if isinstance(conv, Conv2d) and conv.fused_inference and conv.can_fuse(inputs[i]):
-                last_inner = conv.forward_fused(inputs[i], add=top_down)  # CPU inference: conv + add at once
-            else:
-                # The lateral conv's output is a fresh tensor (autograd needs neither it nor top_down): add in
-                # place, one full-resolution allocation fewer per level.
-                last_inner = conv(inputs[i]).add_(top_down)
-            results.insert(0, self.output[i](last_inner))
+        if torch.jit.is_scripting():
+            results = self._top_down_scripted(inputs)
+        else:
+            last_inner = self.lateral[-1](inputs[-1])
+            results = [self.output[-1](last_inner)]
+            for i in range(len(inputs) - 2, -1, -1):
+                # Upsample to the lateral's exact size (not a fixed x2) so inputs of any size work.
+                top_down = F.interpolate(last_inner, size=inputs[i].shape[-2:], mode="nearest")
+                conv = self.lateral[i]
+                if isinstance(conv, Conv2d) and conv.fused_inference and conv.can_fuse(inputs[i]):
+                    last_inner = conv.forward_fused(inputs[i], add=top_down)  # CPU inference: conv + add at once
+                else:
+                    # The lateral conv's output is a fresh tensor (autograd needs neither it nor top_down): add in
+                    # place, one full-resolution allocation fewer per level.
+                    last_inner = conv(inputs[i]).add_(top_down)
+                results.insert(0, self.output[i](last_inner))
         if self.top_block is not None:
             results.extend(self.top_block(results[-1], inputs[-1]))
+        if torch.jit.is_scripting():  # TorchScript zips no tuple attribute: the names as a list
+            out: dict[str, Tensor] = {}
+            for i, name in enumerate(self._out_feature_names):
+                out[name] = results[i]
+            return out
         return dict(zip(self._out_features, results))
+
+    def _top_down_scripted(self, inputs: list[Tensor]) -> list[Tensor]:
+        """The top-down pass as TorchScript compiles it: the same function as the eager loop of `forward`, without
+        the fused CPU path. TorchScript indexes a `ModuleList` only with literals, so each level's lateral and
+        output convolutions are run by enumerating the lists; levels are visited from the coarsest."""
+        n = len(inputs)
+        laterals: list[Tensor] = []
+        for i, conv in enumerate(self.lateral):
+            laterals.append(conv(inputs[i]))
+        inners: list[Tensor] = [laterals[n - 1]]
+        for i in range(n - 2, -1, -1):
+            top_down = F.interpolate(inners[0], size=[inputs[i].shape[-2], inputs[i].shape[-1]], mode="nearest")
+            inners.insert(0, laterals[i] + top_down)
+        results: list[Tensor] = []
+        for i, conv in enumerate(self.output):
+            results.append(conv(inners[i]))
+        return results

@@ -14,6 +14,13 @@ Outputs: `boxes` float32 `(D, 4)` xyxy in the input image's pixels, `scores` flo
 and `W` are dynamic: one exported file serves images of every size. One image per call (the batch dimension
 of the eager model is the list of images; images of different sizes cannot share one tensor).
 
+Batches of same-size images are not supported, by decision (2026-12-02): every stage after the backbone has
+per-image data-dependent sizes (the proposals after NMS, the detections), so a batched graph would need either
+one copy of the RPN and heads per image (`torch.export` unrolls a Python loop only over a batch size fixed at
+export time) or padded outputs plus an image index, a new output contract for `resnet-det infer --onnx` and every
+client. What a batch would speed up is the backbone, and ONNX Runtime already spreads one image over its intra-op
+threads (the gain of batching was not measured). Call the session once per image, or run several sessions.
+
 Eager and exported models compute the same detections: the same operations in the same order; the NMS
 steps are exact per group (per FPN level in the RPN, per class after the box head): in ONNX the per-class NMS
 is one `NonMaxSuppression` whose batch axis is the class (no coordinate offsets, whose float32 rounding could

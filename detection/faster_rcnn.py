@@ -166,6 +166,15 @@ class FasterRCNN(nn.Module):
                 bad = flags > 0 if bad is None else bad | (flags > 0)
         return [] if bad is None else bad.nonzero().flatten().tolist()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """`torch.jit.script(model)` scripts this instead: an inference module of this model's own backbone and
+        heads (shared, not copied) run by torchvision's scriptable R-CNN logic with this model's settings, which
+        gives its detections (`detection.torchscript`); a setting without an exact equivalent raises
+        `ValueError`. The scripted module returns `(losses, detections)`, as torchvision's scripted detectors."""
+        from .torchscript import scriptable_detector
+
+        return scriptable_detector(self)
+
     @staticmethod
     def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:

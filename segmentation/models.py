@@ -52,6 +52,18 @@ class MaskRCNN(FasterRCNN):
       image at its own size (threshold at 0.5 for binary masks), like torchvision.
     """
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """`torch.jit.script(model)` scripts this instead: `FasterRCNN.__prepare_scriptable__`'s inference module
+        with this model's mask pooler and mask head (`detection.torchscript`)."""
+        from detection.torchscript import check_forward, scriptable_detector
+
+        check_forward(self, MaskRCNN)
+        heads = self.roi_heads
+        if type(heads) is not MaskRoIHeads:
+            raise ValueError(f"torch.jit.script({type(self).__name__}): model.roi_heads is a {type(heads).__name__}, "
+                             "not our MaskRoIHeads: only our own parts have a TorchScript equivalent here")
+        return scriptable_detector(self, reproduces=MaskRCNN, mask=(heads.mask_pooler, heads.mask_head))
+
     @staticmethod
     def postprocess(detections: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
                     original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
@@ -152,6 +164,12 @@ class SemanticFPN(nn.Module):
     def ignore_index(self) -> int:
         """The label the loss ignores (the head's)."""
         return self.semantic_head.ignore_index
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """`torch.jit.script` of a semantic FPN is refused with this message (only the R-CNNs have a scriptable
+        equivalent, `detection.torchscript`); its backbone scripts by itself."""
+        raise ValueError("torch.jit.script(SemanticFPN): not supported (only Faster and Mask R-CNN have a "
+                         "TorchScript path); script model.backbone, the FPN, and run the head eagerly")
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:

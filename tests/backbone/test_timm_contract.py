@@ -8,6 +8,7 @@ Narrow models (width 8, CIFAR nets 4) at full depth keep each case cheap; one in
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 
@@ -273,3 +274,20 @@ def test_torchscript_gives_the_eager_outputs(name: str) -> None:
     # Scripted code raises torch.jit.Error carrying our ValueError's message.
     with pytest.raises(torch.jit.Error, match=r"ValueError: \w+ expects a \(N, C, H, W\) tensor"):
         scripted_trunk(x[0])
+
+
+@pytest.mark.parametrize("top_block, norm", [("maxpool", "none"), ("p6p7", "BN"), ("none", "GN")])
+def test_torchscript_of_the_fpn_gives_the_eager_outputs(top_block: str, norm: str) -> None:
+    """The scripted top-down pass (the ModuleLists enumerated, not indexed) is the eager one, saved and loaded too;
+    on an odd-sized input, where the upsampling goes to each lateral's own size."""
+    torch.manual_seed(0)
+    fpn = FPN(build_backbone("resnet18", width=8), out_channels=16, norm=norm, top_block=top_block).eval()
+    x = torch.randn(2, 3, 70, 99)
+    scripted = _script(fpn)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        want = fpn(x)
+        _assert_same(scripted(x), want)
+        _assert_same(torch.jit.load(buffer)(x), want)

@@ -20,7 +20,8 @@ def _snippets() -> list[str]:
 def test_the_section_has_one_snippet_per_library() -> None:
     firsts = [s.splitlines()[0] for s in _snippets()]
     assert [f.split(":")[0].lstrip("# ") for f in firsts] == [
-        "timm", "segmentation_models_pytorch", "Hugging Face transformers", "effdet", "torchvision", "export"]
+        "timm", "segmentation_models_pytorch", "Hugging Face transformers", "effdet", "torchvision", "export",
+        "torchscript"]
 
 
 @pytest.mark.parametrize("code", _snippets(), ids=lambda c: c.splitlines()[0].lstrip("# ").split(":")[0])
@@ -33,6 +34,8 @@ def test_readme_snippet_runs(code: str, capsys: pytest.CaptureFixture[str], tmp_
         assert "[256, 512, 1024, 2048] [4, 8, 16, 32]" in printed
     if "ort.InferenceSession" in code:
         assert printed.splitlines()[-2:] == ["4 float32 int64"] * 2  # after torch.onnx's own progress lines
+    if "torch.jit.script" in code:
+        assert printed.splitlines()[-1] == "['boxes', 'labels', 'scores']"
     if "smp.Unet" in code:
         assert "torch.Size([2, 3, 64, 64])" in printed
     if "detr(" in code:
