@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_fakes import FakeDetector, FakeLoader
+from engine_fakes import TinyDetector, tiny_loader
 
 from detection.config import SolverConfig
 from detection.engine import MetricsLogger, Trainer, build_lr_scheduler, build_optimizer, plot_curves, read_metrics
@@ -17,11 +17,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_training_writes_parseable_metrics_log_and_curves(tmp_path):
     torch.manual_seed(0)
-    model = FakeDetector()
+    model = TinyDetector()  # the real tiny Faster R-CNN: the losses logged are a detector's
     cfg = SolverConfig(lr=0.05, max_iter=8, steps=(6,), warmup_iters=2)
     opt = build_optimizer(model, cfg)
     trainer = Trainer(
-        model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=8, output_dir=tmp_path,
+        model, opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=8, output_dir=tmp_path,
         log_period=2, eval_period=4, eval_fn=lambda m, it: {"bbox": {"AP": it / 10, "AP50": it / 5}},
         progress=True,
     )
@@ -32,7 +32,7 @@ def test_training_writes_parseable_metrics_log_and_curves(tmp_path):
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["iteration"] for r in train] == [2, 4, 6, 8]
     for r in train:
-        assert set(r["losses"]) == {"loss_classifier", "loss_box_reg"}
+        assert set(r["losses"]) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
         # measured: 0 on all four records (the logged total is the sum of the logged losses)
         assert r["total_loss"] == pytest.approx(sum(r["losses"].values()), rel=1e-12)
         assert r["lr"] > 0 and r["images_per_sec"] > 0 and r["time"] >= 0 and "eta_seconds" in r
