@@ -33,6 +33,7 @@ Functions: `export_onnx(model, path)`, `export_program(model, path)` (`torch.exp
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import nms, roi_align, roi_pool
+
+from resnet_det_common.io import atomic_write, writing
 
 from .boxes import clip_boxes, nonempty
 from .faster_rcnn import FasterRCNN
@@ -335,6 +338,14 @@ def _export_program(wrapped: DetectorForExport, example: Tensor) -> torch.export
         return torch.export.export(wrapped, (example,), dynamic_shapes=({**dims},), strict=False)
 
 
+def _save(path: Path, what: str, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temporary file in ``path``'s folder (created), then moved into place
+    (:func:`atomic_write`): a failed write (a full disk) leaves no half file and no previous file harmed, and
+    raises :class:`~resnet_det_common.io.OutputWriteError`, one line naming ``path``."""
+    with writing(path, what):
+        return atomic_write(path, write)
+
+
 # ------------------------------------------------------------------------------------------ public
 def export_onnx(model: FasterRCNN, path: str | os.PathLike, *, example: Tensor | None = None,
                 mask_branch: nn.Module | None = None, opset: int = ONNX_OPSET) -> Path:
@@ -350,10 +361,13 @@ def export_onnx(model: FasterRCNN, path: str | os.PathLike, *, example: Tensor |
 
     Returns:
         The path written.
+
+    Raises:
+        OutputWriteError: the file could not be written (e.g. a full disk): no half file is left, a previous
+            file at `path` is untouched.
     """
     check_detector(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _wrap(model, "onnx", mask_branch)
     example = example_image() if example is None else example
     program = _export_program(wrapped, example)
@@ -361,8 +375,7 @@ def export_onnx(model: FasterRCNN, path: str | os.PathLike, *, example: Tensor |
     onnx_program = torch.onnx.export(program, (example,), input_names=["image"], output_names=_output_names(wrapped),
                                      opset_version=opset, dynamo=True, custom_translation_table=table,
                                      external_data=False, optimize=True, verify=False, report=False)
-    onnx_program.save(str(path))
-    return path
+    return _save(path, "ONNX file", lambda tmp: onnx_program.save(str(tmp), external_data=False))
 
 
 def export_program(model: FasterRCNN, path: str | os.PathLike, *, example: Tensor | None = None,
@@ -374,11 +387,19 @@ def export_program(model: FasterRCNN, path: str | os.PathLike, *, example: Tenso
     """
     check_detector(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _wrap(model, "torchvision", mask_branch)
     program = _export_program(wrapped, example_image() if example is None else example)
-    torch.export.save(program, str(path))
-    return path
+
+    # Serialised in memory first: torch's archive writer aborts the process (a C++ exception in its
+    # destructor) when the disk fills under it, whereas a plain write raises ENOSPC as an OSError.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as f:
+            f.write(buffer.getbuffer())
+
+    return _save(path, "torch.export program", write)
 
 
 def load_program(path: str | os.PathLike) -> Callable[[Tensor], tuple[Tensor, ...]]:

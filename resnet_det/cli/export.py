@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import _library
-from ._util import CommandError, add_config_arguments, load_config_arg, one_line, print_config
+from ._util import CommandError, RunFailedError, add_config_arguments, load_config_arg, one_line, print_config
 
 HELP = "export a detector to ONNX (runs in ONNX Runtime alone) or to a torch.export program"
 FORMATS = ("onnx", "torch-export")
@@ -54,12 +54,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise CommandError(f"model.task={cfg.model.task!r}: export covers detectors (task 'detection': Faster "
                            "R-CNN, 'instance': Mask R-CNN); semantic and panoptic models have no export path yet")
     from backbone.weights import WeightsError
+    from resnet_det_common.io import OutputWriteError
     from segmentation.export import export
 
     try:
         model, _, _ = _library.inference_model(cfg, args.checkpoint, num_classes=args.num_classes)
         start = time.perf_counter()
         path = export(model.eval(), args.output, args.format)
+    except OutputWriteError as e:  # the ONNX / .pt2 file on a full disk: the run failed (exit 3), not the input
+        raise RunFailedError(one_line(e)) from None
     except (WeightsError, FileNotFoundError, TypeError, ValueError) as e:
         raise CommandError(one_line(e)) from None
     outputs = "boxes, scores, labels" + (", masks" if hasattr(model.roi_heads, "mask_head") else "")

@@ -114,4 +114,5 @@ def test_backbone_compiles_whole_graph() -> None:
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ref, got = model(x), compiled(x)
-    assert all(torch.allclose(ref[k], got[k]) for k in ref)
+    # measured: 0 on all five levels: the eager backend runs the same kernels, so exact
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

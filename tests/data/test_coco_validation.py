@@ -186,6 +186,7 @@ def test_box_slightly_outside_is_clipped(tmp_path: Path, caplog: pytest.LogCaptu
     assert ds.report.skipped == {}
     assert ds.report.fixed == {"box_clipped": 1}
     assert "[box_clipped]" in msg
+    # measured: 0 (the clipped box is exact in float)
     np.testing.assert_allclose(ds.coco.anns[2]["bbox"], [0.0, 70.0, 19.5, 10.0])
 
 
@@ -240,7 +241,8 @@ def test_missing_area_and_iscrowd_are_filled(tmp_path: Path, caplog: pytest.LogC
     ds, msg = open_ds(tmp_path, data, caplog)
     assert ds.report.fixed == {"area_filled": 1, "iscrowd_filled": 1}
     assert "[area_filled]" in msg and "[iscrowd_filled]" in msg
-    assert ds.coco.anns[1]["area"] == pytest.approx(400.0, abs=30)  # polygon area (rasterised)
+    # measured: 0: a whole-pixel 20 x 20 square rasterises to exactly 400 pixels
+    assert ds.coco.anns[1]["area"] == pytest.approx(400.0, abs=1e-9)  # polygon area (rasterised)
     assert ds.coco.anns[2]["iscrowd"] == 0
 
 

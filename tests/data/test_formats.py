@@ -108,7 +108,8 @@ def test_shapes_written_in_a_layout_load_back_to_the_coco_boxes(fmt: str, shapes
         assert got.keys() == want.keys() and sum(map(len, want.values())) > 0
         for stem in want:
             assert [n for n, _ in got[stem]] == [n for n, _ in want[stem]], stem
-            # YOLO stores 8 decimals of a normalised coordinate, VOC 4 decimals of a pixel: measured 5e-5 px.
+            # YOLO stores 8 decimals of a normalised coordinate, VOC 4 decimals of a pixel: measured 0 on these 28
+            # images (an earlier measurement saw 5e-5 px); atol 1e-4 covers that rounding.
             np.testing.assert_allclose([b for _, b in got[stem]], [b for _, b in want[stem]], atol=1e-4)
 
 
@@ -187,6 +188,7 @@ def test_yolo_label_lines_are_validated_and_counted(tmp_path: Path, caplog: pyte
     for a in gt["annotations"]:
         by_file.setdefault(files[a["image_id"]], []).append(a)
     box, tri = sorted(by_file["good.jpg"], key=lambda a: a["category_id"])
+    # measured: 0 on the five lines below (1.8e-15 on the clipped widths); the defaults, rtol 1e-7
     np.testing.assert_allclose(box["bbox"], [10, 5, 20, 10])
     np.testing.assert_allclose(tri["bbox"], [4, 2, 32, 16])  # the polygon's extent
     np.testing.assert_allclose(tri["segmentation"][0], [4, 2, 36, 2, 20, 18])

@@ -268,10 +268,15 @@ def test_all_images_without_boxes_train() -> None:
 
 
 # ------------------------------------------------------------------------------------ loss regression
-# Reference values recorded once (CPU, fp32; the same on 1 and 2 threads, with and without oneDNN) with
-# the seeds and inputs below. They guard against unintended changes of the training math (anchors,
-# matching, sampling, box coding, loss normalisation, initialisation, resizing). If you change that math
-# on purpose, re-record them (print `seeded_losses()`) and say so in the commit message.
+# A self-recorded regression guard, not a correctness reference. The values below were produced by this
+# project's own code (print `seeded_losses()`; CPU, fp32; the same on 1 and 2 threads, with and without
+# oneDNN) and stay because no independent library computes them: torchvision's samplers draw their random
+# picks in another order and it has no width-8 ResNet-18, so the same seeds give other losses there. What they
+# guard: an unintended change of the training math (anchors, matching, sampling, box coding, loss
+# normalisation, initialisation, resizing) shows up as a changed loss. If you change that math on purpose,
+# re-record them (print `seeded_losses()`) and say so in the commit message. Correctness itself is proved
+# against torchvision independently: tests/detection/test_det_training_parity.py (the same converted R50-FPN,
+# exhaustive sampling: the four losses and every gradient equal torchvision's).
 # History: re-recorded after 9c95f08 (top-k balanced sampler: same distribution, another random order;
 # the box losses, which use every positive here, did not change).
 REFERENCE_STEP0 = {"loss_objectness": 0.6939776, "loss_rpn_box_reg": 0.05318539, "loss_classifier": 1.407258,
@@ -303,7 +308,9 @@ def test_seeded_losses_are_reproducible_and_match_reference() -> None:
     for got, ref in zip(first, (REFERENCE_STEP0, REFERENCE_STEP1)):
         assert set(got) == set(ref)
         for k in ref:
-            assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), f"{k}: {got[k]!r} != reference {ref[k]!r}"
+            # measured: 2.4e-7 relative at most (1 and 2 threads; mostly the 7 digits the references are
+            # written with)
+            assert got[k] == pytest.approx(ref[k], rel=3e-6, abs=0), f"{k}: {got[k]!r} != reference {ref[k]!r}"
 
 
 # ---------------------------------------------------------------------------------- mixed precision

@@ -106,7 +106,8 @@ def test_losses_and_gradients_equal_torchvision() -> None:
     assert set(got) == set(LOSS_NAMES)
     for name in LOSS_NAMES:
         assert expected[name] > 0
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        # measured: 8.7e-8 relative at most over the four losses
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
     # 1e-4 of the largest entry (measured: 1.0e-6 at most); a wrong mapping or formula gives O(1) differences.
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-4, f"gradient of {worst}: {errors[worst]:.2e} of its largest entry"
@@ -149,6 +150,7 @@ def test_training_time_bn_fold_is_exact_arithmetic_and_only_changes_float32_roun
     expected, got, errors = _losses_and_grads(ref, ours, images, targets, fold=True)
     assert all(conv.training for conv in _folding_convs(ours))
     for name in LOSS_NAMES:
+        # measured: 1.7e-7 relative at most on this seed (rtol 1e-5: the fold's rounding can move a proposal, see above)
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     worst_key = max(errors, key=errors.get)
     # Measured on this seed: 9.8e-4 (worst), 1.3e-4 (median); the 1e-2 bound is the figure of the variants.

@@ -1,6 +1,6 @@
 """Models and loaders of the engine tests: the real tiny detector (:class:`TinyDetector`), a detector-shaped
-fake (:class:`FakeDetector`, for the tests of file formats and logging, where the model does not matter) and
-an endless, resumable loader."""
+fake (:class:`FakeDetector`, left for tests/engine/test_cuda.py's bitwise CUDA checks, where the model does not
+matter) and an endless, resumable loader."""
 
 from __future__ import annotations
 

@@ -101,13 +101,15 @@ def test_k_passes_of_b_images_give_the_update_of_one_pass_of_k_times_b(tmp_path,
             # 9.5e-7 over all gradients (2-core CPU, fp32), within rtol 1e-4 + atol 1e-6.
             torch.testing.assert_close(acc_grads.grads[step][k], g, rtol=1e-4, atol=1e-6, msg=f"step {step}: {k}")
     for k, v in whole.model.state_dict().items():
-        torch.testing.assert_close(acc.model.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        # measured: 3.0e-8 at most on the weights after 2 steps, 0.034 of this allowance
+        torch.testing.assert_close(acc.model.state_dict()[k], v, rtol=1e-5, atol=1e-7, msg=k)
     rec_acc, rec_whole = _records(tmp_path / "acc"), _records(tmp_path / "whole")
     assert sorted(rec_acc) == sorted(rec_whole) == [1, 2], "one record per optimizer step"
     for it in (1, 2):
         assert rec_acc[it]["lr"] == rec_whole[it]["lr"]
         for name, value in rec_whole[it]["losses"].items():
-            assert rec_acc[it]["losses"][name] == pytest.approx(value, rel=1e-5), f"{name} at {it} is the mean"
+            # measured: 1.7e-7 relative at most (the mean of two passes' losses vs one pass')
+            assert rec_acc[it]["losses"][name] == pytest.approx(value, rel=2e-6), f"{name} at {it} is the mean"
     assert Checkpointer(tmp_path / "acc").load("model_0000001")[1]["iteration"] == 1
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_fakes import FakeDetector, FakeLoader
+from engine_fakes import FakeLoader
+from tiny_detection import tiny_detector
 from torch import nn
 
 from resnet_det.config import SolverConfig
@@ -74,7 +75,7 @@ def test_round_trip_loads_with_weights_only(tmp_path):
 
 def test_resume_restores_objects_rng_and_loader_position(tmp_path):
     cfg = SolverConfig(lr=0.1, max_iter=20, steps=(5,), warmup_iters=3)
-    model = FakeDetector()
+    model = tiny_detector(seed=0)  # the real tiny Faster R-CNN; the loader (its position) stands in
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, cfg)
     for _ in range(6):
@@ -86,7 +87,7 @@ def test_resume_restores_objects_rng_and_loader_position(tmp_path):
     ck.save("model_0000006", model, make_trainer_state(6, opt, sched, None, loader))
     expected_rand = (torch.rand(3), float(np.random.rand()), random.random())
 
-    model2 = FakeDetector()
+    model2 = tiny_detector(seed=1)
     opt2 = build_optimizer(model2, cfg)
     sched2 = build_lr_scheduler(opt2, cfg)
     loader2 = FakeLoader()
@@ -94,13 +95,13 @@ def test_resume_restores_objects_rng_and_loader_position(tmp_path):
     assert loader2.position == 6
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert sched2.last_epoch == 6
-    assert torch.equal(model2.conv.weight, model.conv.weight)
+    assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
     got = (torch.rand(3), float(np.random.rand()), random.random())
     assert torch.equal(got[0], expected_rand[0]) and got[1:] == expected_rand[1:]
 
 
 def test_no_checkpoint_means_start_at_zero(tmp_path):
-    model = FakeDetector()
+    model = tiny_detector()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ck = Checkpointer(tmp_path)
     assert ck.latest() is None
@@ -187,19 +188,18 @@ def test_weights_that_do_not_match_their_recorded_digest_are_refused(tmp_path):
 
 def _resume_objects():
     cfg = SolverConfig(lr=0.1, max_iter=20, steps=(5,), warmup_iters=3)
-    torch.manual_seed(0)
-    model = FakeDetector()
+    model = tiny_detector(seed=0)
     opt = build_optimizer(model, cfg)
     return model, opt, build_lr_scheduler(opt, cfg), FakeLoader()
 
 
 def _saved_run(tmp_path, iterations=(1, 2, 3)):
-    """Checkpoints of a fake run at `iterations` (distinct weights each), the last one also as model_final."""
+    """Checkpoints of the tiny detector at `iterations` (distinct weights each), the last one also as model_final."""
     model, opt, sched, loader = _resume_objects()
     ck = Checkpointer(tmp_path, keep=5)
     for it in iterations:
         with torch.no_grad():
-            model.conv.weight.fill_(float(it))
+            model.roi_heads.predictor.cls_score.weight.fill_(float(it))
         loader.position = it
         ck.save(f"model_{it:07d}", model, make_trainer_state(it, opt, sched, None, loader))
     return ck
@@ -223,7 +223,7 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint_and_says_so(tmp_path
     with caplog.at_level("WARNING", logger="resnet_det.engine.checkpoint"):
         assert ck.resume(model, opt, sched, None, loader) == 2
     assert ck.resumed_from == "model_0000002" and loader.position == 2
-    assert torch.all(model.conv.weight == 2.0)
+    assert torch.all(model.roi_heads.predictor.cls_score.weight == 2.0)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     named = state if damage in ("truncated state", "missing state") else weights
     assert str(named) in warning and "Resuming from 'model_0000002' (iteration 2)" in warning, warning

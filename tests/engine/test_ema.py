@@ -48,8 +48,9 @@ def test_the_decay_warms_up_from_a_copy_to_the_configured_decay():
     ema = ModelEma(torch.nn.Linear(2, 2), decay=0.999, warmup_iters=100)
     assert ema.decay_at(1) == 0.0, "the first update copies the weights"
     values = [ema.decay_at(t) for t in range(1, 2000)]
+    # measured: 2.1e-9: the warmup's exp(-1998 / 100) still left at t = 1999 (not rounding); abs 1e-8 bounds it
     assert all(a < b for a, b in itertools.pairwise(values)) and values[-1] == pytest.approx(0.999, abs=1e-8)
-    assert ema.decay_at(101) == pytest.approx(0.999 * (1 - math.exp(-1)))
+    assert ema.decay_at(101) == pytest.approx(0.999 * (1 - math.exp(-1)), rel=1e-12)  # measured: 0
     flat = ModelEma(torch.nn.Linear(2, 2), decay=0.9, warmup_iters=0)
     assert [flat.decay_at(t) for t in (1, 2, 50)] == [0.0, 0.9, 0.9]
     for bad in (1.0, -0.1, "0.9"):

@@ -154,15 +154,15 @@ TRAIN_SCRIPT = """
 import sys
 sys.path[:0] = [{repo!r}, {here!r}]
 import torch
-from engine_fakes import FakeDetector, FakeLoader
+from engine_fakes import TinyDetector, tiny_loader
 from resnet_det.config import SolverConfig
 from resnet_det.engine import Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
 
 torch.manual_seed(0)
-model = FakeDetector()
+model = TinyDetector()
 cfg = SolverConfig(lr=0.05, max_iter=6, steps=(4,), warmup_iters=1)
 opt = build_optimizer(model, cfg)
-Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=6, output_dir={out!r},
+Trainer(model, opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=6, output_dir={out!r},
         options=TrainerOptions(log_period=2, eval_fn=lambda m, it: {{"bbox": {{"AP": it / 10}}}}, progress=True,
                                curves=False)).train()
 """
@@ -185,7 +185,7 @@ def test_training_with_stderr_to_a_file_has_the_lines_and_no_bar_and_log_txt_has
 
 def test_resume_warnings_reach_the_run_log(tmp_path):
     import torch
-    from engine_fakes import FakeDetector, FakeLoader
+    from engine_fakes import TinyDetector, tiny_loader
 
     from resnet_det.config import SolverConfig
     from resnet_det.engine import Trainer, TrainerOptions, build_lr_scheduler, build_optimizer
@@ -194,9 +194,9 @@ def test_resume_warnings_reach_the_run_log(tmp_path):
 
     def trainer(max_iter: int, **kw) -> Trainer:
         torch.manual_seed(0)
-        model = FakeDetector()
+        model = TinyDetector()
         opt = build_optimizer(model, cfg)
-        return Trainer(model, opt, build_lr_scheduler(opt, cfg), FakeLoader(), device="cpu", max_iter=max_iter,
+        return Trainer(model, opt, build_lr_scheduler(opt, cfg), tiny_loader(), device="cpu", max_iter=max_iter,
                        output_dir=tmp_path, options=TrainerOptions(progress=False, curves=False), **kw)
 
     trainer(2).train()

@@ -60,10 +60,10 @@ def test_benchmark_eval_tiny_run_writes_the_record(tmp_path, capsys):
     for iou_type in ("bbox", "segm"):
         rows = [r for r in record["runs"] if r["iou_type"] == iou_type]
         assert sorted(r["mode"] for r in rows) == ["faster-coco-eval", "ours", "pycocotools"]
-        # the three agree on the numbers (pycocotools' precision has an eps: within 1e-12)
+        # the three agree on the numbers (pycocotools' precision has an eps; measured: 1.1e-16 at most)
         ref = next(r for r in rows if r["mode"] == "pycocotools")["stats"]
         for r in rows:
-            np.testing.assert_allclose(r["stats"], ref, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(r["stats"], ref, rtol=0, atol=1e-14)
             assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0
         assert next(r for r in rows if r["mode"] == "ours")["pr_curve"]
         summary = record["summary"][iou_type]

@@ -54,17 +54,18 @@ def test_constant_prediction_matches_hand_arithmetic():
     # IoU_b = 0 / (4 + 0 - 0) = 0;  IoU_c = 0 / (2 + 0 - 0) = 0
     # IoU_d: absent from GT and prediction -> NaN, not in the mean
     # mIoU = (4/7 + 0 + 0) / 3 = 4/21
-    assert m["IoU-a"] == pytest.approx(4 / 7)
+    # measured: 0 on each of the five below (ratios of small integer counts); rel 1e-12 for float rounding
+    assert m["IoU-a"] == pytest.approx(4 / 7, rel=1e-12)
     assert m["IoU-b"] == 0.0 and m["IoU-c"] == 0.0
     assert math.isnan(m["IoU-d"])
-    assert m["mIoU"] == pytest.approx(4 / 21)
+    assert m["mIoU"] == pytest.approx(4 / 21, rel=1e-12)
     # pAcc = correct / counted pixels = 8 / 14 = 4/7 (the 2 ignored pixels are not counted)
-    assert m["pAcc"] == pytest.approx(4 / 7)
+    assert m["pAcc"] == pytest.approx(4 / 7, rel=1e-12)
     # Acc_a = 8/8 = 1, Acc_b = 0/4 = 0, Acc_c = 0/2 = 0, Acc_d undefined -> mAcc = 1/3
-    assert m["mAcc"] == pytest.approx(1 / 3)
+    assert m["mAcc"] == pytest.approx(1 / 3, rel=1e-12)
     assert math.isnan(m["Acc-d"])
     # fwIoU = (8/14) * 4/7 + (4/14) * 0 + (2/14) * 0 = 16/49
-    assert m["fwIoU"] == pytest.approx(16 / 49)
+    assert m["fwIoU"] == pytest.approx(16 / 49, rel=1e-12)
 
 
 def test_ignore_index_is_excluded():

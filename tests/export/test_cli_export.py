@@ -119,3 +119,31 @@ def test_rle_encoding_equals_pycocotools() -> None:
                 m[0, 0] = density > 0.5  # masks starting with a foreground pixel too
             ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             assert rle_encode(m) == {"size": list(ref["size"]), "counts": ref["counts"].decode()}, (shape, density)
+
+
+_LIMITED_EXPORT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from resnet_det.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("fmt", "name", "what"), [("onnx", "m.onnx", "ONNX file"),
+                                                   ("torch-export", "m.pt2", "torch.export program")])
+def test_export_whose_file_cannot_be_written_is_exit_3_naming_it(checkpoint: Path, tmp_path: Path, fmt: str,
+                                                                  name: str, what: str) -> None:
+    """A write that fails part way (here files are capped at 64 KiB, RLIMIT_FSIZE: EFBIG, as a full disk gives
+    ENOSPC; tests/reliability/test_real_full_disk.py fills a real tmpfs where mounting is allowed): one line
+    naming the file, exit 3, and neither a half file nor a temporary file left in the folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["export", CONFIG, *TINY, "--checkpoint", str(checkpoint), "--format", fmt, "--output", str(out / name)]
+    proc = subprocess.run([sys.executable, "-c", _LIMITED_EXPORT, *argv], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert f"resnet-det export: error: could not write {what} {out / name}: EFBIG" in errors[0], errors[0]
+    assert list(out.iterdir()) == []

@@ -226,8 +226,9 @@ def _pixels_of_image_7(ds: CocoDetection, ctx: dict[str, Any]) -> None:
     image, target = ds[ds.ids.index(7)]
     assert target["image_id"] == 7 and ds.num_unreadable == 0
     expected = ctx["expected"][..., None] if ctx["expected"].ndim == 2 else ctx["expected"]
+    # measured: 0 on both PNGs (x / 255 * 255 in float32 is within 1.5e-5 of x)
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy() * 255, np.broadcast_to(expected, (32, 48, 3)),
-                               atol=1e-3)
+                               atol=1e-4)
 
 
 def _same_as_original(ds: CocoDetection, ctx: dict[str, Any]) -> None:
@@ -300,7 +301,8 @@ def _check_clipped(ds: CocoDetection, ctx: dict[str, Any]) -> None:
 
 def _check_filled(ds: CocoDetection, ctx: dict[str, Any]) -> None:
     a = next(a for a in ds.coco.dataset["annotations"] if a["id"] == ctx["gt"]["annotations"][0]["id"])
-    assert a["iscrowd"] == 0 and a["area"] == pytest.approx(ctx["gt"]["annotations"][0]["area"], rel=0.05)
+    # measured: 0.17% (13.5 px^2: the rasterised polygon's area vs the file's area)
+    assert a["iscrowd"] == 0 and a["area"] == pytest.approx(ctx["gt"]["annotations"][0]["area"], rel=0.02)
 
 
 def _check_crowd_kept(ds: CocoDetection, ctx: dict[str, Any]) -> None:

@@ -38,10 +38,12 @@ def _assert_same_detections(got: Detections, want: Detections) -> None:
         assert len(got[image]) == len(dets), image
         mine, theirs = got[image], dets
         assert [r["category_id"] for r in mine] == [r["category_id"] for r in theirs], image
+        # measured: 0 on scores and boxes of all 8 images, eval and infer (the same weights, images and CPU kernels);
+        # 1e-6 and 1e-4 px leave room for thread-count-dependent sums
         torch.testing.assert_close(torch.tensor([r["score"] for r in mine]), torch.tensor([r["score"] for r in theirs]),
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=1e-6)
         torch.testing.assert_close(torch.tensor([r["bbox"] for r in mine]), torch.tensor([r["bbox"] for r in theirs]),
-                                   rtol=0, atol=1e-3)
+                                   rtol=0, atol=1e-4)
 
 
 def _final_eval_record(run: Path) -> dict[str, float]:
@@ -73,7 +75,8 @@ def test_eval_of_a_checkpoint_gives_the_training_runs_own_final_evaluation(cli, 
     again = {f"bbox/{k}": v for k, v in metrics["bbox"]["summary"].items()}
     again.update({f"bbox/AP-{name}": v for name, v in metrics["bbox"]["per_category_AP"].items()})
     assert again.keys() == recorded.keys(), (sorted(again), sorted(recorded))
-    assert all(recorded[k] == pytest.approx(v, abs=1e-12) for k, v in again.items()), (again, recorded)
+    # measured: 0 on all 16 metrics
+    assert all(recorded[k] == pytest.approx(v, abs=1e-14) for k, v in again.items()), (again, recorded)
     trained = _by_image(json.loads((reference_run / "eval" / "coco_instances_results.json").read_text()))
     assert sum(len(d) for d in trained.values()) > 100
     _assert_same_detections(detections, trained)

@@ -18,8 +18,8 @@ from the reference run's own files (tmpfs counts whole 4 KiB pages):
 
 Every case: exit code 3, one ``error:`` line that names the file and says "disk full", no traceback, the
 last complete checkpoint intact and loadable; once the filler is deleted (space is back), ``--resume`` ends
-bit for bit where the uninterrupted run does. ``resnet-det eval`` into a full disk is exit 3 too.
-``resnet-det export`` is covered by :data:`EXPORT_ARGV` as soon as the command exists on the branch.
+bit for bit where the uninterrupted run does. ``resnet-det eval`` and ``resnet-det export`` (ONNX and
+torch.export) into a full disk are exit 3 too, the export leaving no half file behind.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from pathlib import Path
 import faults
 import pytest
 
-from resnet_det.cli import COMMANDS
 from resnet_det.engine import Checkpointer
 
 PAGE = 4096
@@ -222,24 +221,20 @@ def test_eval_command_into_a_real_full_disk_exits_3_naming_the_file(small_fs, tm
     _assert_failed_on(code, log, out / "eval" / "coco_instances_results.json", "evaluation file")
 
 
-#: ``resnet-det export`` (written on another branch): the arguments the full-disk test gives it, ``{ckpt}`` and
-#: ``{out}`` filled in. Adjust when the command lands; the test runs as soon as ``export`` is a command.
-EXPORT_ARGV = ["export", faults.CONFIG, "--checkpoint", "{ckpt}", *faults.TINY, "--output", "{out}/model.onnx"]
+#: ``resnet-det export``'s formats: (the file it writes, what the error line calls it).
+EXPORTS = {"onnx": ("model.onnx", "ONNX file"), "torch-export": ("model.pt2", "torch.export program")}
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: `resnet-det export` does not yet turn an ENOSPC while the ONNX "
-                   "file is written into one line + exit 3 (the exporter's own writer is not wrapped by "
-                   "resnet_det_common.io.writing); strict: the mark must go when it is fixed")
-def test_export_into_a_real_full_disk_exits_3_naming_the_file(small_fs, tmp_path, shapes_env, reference_run):
-    if "export" not in COMMANDS:
-        pytest.skip("resnet-det export is not on this branch yet (EXPORT_ARGV is ready for it)")
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_export_into_a_real_full_disk_exits_3_naming_the_file(fmt, small_fs, tmp_path, shapes_env, reference_run):
+    name, what = EXPORTS[fmt]
     out = small_fs("disk", 256 << 10)
-    _fill(out, 8 << 10)
-    argv = [a.format(ckpt=reference_run / "model_final.safetensors", out=out) for a in EXPORT_ARGV]
+    _fill(out, 8 << 10)  # the tiny detector's file is far larger than 8 KiB
+    argv = ["export", faults.CONFIG, "--checkpoint", str(reference_run / "model_final.safetensors"), *faults.TINY,
+            "--format", fmt, "--output", str(out / name)]
     code, log = faults.run_cli(argv, log=tmp_path / "export.log", env=shapes_env)
-    assert code == 3, log[-4000:]
-    line = _error_line(log)
-    assert str(out) in line and "disk full" in line, line
+    _assert_failed_on(code, log, out / name, what)
+    assert sorted(p.name for p in out.iterdir()) == [".filler"]  # no half file, no temporary file left
 
 
 def test_the_errno_the_tests_rely_on_is_enospc(small_fs):

@@ -32,7 +32,8 @@ def test_both_models_get_the_same_weights_and_post_processing_load() -> None:
         a, b = ours.eval()(images), tv.eval()(images)
     for x, y in zip(a, b):
         assert len(x["boxes"]) == len(y["boxes"]) >= 50, "a trained detector's load, the same for both"
-        assert torch.allclose(x["boxes"], y["boxes"], atol=1e-3) and torch.equal(x["labels"], y["labels"])
+        # measured: 0 on both images (the same weights, the same box arithmetic); atol 1e-4 px for float32 kernels
+        assert torch.allclose(x["boxes"], y["boxes"], rtol=0, atol=1e-4) and torch.equal(x["labels"], y["labels"])
         assert len(set(x["labels"].tolist())) > 3, "varied classes, not one class everywhere"
     again, _ = bm.build_pair("R18-FPN", model_size=(64, 96), calibration=(64, 96))
     assert all(torch.equal(p, q) for p, q in zip(ours.state_dict().values(), again.state_dict().values()))
@@ -52,6 +53,7 @@ def test_run_measures_every_variant_and_records_how(tmp_path: Path, monkeypatch:
     assert len(lines) == len(rows)
     for r in rows:
         assert len(r.repeat_ms) == 2 and r.ms_min <= r.ms_per_iter <= r.ms_max
+        # measured: 0 on all 13 rows (the same formula); approx's default rel 1e-6
         assert r.images_per_s == pytest.approx(r.batch * 1000 / r.ms_per_iter)
     infer = [r for r in rows if r.mode == "infer"]
     for b in (1, 2):

@@ -87,9 +87,11 @@ def test_augment_mirrors_some_images_and_not_others() -> None:
 
 def test_schedule_milestones_and_warmup_for_110_layers() -> None:
     cfg = StudyConfig(iterations=64_000)
+    # measured: 1.7e-18 on the list, 0 on the next line (rel 1e-12 for float rounding)
     assert [lr_at(cfg, 56, it) for it in (0, 31_999, 32_000, 47_999, 48_000)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001])
-    assert lr_at(cfg, 110, 0) == pytest.approx(0.01) and lr_at(cfg, 110, 400) == pytest.approx(0.1)
+        [0.1, 0.1, 0.01, 0.01, 0.001], rel=1e-12)
+    assert lr_at(cfg, 110, 0) == pytest.approx(0.01, rel=1e-12)
+    assert lr_at(cfg, 110, 400) == pytest.approx(0.1, rel=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -145,8 +147,9 @@ def test_resume_after_a_crash_continues_identically(one_thread: None, tmp_path: 
     a = cifar.read_curve(tmp_path / "straight" / "metrics.jsonl")
     b = cifar.read_curve(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
-    assert resumed["final_test_error"] == pytest.approx(straight["final_test_error"])
+    # measured: 0 on every loss and on the final error: the resumed run is bit for bit the straight one
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert resumed["final_test_error"] == straight["final_test_error"]
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
 
 

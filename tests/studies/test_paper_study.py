@@ -13,8 +13,9 @@ from resnet_det.studies.paper import run_study, summarize
 
 def test_summary_relative_gain_matches_paper() -> None:
     s = summarize({"vgg16": {"AP": 0.212, "AP50": 0.415}, "resnet101": {"AP": 0.272, "AP50": 0.484}})
-    assert s["relative_gain"] == pytest.approx(0.283, abs=1e-3)
-    assert s["paper_relative_gain"] == pytest.approx(s["relative_gain"])
+    # measured: 1.9e-5 from the paper's 28.3%; abs 5e-4 is the paper's own rounding to 0.1%
+    assert s["relative_gain"] == pytest.approx(0.283, abs=5e-4)
+    assert s["paper_relative_gain"] == pytest.approx(s["relative_gain"])  # measured: 0 (the same number)
 
 
 def test_paper_study_runs_both_backbones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
