@@ -13,6 +13,7 @@ from typing import Any
 from .engine.task import EvaluatorsFn, Task
 from .evaluation import COCOEvaluator, DatasetEvaluator
 from .models import build_faster_rcnn
+from .tta import DetectorWithTTA
 
 __all__ = ["DETECTION", "TASKS", "coco_evaluators"]
 
@@ -30,5 +31,5 @@ def coco_evaluators(iou_types: Sequence[str]) -> EvaluatorsFn:
     return build
 
 
-DETECTION = Task("detection", build_faster_rcnn, coco_evaluators(("bbox",)))
+DETECTION = Task("detection", build_faster_rcnn, coco_evaluators(("bbox",)), tta=DetectorWithTTA)
 TASKS: tuple[Task, ...] = (DETECTION,)

@@ -13,6 +13,7 @@ from detection.evaluation import DatasetEvaluator, SemSegEvaluator
 from detection.tasks import coco_evaluators
 
 from .models import build_mask_rcnn, build_panoptic_fpn, build_semantic_fpn
+from .tta import MaskRCNNWithTTA
 
 __all__ = ["INSTANCE", "PANOPTIC_FPN", "SEMANTIC", "TASKS"]
 
@@ -25,7 +26,8 @@ def _panoptic(dataset: Any, output_dir: Path | None) -> list[DatasetEvaluator]:
     return [*coco_evaluators(("bbox",))(dataset, output_dir), *_semantic(dataset, output_dir)]
 
 
-INSTANCE = Task("instance", build_mask_rcnn, coco_evaluators(("bbox", "segm")), with_masks=True)
+INSTANCE = Task("instance", build_mask_rcnn, coco_evaluators(("bbox", "segm")), with_masks=True,
+                tta=MaskRCNNWithTTA)
 SEMANTIC = Task("semantic", build_semantic_fpn, _semantic, with_semantic=True)
 PANOPTIC_FPN = Task("panoptic_fpn", build_panoptic_fpn, _panoptic, with_semantic=True)
 TASKS: tuple[Task, ...] = (INSTANCE, SEMANTIC, PANOPTIC_FPN)

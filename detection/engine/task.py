@@ -18,7 +18,7 @@ from torch import nn
 from ..evaluation import DatasetEvaluator
 from ..specs import ModelSpec
 
-__all__ = ["EvaluatorsFn", "ModelFn", "Task"]
+__all__ = ["EvaluatorsFn", "ModelFn", "TTAFn", "Task"]
 
 ModelFn = Callable[[ModelSpec], nn.Module]
 """``build_model(spec) -> model`` in torchvision's calling convention; ``spec.num_classes`` is set
@@ -27,6 +27,10 @@ ModelFn = Callable[[ModelSpec], nn.Module]
 EvaluatorsFn = Callable[[Any, Path | None], list[DatasetEvaluator]]
 """``build_evaluators(dataset, output_dir) -> evaluators`` of the val split (the dataset gives the
 annotation file, the label -> category map and the class names)."""
+
+TTAFn = Callable[..., nn.Module]
+"""``wrap(model, *, min_sizes, max_size, flip) -> model`` under test-time augmentation (``test.aug``), in the same
+calling convention: ``detection.tta.DetectorWithTTA``, ``segmentation.tta.MaskRCNNWithTTA``."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Task:
         build_evaluators: See :data:`EvaluatorsFn`.
         with_masks: The dataset must provide instance masks (``targets[i]["masks"]``).
         with_semantic: The dataset must provide a semantic map (``targets[i]["sem_seg"]``).
+        tta: See :data:`TTAFn`; None: the task has no test-time augmentation (``test.aug`` is refused).
     """
 
     name: str
@@ -46,3 +51,4 @@ class Task:
     build_evaluators: EvaluatorsFn
     with_masks: bool = False
     with_semantic: bool = False
+    tta: TTAFn | None = None
