@@ -234,12 +234,12 @@ def ema_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     the file itself when it is an EMA export (``model_final_ema.safetensors``).
 
     Raises:
-        WeightsError: (a ``ValueError``) The checkpoint has no EMA (trained without ``train.ema``) or no trainer
-            state beside it.
+        WeightsError: (a ``ValueError``) The checkpoint has no EMA (trained without ``train.ema``), or no readable
+            trainer state beside it.
     """
     from backbone.weights import WeightsError
 
-    from .checkpoint import STATE_SUFFIX, WEIGHTS_SUFFIX, _load_trainer_state, load_model_weights
+    from .checkpoint import STATE_SUFFIX, WEIGHTS_SUFFIX, CheckpointError, _load_trainer_state, load_model_weights
 
     path = Path(checkpoint)
     stem = path.name.removesuffix(WEIGHTS_SUFFIX).removesuffix(STATE_SUFFIX)
@@ -249,7 +249,10 @@ def ema_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if not state_path.is_file():
         raise WeightsError(f"test.use_ema=true: {checkpoint} has no trainer state {state_path.name} beside it to read "
                            "the EMA from; give one of our checkpoints (model_final) or its model_final_ema.safetensors")
-    ema = _load_trainer_state(state_path).get("ema")
+    try:
+        ema = _load_trainer_state(state_path).get("ema")
+    except CheckpointError as err:  # a damaged or foreign state file: the checkpoint's problem, said in one line
+        raise WeightsError(f"test.use_ema=true: {err}") from None
     if not ema:
         raise WeightsError(f"test.use_ema=true: checkpoint {stem} holds no EMA (it was trained without train.ema); "
                            "drop test.use_ema to evaluate its weights")
