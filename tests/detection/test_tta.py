@@ -133,3 +133,28 @@ def test_bad_arguments_are_clear_errors(model):
         tta.train()(images())
     tta.eval()
     model.eval()
+
+
+@torch.no_grad()
+def test_c4_model_without_augmentation_equals_the_plain_model():
+    torch.manual_seed(0)
+    c4 = build_faster_rcnn(**{**TINY, "arch": "c4", "roi_pooler_resolution": 7}).eval()
+    imgs = images(4)
+    for r, g in zip(c4(imgs), DetectorWithTTA(c4).eval()(imgs)):
+        assert len(r["boxes"]) > 0
+        for k in ("boxes", "scores", "labels"):
+            assert torch.equal(r[k], g[k]), k
+
+
+@torch.no_grad()
+def test_an_image_with_non_finite_outputs_gets_no_detections_and_is_named():
+    torch.manual_seed(0)
+    broken = build_faster_rcnn(**TINY).eval()
+    broken.roi_heads.predictor.bbox_pred.weight.fill_(float("nan"))  # every box of every image becomes NaN
+    tta = DetectorWithTTA(broken, flip=True).eval()
+    out = tta(images())
+    assert [len(d["boxes"]) for d in out] == [0, 0]
+    assert tta.nonfinite_images() == [0, 1]
+    # A healthy model names none.
+    healthy = DetectorWithTTA(build_faster_rcnn(**TINY).eval(), flip=True).eval()
+    assert all(len(d["boxes"]) for d in healthy(images())) and healthy.nonfinite_images() == []
