@@ -51,6 +51,7 @@ __all__ = [
     "EmaConfig",
     "EvalConfig",
     "SolverConfig",
+    "TTAConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
@@ -216,11 +217,40 @@ class EmaConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation of ``resnet-det eval`` (the config's ``test.aug``): the detector runs once per
+    test size and flip, and the detections of all runs are merged (see detection.tta)."""
+
+    flip: bool = False
+    """Also run each test size on the horizontally flipped image."""
+    min_sizes: tuple[int, ...] = ()
+    """Shorter sides to test at, e.g. [400, 500, 600]; [] = the model's test size (model.input.test_min_size)."""
+    max_size: int | None = None
+    """Cap on the longer side at every test size; null = the model's (model.input.test_max_size)."""
+
+    def __post_init__(self) -> None:
+        _check(all(s > 0 for s in self.min_sizes), "test.aug.min_sizes", list(self.min_sizes),
+               "every size must be > 0 (shorter sides in pixels, e.g. [400, 500, 600]; [] = the model's test size)")
+        _check(len(set(self.min_sizes)) == len(self.min_sizes), "test.aug.min_sizes", list(self.min_sizes),
+               "list each size once (a repeated size runs the same augmentation twice)")
+        _check(self.max_size is None or self.max_size > 0, "test.aug.max_size", self.max_size,
+               "must be > 0 (the longer side's cap in pixels), or null for the model's test_max_size")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is asked for (False: the model runs as it is, bit for bit)."""
+        return self.flip or bool(self.min_sizes) or self.max_size is not None
+
+
+@dataclass
 class EvalConfig:
     """Evaluation settings (the config's ``test`` section)."""
 
     use_ema: bool = False
     """Evaluate (during training and with resnet-det eval on a checkpoint) the EMA weights of train.ema."""
+    aug: TTAConfig = field(default_factory=TTAConfig)
+    """Test-time augmentation of resnet-det eval ({flip, min_sizes, max_size}); the default is none. Evaluation
+    during training always runs the plain model."""
     metrics: list[str] = field(default_factory=list)
     """Metrics by name run beside the task's own evaluators (resnet_det.evaluation.registry), e.g. [detections]."""
 

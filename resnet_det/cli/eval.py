@@ -6,7 +6,9 @@ Checkpoint mode (build the config's model, load the weights, run it on the confi
 
 prints the COCO tables (bbox, and segm for Mask R-CNN) and/or the mean IoU, and writes metrics and
 plots into ``train.output_dir``/eval (``--output-dir`` sets ``train.output_dir``). The checkpoint is
-this project's (``.safetensors``/``.pth``) or a torchvision detection checkpoint.
+this project's (``.safetensors``/``.pth``) or a torchvision detection checkpoint. ``test.aug.flip=true``,
+``test.aug.min_sizes=[...]``, ``test.aug.max_size=N`` evaluate under test-time augmentation (Faster and Mask
+R-CNN); ``test.use_ema=true`` evaluates the checkpoint's EMA weights.
 
 Results mode (a COCO results JSON against an instances JSON)::
 
@@ -117,15 +119,20 @@ def _checkpoint(args: argparse.Namespace) -> int:
     cfg = load_config_arg(args.config, _overrides(args))
     from backbone.weights import WeightsError
     from resnet_det.data.coco import DatasetError
+    from resnet_det.engine.launch import check_test_aug
     from resnet_det.evaluation import set_default_backend
     from resnet_det_common.io import OutputWriteError
 
+    try:
+        check_test_aug(cfg, _library.get_task(cfg.model.task))
+    except ValueError as e:  # test.aug on a task without test-time augmentation: the config, one line
+        raise CommandError(one_line(e)) from None
     set_default_backend(args.backend)  # the task's evaluators are built inside; they take the default
     try:
         _library.evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
     except OutputWriteError as e:  # an evaluation file on a full disk: the run, not the input
         raise RunFailedError(one_line(e)) from None
-    except (WeightsError, DatasetError, FileNotFoundError) as e:  # the checkpoint or the data: one line
+    except (WeightsError, DatasetError, FileNotFoundError) as e:  # the checkpoint (its EMA too) or the data: one line
         raise CommandError(one_line(e)) from None
     finally:
         set_default_backend(None)

@@ -255,9 +255,12 @@ def ema_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     the file itself when it is an EMA export (``model_final_ema.safetensors``).
 
     Raises:
-        ValueError: The checkpoint has no EMA (trained without ``train.ema``) or no trainer state beside it.
+        WeightsError: (a ``ValueError``) The checkpoint has no EMA (trained without ``train.ema``), or no readable
+            trainer state beside it.
     """
-    from .checkpoint import STATE_SUFFIX, WEIGHTS_SUFFIX, _load_trainer_state, load_model_weights
+    from backbone.weights import WeightsError
+
+    from .checkpoint import STATE_SUFFIX, WEIGHTS_SUFFIX, CheckpointError, _load_trainer_state, load_model_weights
 
     path = Path(checkpoint)
     stem = path.name.removesuffix(WEIGHTS_SUFFIX).removesuffix(STATE_SUFFIX)
@@ -265,18 +268,44 @@ def ema_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         return load_model_weights(path.with_name(stem + WEIGHTS_SUFFIX))
     state_path = path.with_name(stem + STATE_SUFFIX)
     if not state_path.is_file():
-        raise ValueError(f"test.use_ema=true: {checkpoint} has no trainer state {state_path.name} beside it to read "
-                         "the EMA from; give one of our checkpoints (model_final) or its model_final_ema.safetensors")
-    ema = _load_trainer_state(state_path).get("ema")
+        raise WeightsError(f"test.use_ema=true: {checkpoint} has no trainer state {state_path.name} beside it to read "
+                           "the EMA from; give one of our checkpoints (model_final) or its model_final_ema.safetensors")
+    try:
+        ema = _load_trainer_state(state_path).get("ema")
+    except CheckpointError as err:  # a damaged or foreign state file: the checkpoint's problem, said in one line
+        raise WeightsError(f"test.use_ema=true: {err}") from None
     if not ema:
-        raise ValueError(f"test.use_ema=true: checkpoint {stem} holds no EMA (it was trained without train.ema); "
-                         "drop test.use_ema to evaluate its weights")
+        raise WeightsError(f"test.use_ema=true: checkpoint {stem} holds no EMA (it was trained without train.ema); "
+                           "drop test.use_ema to evaluate its weights")
     return dict(ema["weights"])
 
 
+def check_test_aug(cfg: Config, task: Task) -> None:
+    """Raises ``ValueError`` when ``test.aug`` asks for an augmentation that ``task`` does not have."""
+    if cfg.test.aug.enabled and task.tta is None:
+        raise ValueError(f"test.aug: the {task.name!r} task has no test-time augmentation (the detection and "
+                         "instance tasks have); drop the test.aug settings")
+
+
+def with_test_aug(model: nn.Module, cfg: Config, task: Task) -> nn.Module:
+    """``model`` under ``test.aug``'s test-time augmentation, or ``model`` itself when none is asked for."""
+    aug = cfg.test.aug
+    if not aug.enabled:
+        return model
+    check_test_aug(cfg, task)
+    assert task.tta is not None
+    wrapped = task.tta(model, min_sizes=tuple(aug.min_sizes), max_size=aug.max_size, flip=aug.flip)
+    log.info("test-time augmentation: %d runs per image (test.aug.min_sizes=%s, max_size=%s, flip=%s; [] and null "
+             "are the model's test size)", len(getattr(wrapped, "augmentations", ())), list(aug.min_sizes),
+             aug.max_size, aug.flip)
+    return wrapped
+
+
 def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: bool = True) -> dict[str, Any]:
-    """Build the config's model, load `checkpoint` (ours or torchvision's), evaluate on the val split."""
+    """Build the config's model, load `checkpoint` (ours or torchvision's), evaluate on the val split (under
+    ``test.aug``'s test-time augmentation when the config asks for one)."""
     _check_task(cfg, task)
+    check_test_aug(cfg, task)
     init_distributed(cfg.train.device)
     try:
         val_set = build_dataset(cfg, task, "val")
@@ -285,7 +314,7 @@ def evaluate_checkpoint(cfg: Config, task: Task, checkpoint: str, *, progress: b
         model = build_model(dataclasses.replace(cfg, model=spec), task, val_set.num_classes)
         load_detector_weights(model, ema_weights(checkpoint) if cfg.test.use_ema else checkpoint)
         device = resolve_device(cfg.train.device)
-        model.to(device)
+        model = with_test_aug(model.to(device), cfg, task)
         return evaluate(model, val_set, task, device=device, amp=cfg.train.amp,
                         output_dir=Path(cfg.train.output_dir) / "eval", num_workers=cfg.data.num_workers,
                         progress=progress, metrics=cfg.test.metrics)

@@ -19,7 +19,7 @@ from detection.specs import ModelSpec
 
 from ..evaluation import DatasetEvaluator
 
-__all__ = ["EvaluatorsFn", "ModelFn", "Task"]
+__all__ = ["EvaluatorsFn", "ModelFn", "TTAFn", "Task"]
 
 ModelFn = Callable[[ModelSpec], nn.Module]
 """``build_model(spec) -> model`` in torchvision's calling convention; ``spec.num_classes`` is set
@@ -28,6 +28,10 @@ ModelFn = Callable[[ModelSpec], nn.Module]
 EvaluatorsFn = Callable[[Any, Path | None], list[DatasetEvaluator]]
 """``build_evaluators(dataset, output_dir) -> evaluators`` of the val split (the dataset gives the
 annotation file, the label -> category map and the class names)."""
+
+TTAFn = Callable[..., nn.Module]
+"""``wrap(model, *, min_sizes, max_size, flip) -> model`` under test-time augmentation (``test.aug``), in the same
+calling convention: ``detection.tta.DetectorWithTTA``, ``segmentation.tta.MaskRCNNWithTTA``."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Task:
         build_evaluators: See :data:`EvaluatorsFn`.
         with_masks: The dataset must provide instance masks (``targets[i]["masks"]``).
         with_semantic: The dataset must provide a semantic map (``targets[i]["sem_seg"]``).
+        tta: See :data:`TTAFn`; None: the task has no test-time augmentation (``test.aug`` is refused).
     """
 
     name: str
@@ -47,3 +52,4 @@ class Task:
     build_evaluators: EvaluatorsFn
     with_masks: bool = False
     with_semantic: bool = False
+    tta: TTAFn | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from detection.models import build_faster_rcnn
+from detection.tta import DetectorWithTTA
 from resnet_det.engine.task import EvaluatorsFn, Task
 from resnet_det.evaluation import COCOEvaluator, DatasetEvaluator
 
@@ -30,5 +31,5 @@ def coco_evaluators(iou_types: Sequence[str]) -> EvaluatorsFn:
     return build
 
 
-DETECTION = Task("detection", build_faster_rcnn, coco_evaluators(("bbox",)))
+DETECTION = Task("detection", build_faster_rcnn, coco_evaluators(("bbox",)), tta=DetectorWithTTA)
 TASKS: tuple[Task, ...] = (DETECTION,)
