@@ -1,0 +1,6 @@
+"""Moved to `resnet_det.engine` in 0.3: `detection.engine` and its submodules stay aliases of the new modules, with a
+DeprecationWarning, until 0.4; import `resnet_det.engine`."""
+
+from resnet_det_common.moved import alias_module
+
+alias_module(__name__, "resnet_det.engine")
