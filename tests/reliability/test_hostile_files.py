@@ -32,7 +32,7 @@ from resnet_det.config import load_config
 from resnet_det.engine import Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT = ("backbone", "detection", "segmentation", "resnet_det", "tools")
+PROJECT = ("resnet_det_common", "backbone", "detection", "segmentation", "resnet_det", "tools")
 TORCHVISION_COCO = "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"  # torchvision's file name for COCO_V1
 
 

@@ -44,5 +44,5 @@ def test_the_engine_refuses_a_task_that_is_not_the_configs() -> None:
         train(cfg, DETECTION)
     with pytest.raises(ValueError, match=r"model\.task='instance' but the 'detection' task was given"):
         evaluate_checkpoint(cfg, DETECTION, "unused.safetensors")
-    with pytest.raises(TypeError, match=r"must be a detection\.engine\.task\.Task"):
+    with pytest.raises(TypeError, match=r"must be a resnet_det\.engine\.task\.Task"):
         train(cfg, "instance")  # type: ignore[arg-type]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from resnet_det_common.logs import PROJECT_LOGGERS
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/shapes/faster_rcnn_R_50_FPN.yaml")
 
@@ -36,7 +38,7 @@ def test_train_two_iterations_then_resume(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("RESNET_DET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     tool = _tool()
-    loggers = [logging.getLogger(name) for name in ("", "backbone", "detection", "segmentation", "resnet_det")]
+    loggers = [logging.getLogger(name) for name in ("", *PROJECT_LOGGERS)]
     before = [(lg.level, list(lg.handlers)) for lg in loggers]
     assert tool.main(["--no-progress", CONFIG, *_tiny(out, 2)]) == 0  # options before the config, too
     assert [(lg.level, list(lg.handlers)) for lg in loggers] == before, "the command leaves logging as it was"
